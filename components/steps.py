@@ -1,0 +1,112 @@
+"""The seven KFP components. Each unpacks its artifacts and calls one function of components.tasks.
+
+The bodies run inside the step's image (or the local interpreter), where the `components` package is
+installed, so they import it at run time; kfp itself is baked into the images (install_kfp_package=False).
+"""
+
+from typing import NamedTuple
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
+
+from images.catalog import step_images
+
+IMAGES = step_images()
+
+
+def _component(step: str):
+    return dsl.component(base_image=IMAGES[step], install_kfp_package=False)
+
+
+@_component("download")
+def download(source: str, raw_data: Output[Dataset]):
+    """Fetch the raw listings CSV (https://, s3://, file:// or a local path)."""
+    from components import tasks
+
+    raw_data.metadata.update(tasks.download(source, raw_data.path))
+
+
+@_component("clean")
+def clean(
+    raw_data: Input[Dataset], clean_data: Output[Dataset], min_price: float, max_price: float,
+    min_longitude: float, max_longitude: float, min_latitude: float, max_latitude: float,
+):
+    """Keep listings with a plausible price inside the geographic box; drop duplicate ids."""
+    from components import data, tasks
+
+    box = data.Box(min_longitude, max_longitude, min_latitude, max_latitude)
+    clean_data.metadata.update(tasks.clean(raw_data.path, clean_data.path, min_price, max_price, box))
+
+
+@_component("check")
+def check(
+    clean_data: Input[Dataset], report: Output[Markdown], model_name: str, min_price: float, max_price: float,
+    min_longitude: float, max_longitude: float, min_latitude: float, max_latitude: float,
+    min_rows: int, max_rows: int, kl_threshold: float, ks_alpha: float,
+):
+    """Deterministic checks, and statistical checks against the data of the current prod model."""
+    from pathlib import Path
+
+    from components import data, tasks
+
+    box = data.Box(min_longitude, max_longitude, min_latitude, max_latitude)
+    Path(report.path).write_text(tasks.check(
+        clean_data.path, model_name, min_price, max_price, box, min_rows, max_rows, kl_threshold, ks_alpha))
+
+
+@_component("split")
+def split(
+    clean_data: Input[Dataset], trainval_data: Output[Dataset], test_data: Output[Dataset],
+    test_size: float, seed: int,
+):
+    """Train+validation / test split, stratified by neighbourhood_group."""
+    from components import tasks
+
+    trainval_meta, test_meta = tasks.split(clean_data.path, trainval_data.path, test_data.path, test_size, seed)
+    trainval_data.metadata.update(trainval_meta)
+    test_data.metadata.update(test_meta)
+
+
+@_component("train")
+def train(
+    trainval_data: Input[Dataset], model: Output[Model], metrics: Output[Metrics],
+    n_estimators: int, max_depth: int, min_samples_split: int, min_samples_leaf: int,
+    max_features: float, criterion: str, tfidf_max_features: int, val_size: float, seed: int,
+):
+    """Fit the preprocessing + random forest pipeline; log it to MLflow with its validation metrics."""
+    from components import tasks
+    from components.model import ForestParams
+
+    params = ForestParams(n_estimators, max_depth, min_samples_split, min_samples_leaf, max_features,
+                          criterion, tfidf_max_features, seed=seed)
+    import json
+    from pathlib import Path
+
+    result = tasks.train(trainval_data.path, model.path, params, val_size)
+    model.metadata.update(result)
+    for name in ("val_mae", "val_r2"):
+        metrics.log_metric(name, result[name])
+    # kfp.local's cache treats an output without a file as missing, so the metrics get a file too.
+    Path(metrics.path).write_text(json.dumps(metrics.metadata))
+
+
+@_component("evaluate")
+def evaluate(model: Input[Model], test_data: Input[Dataset], metrics: Output[Metrics], model_name: str):
+    """Score the candidate and the current prod model on the same test split."""
+    from components import tasks
+
+    for name, value in tasks.evaluate(model.path, test_data.path, model_name).items():
+        metrics.log_metric(name, value)
+
+
+@_component("register")
+def register(
+    model: Input[Model], evaluation: Input[Metrics], raw_data: Input[Dataset], clean_data: Input[Dataset],
+    model_name: str, margin: float, git_commit: str, images: str,
+) -> NamedTuple("Registered", version=int, promoted=bool, test_mae=float):
+    """Register the candidate as a new model version; move `prod` to it only if it beats prod by `margin`."""
+    from components import tasks
+
+    result = tasks.register(model.metadata, evaluation.metadata, model_name, margin,
+                            raw_data.metadata, clean_data.metadata, git_commit, images)
+    return (result["version"], result["promoted"], result["test_mae"])

@@ -1,0 +1,156 @@
+"""The NYC rental-price pipeline as a KFP v2 DAG, and its command line.
+
+    python pipeline.py compile [--output pipeline.yaml]
+    python pipeline.py run [--param key=value ...] [--no-cache]      # kfp.local, no cluster, no Docker
+"""
+
+import argparse
+import inspect
+import json
+import os
+import re
+import subprocess
+import sys
+import uuid
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+from kfp import compiler, dsl, local
+
+from components import steps
+from images import catalog
+
+ROOT = Path(__file__).resolve().parent
+PIPELINE_NAME = "rental-price"
+DEFAULT_SOURCE = (
+    "https://raw.githubusercontent.com/udacity/build-ml-pipeline-for-short-term-rental-prices/"
+    "main/components/get_data/data/sample1.csv"
+)
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
+        return out.stdout.strip() + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+@dsl.pipeline(name=PIPELINE_NAME, description="NYC short-term rental price: data to a registered, promoted model.")
+def rental_price_pipeline(
+    source: str = DEFAULT_SOURCE,
+    model_name: str = "rental-price",
+    min_price: float = 10.0,
+    max_price: float = 350.0,
+    min_longitude: float = -74.25,
+    max_longitude: float = -73.50,
+    min_latitude: float = 40.5,
+    max_latitude: float = 41.2,
+    min_rows: int = 1000,
+    max_rows: int = 1_000_000,
+    kl_threshold: float = 0.2,
+    ks_alpha: float = 0.05,
+    test_size: float = 0.2,
+    val_size: float = 0.2,
+    seed: int = 42,
+    n_estimators: int = 100,
+    max_depth: int = 15,
+    min_samples_split: int = 4,
+    min_samples_leaf: int = 3,
+    max_features: float = 0.5,
+    criterion: str = "absolute_error",
+    tfidf_max_features: int = 15,
+    margin: float = 0.1,
+) -> NamedTuple("Outputs", version=int, promoted=bool, test_mae=float):
+    box = dict(min_longitude=min_longitude, max_longitude=max_longitude,
+               min_latitude=min_latitude, max_latitude=max_latitude)
+    download = steps.download(source=source)
+    clean = steps.clean(raw_data=download.outputs["raw_data"], min_price=min_price, max_price=max_price, **box)
+    check = steps.check(
+        clean_data=clean.outputs["clean_data"], model_name=model_name, min_price=min_price, max_price=max_price,
+        min_rows=min_rows, max_rows=max_rows, kl_threshold=kl_threshold, ks_alpha=ks_alpha, **box)
+    split = steps.split(clean_data=clean.outputs["clean_data"], test_size=test_size, seed=seed).after(check)
+    train = steps.train(
+        trainval_data=split.outputs["trainval_data"], n_estimators=n_estimators, max_depth=max_depth,
+        min_samples_split=min_samples_split, min_samples_leaf=min_samples_leaf, max_features=max_features,
+        criterion=criterion, tfidf_max_features=tfidf_max_features, val_size=val_size, seed=seed)
+    evaluate = steps.evaluate(model=train.outputs["model"], test_data=split.outputs["test_data"], model_name=model_name)
+    register = steps.register(
+        model=train.outputs["model"], evaluation=evaluate.outputs["metrics"], raw_data=download.outputs["raw_data"],
+        clean_data=clean.outputs["clean_data"], model_name=model_name, margin=margin,
+        git_commit=git_commit(), images=json.dumps(steps.IMAGES, sort_keys=True))
+    # Steps that read the registry (prod model, its data) must see it as it is now, never from a cache.
+    for task in (check, evaluate, register):
+        task.set_caching_options(False)
+    return register.outputs
+
+
+# ---------------------------------------------------------------- command line
+
+PARAMETERS = inspect.signature(rental_price_pipeline.pipeline_func).parameters
+
+
+def parse_params(pairs: list[str]) -> dict:
+    """`key=value` pairs, typed by the pipeline's own signature."""
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in PARAMETERS:
+            sys.exit(f"pipeline.py: --param {pair!r}: expected key=value with key one of {sorted(PARAMETERS)}")
+        kind = PARAMETERS[key].annotation
+        try:
+            params[key] = kind(value)
+        except ValueError:
+            sys.exit(f"pipeline.py: --param {key}: {value!r} is not a valid {kind.__name__}")
+    return params
+
+
+def compile_pipeline(output: str) -> None:
+    compiler.Compiler().compile(rental_price_pipeline, package_path=output)
+    print(f"wrote {output}")
+
+
+def run_local(params: dict, pipeline_root: str, cache: bool) -> int:
+    """Run the whole DAG with kfp.local, each task a subprocess of this interpreter."""
+    # Steps group their MLflow runs by this id (in a cluster, KFP's own run id takes its place).
+    os.environ["KFP_RUN_ID"] = f"local-{uuid.uuid4().hex[:12]}"
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not tracking_uri:
+        sys.exit("pipeline.py run: MLFLOW_TRACKING_URI is not set; `make run` starts a local MLflow server and sets it")
+    # kfp.local warns when an image name lacks "python"; under SubprocessRunner the image is not used.
+    warnings.filterwarnings("ignore", message="You may be attemping to run a task", category=RuntimeWarning)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root,
+               enable_caching=cache, raise_on_error=True)
+    print(f"pipeline run {os.environ['KFP_RUN_ID']}: {json.dumps(params, sort_keys=True)}")
+    try:
+        outputs = rental_price_pipeline(**params).outputs
+    except RuntimeError as exc:
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # kfp.local colours task names
+        print(f"\nFAILED: {plain} (its error is printed above)", file=sys.stderr)
+        return 1
+    print(f"\nregistered model {params.get('model_name', 'rental-price')!r} version {outputs['version']}: "
+          f"{'now prod' if outputs['promoted'] else 'prod unchanged'}; test MAE {outputs['test_mae']:.2f}")
+    print(f"MLflow UI: {tracking_uri}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    compile_cmd = commands.add_parser("compile", help="write the KFP pipeline spec")
+    compile_cmd.add_argument("--output", default="pipeline.yaml")
+    run_cmd = commands.add_parser("run", help="run the pipeline locally with kfp.local")
+    run_cmd.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    run_cmd.add_argument("--pipeline-root", default=str(ROOT / "local_outputs"))
+    run_cmd.add_argument("--no-cache", action="store_true", help="re-run every step")
+    args = parser.parse_args(argv)
+    if args.command == "compile":
+        compile_pipeline(args.output)
+        return 0
+    return run_local(parse_params(args.param), args.pipeline_root, cache=not args.no_cache)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
