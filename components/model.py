@@ -118,5 +118,5 @@ def importance_figure(importances: pd.Series):
 
 
 def input_example(df: pd.DataFrame, rows: int = 5) -> pd.DataFrame:
-    """A few rows of features; numbers as floats, so the signature accepts missing values in any of them."""
-    return df[FEATURES].head(rows).astype({c: float for c in NUMERIC}).reset_index(drop=True)
+    # Counts stay integers: MLflow's schema refuses int64 input for a double column.
+    return df[FEATURES].head(rows).reset_index(drop=True)

@@ -1,0 +1,65 @@
+# NYC rental-price pipeline. `make help` lists the targets; every ?= variable can be overridden:
+#   make run DATA_URL=/path/to/listings.csv PARAMS="n_estimators=50 max_depth=10"
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+# Local MLflow server (sqlite + artifact folder on 127.0.0.1), started by `make mlflow` when none answers.
+MLFLOW_PORT ?= 5000
+MLFLOW_TRACKING_URI ?= http://127.0.0.1:$(MLFLOW_PORT)
+MLFLOW_DIR ?= .mlflow
+export MLFLOW_TRACKING_URI
+
+DATA_URL ?=
+PARAMS ?=
+PIPELINE_SPEC ?= pipeline.yaml
+
+.PHONY: help venv mlflow mlflow-stop run compile test clean
+
+help:  ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed  ## Create the Python environment (.venv, pinned by constraints.txt)
+
+mlflow: venv  ## Start a local MLflow server unless one answers at MLFLOW_TRACKING_URI
+	@if curl -sf -o /dev/null $(MLFLOW_TRACKING_URI)/health; then \
+	  echo "MLflow answers at $(MLFLOW_TRACKING_URI): reusing it"; \
+	elif [ "$(MLFLOW_TRACKING_URI)" != "http://127.0.0.1:$(MLFLOW_PORT)" ]; then \
+	  echo "MLflow does not answer at $(MLFLOW_TRACKING_URI), and that is not the local default to start" >&2; exit 1; \
+	else \
+	  mkdir -p $(MLFLOW_DIR); \
+	  setsid nohup $(VENV)/bin/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) \
+	    --backend-store-uri sqlite:///$(abspath $(MLFLOW_DIR))/mlflow.db \
+	    --artifacts-destination $(abspath $(MLFLOW_DIR))/artifacts >$(MLFLOW_DIR)/server.log 2>&1 & \
+	  echo $$! >$(MLFLOW_DIR)/server.pid; \
+	  curl -sf -o /dev/null --retry 90 --retry-connrefused --retry-delay 1 $(MLFLOW_TRACKING_URI)/health \
+	    || { echo "MLflow did not start; see $(MLFLOW_DIR)/server.log" >&2; exit 1; }; \
+	  echo "started MLflow at $(MLFLOW_TRACKING_URI) (data in $(MLFLOW_DIR)/; stop: make mlflow-stop)"; \
+	fi
+
+mlflow-stop:  ## Stop the local MLflow server started by `make mlflow` (its data stays in .mlflow/)
+	@if [ -f $(MLFLOW_DIR)/server.pid ]; then \
+	  kill -- -$$(cat $(MLFLOW_DIR)/server.pid) 2>/dev/null || true; rm -f $(MLFLOW_DIR)/server.pid; echo "stopped"; \
+	else echo "no local MLflow server started here"; fi
+
+run: venv mlflow  ## Run the whole pipeline locally (kfp.local, no cluster, no Docker); DATA_URL=, PARAMS= override
+	$(PY) pipeline.py run $(if $(DATA_URL),--param source=$(DATA_URL)) $(foreach p,$(PARAMS),--param $(p))
+
+compile: venv  ## Compile the KFP pipeline spec to $(PIPELINE_SPEC)
+	$(PY) pipeline.py compile --output $(PIPELINE_SPEC)
+
+test: venv  ## Unit, compile and end-to-end tests (starts its own MLflow server)
+	$(PY) -m pytest
+
+clean:  ## Remove local run outputs (keeps .venv and the MLflow data)
+	rm -rf local_outputs $(PIPELINE_SPEC) .pytest_cache

@@ -1,0 +1,100 @@
+"""Shared fixtures: a real MLflow server (sqlite + local artifacts on 127.0.0.1) and small listing frames."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT.parent / "shared" / "data" / "nyc_airbnb_sample1.csv"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            if requests.get(url, timeout=2).ok:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> str:
+    """A real `mlflow server` for the whole session; tests keep apart by experiment and model name."""
+    home = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    log = open(home / "server.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{home}/mlflow.db", "--artifacts-destination", str(home / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        wait_until_healthy(f"{uri}/health", process)
+        yield uri
+    finally:
+        os.killpg(process.pid, 15)
+        process.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture
+def tracking(mlflow_server, monkeypatch) -> dict:
+    """Point MLflow at the session server, with a fresh experiment, model name and pipeline run id."""
+    names = {"experiment": f"test-{uuid.uuid4().hex[:8]}", "model": f"model-{uuid.uuid4().hex[:8]}",
+             "run": f"run-{uuid.uuid4().hex[:8]}"}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", names["experiment"])
+    monkeypatch.setenv("KFP_RUN_ID", names["run"])
+    mlflow.set_tracking_uri(mlflow_server)
+    yield {"uri": mlflow_server, **names}
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+@pytest.fixture(scope="session")
+def sample_path() -> Path:
+    assert SAMPLE.exists(), f"the shared sample is missing: {SAMPLE}"
+    return SAMPLE
+
+
+@pytest.fixture(scope="session")
+def sample(sample_path) -> pd.DataFrame:
+    return pd.read_csv(sample_path)
+
+
+def listing(**overrides) -> dict:
+    """One valid raw listing row; override any field."""
+    row = {
+        "id": 1, "name": "Sunny room near the park", "host_id": 10, "host_name": "Ann",
+        "neighbourhood_group": "Brooklyn", "neighbourhood": "Williamsburg", "latitude": 40.71,
+        "longitude": -73.95, "room_type": "Private room", "price": 80, "minimum_nights": 2,
+        "number_of_reviews": 12, "last_review": "2019-06-01", "reviews_per_month": 0.5,
+        "calculated_host_listings_count": 1, "availability_365": 100,
+    }
+    row.update(overrides)
+    return row
+
+
+def frame(*rows: dict) -> pd.DataFrame:
+    return pd.DataFrame(list(rows))

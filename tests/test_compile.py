@@ -1,0 +1,73 @@
+"""The compiled spec: seven tasks, their dependencies and images, and a golden file that shows any DAG change.
+
+After an intended change to the DAG: UPDATE_GOLDEN=1 pytest tests/test_compile.py
+"""
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+import pipeline
+from images import catalog
+
+GOLDEN = Path(__file__).parent / "golden" / "pipeline.yaml"
+DEPENDENCIES = {
+    "download": set(),
+    "clean": {"download"},
+    "check": {"clean"},
+    "split": {"clean", "check"},
+    "train": {"split"},
+    "evaluate": {"train", "split"},
+    "register": {"train", "evaluate", "download", "clean"},
+}
+
+
+@pytest.fixture(scope="module")
+def spec_text(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("spec") / "pipeline.yaml"
+    pipeline.compile_pipeline(str(path))
+    return path.read_text()
+
+
+@pytest.fixture(scope="module")
+def spec(spec_text) -> dict:
+    return yaml.safe_load(spec_text)
+
+
+def test_seven_tasks_with_their_dependencies(spec):
+    tasks = spec["root"]["dag"]["tasks"]
+    assert {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()} == DEPENDENCIES
+
+
+def test_each_task_runs_in_its_image(spec):
+    images = catalog.step_images()
+    tasks = spec["root"]["dag"]["tasks"]
+    executors = spec["deploymentSpec"]["executors"]
+    for name, task in tasks.items():
+        executor = spec["components"][task["componentRef"]["name"]]["executorLabel"]
+        container = executors[executor]["container"]
+        assert container["image"] == images[name]
+        assert re.fullmatch(r"rental-price-(data|train):\d+\.\d+\.\d+-[0-9a-f]{12}", container["image"])
+        # kfp comes from the image, never from a pip install at run time.
+        assert "pip install" not in " ".join(container["command"])
+
+
+def test_registry_reading_steps_are_never_cached(spec):
+    tasks = spec["root"]["dag"]["tasks"]
+    uncached = {name for name, task in tasks.items() if not task.get("cachingOptions", {}).get("enableCache")}
+    assert uncached == {"check", "evaluate", "register"}
+
+
+def normalized(text: str) -> str:
+    text = re.sub(r"(rental-price-\w+):[\w.-]+", r"\1:TAG", text)
+    return re.sub(r"\b([0-9a-f]{40}(-dirty)?|unknown)\b", "GIT_COMMIT", text)
+
+
+def test_spec_matches_the_golden_file(spec_text):
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(normalized(spec_text))
+    assert normalized(spec_text) == GOLDEN.read_text(), "DAG changed: review, then UPDATE_GOLDEN=1 to accept"

@@ -1,0 +1,210 @@
+"""Code tests of the download, clean, check and split logic, on small frames built here."""
+
+import functools
+import http.server
+import threading
+
+import boto3
+import pandas as pd
+import pytest
+from conftest import frame, listing
+
+from components import data
+from components.errors import StepError
+
+BOX = data.Box()
+
+
+def clean_frame(*rows):
+    df, _ = data.clean_listings(frame(*rows), 10, 350, BOX)
+    return df
+
+
+# ---------------------------------------------------------------- download
+
+def test_fetch_reads_local_path_and_file_uri(tmp_path):
+    path = tmp_path / "listings.csv"
+    path.write_bytes(b"a,b\n1,2\n")
+    assert data.fetch(str(path)) == b"a,b\n1,2\n"
+    assert data.fetch(path.as_uri()) == b"a,b\n1,2\n"
+
+
+def test_fetch_reads_http(tmp_path):
+    (tmp_path / "listings.csv").write_bytes(b"a,b\n1,2\n")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert data.fetch(f"http://127.0.0.1:{server.server_port}/listings.csv") == b"a,b\n1,2\n"
+        with pytest.raises(StepError, match="download: source: cannot read .*404"):
+            data.fetch(f"http://127.0.0.1:{server.server_port}/missing.csv")
+    finally:
+        server.shutdown()
+
+
+def test_fetch_reads_s3_from_an_s3_compatible_endpoint(monkeypatch):
+    # moto's server mode stands in for MinIO here: both speak the S3 API.
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{server._server.server_port}"
+        for name, value in {"S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test",
+                            "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(name, value)
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        s3.create_bucket(Bucket="raw")
+        s3.put_object(Bucket="raw", Key="nyc/listings.csv", Body=b"a,b\n1,2\n")
+        assert data.fetch("s3://raw/nyc/listings.csv") == b"a,b\n1,2\n"
+        with pytest.raises(StepError, match="download: source: cannot read 's3://raw/nope.csv'"):
+            data.fetch("s3://raw/nope.csv")
+    finally:
+        server.stop()
+
+
+def test_fetch_names_a_missing_source(tmp_path):
+    with pytest.raises(StepError, match="download: source: cannot read .*nope.csv.*No such file"):
+        data.fetch(str(tmp_path / "nope.csv"))
+    with pytest.raises(StepError, match="download: source: no source given"):
+        data.fetch("")
+
+
+@pytest.mark.parametrize("raw, problem", [
+    (b"", "the file is empty"),
+    (b"  \n\n", "the file is empty"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "not a readable CSV file"),
+    (b"just one column\n1\n2\n", "not a CSV table: found 1 column"),
+    (",".join(data.COLUMNS).encode() + b"\n", "the CSV has a header but no rows"),
+])
+def test_parse_csv_rejects_what_is_not_a_listings_csv(raw, problem):
+    with pytest.raises(StepError, match=f"download: source: {problem}"):
+        data.parse_csv(raw)
+
+
+def test_describe_download_on_the_real_sample(sample_path):
+    raw = sample_path.read_bytes()
+    meta = data.describe_download(str(sample_path), raw, data.parse_csv(raw))
+    assert meta["rows"] == 20_000
+    assert meta["sha256"] == "5c92c8f30e288f2c696c00882c169d9e1dc8ebbf1cf83d17bd7ee903a7148b4d"
+    assert meta["bytes"] == len(raw)
+
+
+# ---------------------------------------------------------------- clean
+
+def test_clean_counts_what_each_rule_drops():
+    df, dropped = data.clean_listings(frame(
+        listing(id=1, price=5), listing(id=2, price=351), listing(id=3, price=10), listing(id=4, price=350),
+        listing(id=5, longitude=-75.0), listing(id=6, latitude=41.5), listing(id=3, price=99),
+    ), 10, 350, BOX)
+    assert dropped == {"price_range": 2, "outside_box": 2, "duplicate_id": 1}
+    assert df["id"].tolist() == [3, 4]
+    assert pd.api.types.is_datetime64_any_dtype(df["last_review"])
+
+
+def test_clean_box_and_price_are_parameters():
+    df, dropped = data.clean_listings(frame(listing(price=500), listing(id=2, price=20)), 100, 600,
+                                      data.Box(-80, -70, 40, 42))
+    assert df["id"].tolist() == [1] and dropped["price_range"] == 1
+
+
+def test_clean_keeps_missing_last_review():
+    df = clean_frame(listing(last_review=None, reviews_per_month=None))
+    assert len(df) == 1 and pd.isna(df["last_review"][0])
+
+
+def test_clean_names_a_non_numeric_price():
+    with pytest.raises(StepError, match=r"clean: price: 1 value\(s\) are not numbers, e.g. \['eighty'\]"):
+        clean_frame(listing(), listing(id=2, price="eighty"))
+
+
+def test_clean_names_a_bad_date():
+    with pytest.raises(StepError, match="clean: last_review: 1 value.* not dates"):
+        clean_frame(listing(last_review="yesterday"))
+
+
+def test_clean_names_a_missing_column():
+    df = frame(listing()).rename(columns={"price": "cost"})
+    with pytest.raises(StepError, match=r"clean: price: column missing from the data \(missing: \['price'\]"):
+        data.clean_listings(df, 10, 350, BOX)
+
+
+def test_clean_fails_when_every_row_is_filtered_out():
+    with pytest.raises(StepError, match="clean: .*every row was filtered out.*'price_range': 2"):
+        clean_frame(listing(price=1), listing(id=2, price=1000))
+
+
+def test_write_and_read_keep_the_schema(tmp_path):
+    df = clean_frame(listing(), listing(id=2, last_review=None))
+    data.write_listings(df, tmp_path / "clean.csv")
+    back = data.read_listings(tmp_path / "clean.csv")
+    assert data.deterministic_checks(back, 10, 350, BOX, 1, 10) == []
+    pd.testing.assert_frame_equal(back, df, check_dtype=False)
+
+
+# ---------------------------------------------------------------- check
+
+def test_deterministic_checks_pass_on_clean_real_data(sample):
+    df, _ = data.clean_listings(sample, 10, 350, BOX)
+    assert data.deterministic_checks(df, 10, 350, BOX, 1000, 1_000_000) == []
+
+
+def test_deterministic_checks_list_every_failure():
+    df = clean_frame(listing(), listing(id=2))
+    df.loc[1, "neighbourhood_group"] = "Atlantis"
+    df.loc[0, "latitude"] = 45.0
+    df.loc[0, "price"] = 999
+    df = df.rename(columns={"name": "title"})
+    failures = data.deterministic_checks(df, 10, 350, BOX, 5, 100)
+    subjects = [f.split(":")[0] for f in failures]
+    assert subjects == ["columns", "neighbourhood_group", "latitude/longitude", "row count", "price"]
+    assert "unknown values ['Atlantis']" in failures[1]
+
+
+def test_deterministic_checks_catch_wrong_dtypes():
+    df = clean_frame(listing(), listing(id=2))
+    df["minimum_nights"] = ["two", "three"]
+    assert data.deterministic_checks(df, 10, 350, BOX, 1, 10) == [
+        "dtype of minimum_nights: expected int, got str"]
+
+
+def test_statistical_checks_pass_between_random_halves_of_real_data(sample):
+    df, _ = data.clean_listings(sample, 10, 350, BOX)
+    first, second = data.split_listings(df, 0.5, seed=7)
+    failures, figures = data.statistical_checks(first, second, kl_threshold=0.2, ks_alpha=0.05)
+    assert failures == []
+    assert figures["kl_neighbourhood_group"] < 0.01
+
+
+def test_statistical_checks_catch_a_shifted_data_set(sample):
+    df, _ = data.clean_listings(sample, 10, 350, BOX)
+    shifted = df[df["neighbourhood_group"] == "Manhattan"].assign(price=lambda d: d["price"] * 1.5)
+    failures, figures = data.statistical_checks(shifted, df, kl_threshold=0.2, ks_alpha=0.05)
+    assert figures["kl_neighbourhood_group"] > 0.2
+    assert failures[0].startswith("neighbourhood_group: KL divergence")
+    assert any(f.startswith("price: KS test p-value") for f in failures)
+
+
+def test_kl_divergence_is_zero_for_equal_distributions_and_grows_with_shift():
+    same = pd.Series(["a", "b", "b"])
+    assert data.kl_divergence(same, same) == pytest.approx(0, abs=1e-9)
+    assert data.kl_divergence(pd.Series(["a"] * 9 + ["b"]), same) > data.kl_divergence(same, same)
+
+
+# ---------------------------------------------------------------- split
+
+def test_split_is_stratified_and_seeded(sample):
+    df, _ = data.clean_listings(sample, 10, 350, BOX)
+    trainval, test = data.split_listings(df, 0.2, seed=42)
+    again, _ = data.split_listings(df, 0.2, seed=42)
+    assert len(test) == 3801 and len(trainval) + len(test) == len(df)  # ceil(0.2 * 19,001)
+    pd.testing.assert_frame_equal(trainval, again)
+    share = df["neighbourhood_group"].value_counts(normalize=True)
+    test_share = test["neighbourhood_group"].value_counts(normalize=True)
+    assert (share - test_share).abs().max() < 0.002
+    assert set(trainval["id"]).isdisjoint(test["id"])
+
+
+def test_split_rejects_a_bad_test_size():
+    with pytest.raises(StepError, match="split: test_size: must be between 0 and 1"):
+        data.split_listings(clean_frame(listing()), 1.5, 1)

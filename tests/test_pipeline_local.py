@@ -1,0 +1,138 @@
+"""End to end on the embedded default: `pipeline.py run` (kfp.local SubprocessRunner) against a real MLflow server.
+
+The tests in this module share one registered model and run in order: a good run makes `prod`, a worse run
+must not move it, and every bad input must end at its step without registering anything.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import mlflow
+import pytest
+from conftest import ROOT, free_port, listing
+from mlflow.tracking import MlflowClient
+
+MODEL = f"rental-e2e-{uuid.uuid4().hex[:6]}"
+
+
+def run_pipeline(mlflow_uri: str, tmp_path, *params: str, experiment: str = "e2e") -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "MLFLOW_EXPERIMENT_NAME": experiment}
+    command = [sys.executable, "pipeline.py", "run", "--pipeline-root", str(tmp_path / "outputs"),
+               "--param", f"model_name={MODEL}"]
+    for param in params:
+        command += ["--param", param]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def versions(client: MlflowClient) -> list[str]:
+    return sorted(v.version for v in client.search_model_versions(f"name = '{MODEL}'"))
+
+
+@pytest.fixture(scope="module")
+def client(mlflow_server) -> MlflowClient:
+    mlflow.set_tracking_uri(mlflow_server)
+    return MlflowClient(mlflow_server)
+
+
+@pytest.fixture(scope="module")
+def first_run(mlflow_server, sample_path, tmp_path_factory) -> subprocess.CompletedProcess:
+    result = run_pipeline(mlflow_server, tmp_path_factory.mktemp("first"), f"source={sample_path}")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+def test_first_run_registers_a_prod_model_with_lineage(first_run, client, sample_path):
+    prod = client.get_model_version_by_alias(MODEL, "prod")
+    assert prod.version == "1"
+    assert float(prod.tags["test_mae"]) <= 35
+    assert prod.tags["data_sha256"] == "5c92c8f30e288f2c696c00882c169d9e1dc8ebbf1cf83d17bd7ee903a7148b4d"
+    assert prod.tags["data_source"] == str(sample_path)
+    assert prod.tags["kfp_run_id"].startswith("local-")
+    assert prod.tags["git_commit"]
+    assert json.loads(prod.tags["parameters"])["n_estimators"] == "100"
+    assert set(json.loads(prod.tags["images"])) == {"download", "clean", "check", "split", "train", "evaluate",
+                                                    "register"}
+    assert prod.tags["reference_data"].startswith("runs:/")
+    assert f"version 1: now prod; test MAE {float(prod.tags['test_mae']):.2f}" in first_run.stdout
+
+
+def test_first_run_is_one_parent_run_with_a_child_per_step(first_run, client):
+    kfp_run = client.get_model_version_by_alias(MODEL, "prod").tags["kfp_run_id"]
+    runs = mlflow.search_runs(experiment_names=["e2e"], filter_string=f"tags.kfp_run_id = '{kfp_run}'")
+    parent = runs[runs["tags.pipeline_step"] == "pipeline"]
+    assert len(parent) == 1 and parent["status"].item() == "FINISHED"
+    children = runs[runs["tags.mlflow.parentRunId"] == parent["run_id"].item()]
+    assert sorted(children["tags.pipeline_step"]) == sorted(
+        ["download", "clean", "check", "split", "train", "evaluate", "register"])
+    assert (children["metrics.step_seconds"] > 0).all()
+    train = client.get_run(children[children["tags.pipeline_step"] == "train"]["run_id"].item())
+    assert {"val_mae", "val_r2", "fit_seconds"} <= set(train.data.metrics)
+    assert "feature_importance.png" in [a.path for a in client.list_artifacts(train.info.run_id)]
+
+
+def test_worse_model_is_registered_but_prod_stays(first_run, client, mlflow_server, sample_path, tmp_path):
+    result = run_pipeline(mlflow_server, tmp_path, f"source={sample_path}", "n_estimators=2", "max_depth=2")
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert versions(client) == ["1", "2"]
+    assert client.get_model_version_by_alias(MODEL, "prod").version == "1"
+    worse = client.get_model_version(MODEL, "2")
+    assert float(worse.tags["test_mae"]) > float(client.get_model_version(MODEL, "1").tags["test_mae"])
+    assert "does not beat prod" in worse.tags["promotion"]
+    assert "version 2: prod unchanged" in result.stdout
+
+
+def write(path, text: str):
+    path.write_text(text)
+    return str(path)
+
+
+def csv_of(*rows: dict) -> str:
+    import pandas as pd
+
+    return pd.DataFrame(list(rows)).to_csv(index=False)
+
+
+def shifted_sample(sample, tmp_path):
+    # Only Manhattan, prices up by half: clean and deterministic checks pass, statistical ones must not.
+    df = sample[sample["neighbourhood_group"] == "Manhattan"].assign(price=lambda d: (d["price"] * 1.5).round())
+    return write(tmp_path / "shifted.csv", df.to_csv(index=False))
+
+
+BAD_INPUTS = {
+    "missing source": (lambda s, t: str(t / "nope.csv"), "download", "download: source: cannot read"),
+    "non-CSV file": (lambda s, t: write(t / "x.csv", "\x00\x01binary\xff" * 10), "download", "download: source: not a"),
+    "empty file": (lambda s, t: write(t / "empty.csv", ""), "download", "download: source: the file is empty"),
+    "missing column": (lambda s, t: write(t / "m.csv", s.drop(columns=["price"]).to_csv(index=False)),
+                       "clean", "clean: price: column missing from the data"),
+    "renamed column": (lambda s, t: write(t / "r.csv", s.rename(columns={"name": "title"}).to_csv(index=False)),
+                       "check", "check: columns: 1 check(s) failed"),
+    "non-numeric price": (lambda s, t: write(t / "p.csv", csv_of(listing(), listing(id=2, price="cheap"))),
+                          "clean", "clean: price: 1 value(s) are not numbers, e.g. ['cheap']"),
+    "every row filtered": (lambda s, t: write(t / "f.csv", csv_of(listing(price=5000), listing(id=2, price=1))),
+                           "clean", "every row was filtered out"),
+    "fails a statistical check": (shifted_sample, "check", "neighbourhood_group: KL divergence"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_ends_at_its_step_and_changes_nothing(case, first_run, client, mlflow_server, sample, tmp_path):
+    make_source, step, message = BAD_INPUTS[case]
+    before = versions(client)
+    result = run_pipeline(mlflow_server, tmp_path, f"source={make_source(sample, tmp_path)}")
+    assert result.returncode == 1
+    assert message in result.stdout
+    assert f"Inner task failed: '{step}'" in result.stderr
+    assert versions(client) == before
+    assert client.get_model_version_by_alias(MODEL, "prod").version == "1"
+
+
+def test_unreachable_mlflow_ends_at_download(first_run, client, sample_path, tmp_path):
+    before = versions(client)
+    result = run_pipeline(f"http://127.0.0.1:{free_port()}", tmp_path, f"source={sample_path}")
+    assert result.returncode == 1
+    assert "download: MLFLOW_TRACKING_URI: the MLflow tracking server at http://127.0.0.1:" in result.stdout
+    assert "Inner task failed: 'download'" in result.stderr
+    assert versions(client) == before
