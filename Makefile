@@ -18,7 +18,13 @@ DATA_URL ?=
 PARAMS ?=
 PIPELINE_SPEC ?= pipeline.yaml
 
-.PHONY: help venv mlflow mlflow-stop run compile test clean
+# Images (names and tags come from images/images.toml through images/catalog.py, never from here).
+BASE_IMAGE ?= python:3.11-slim-bookworm
+OFFLINE_BASE_IMAGE ?= rental-price-base:bookworm
+CA_CERTS_DIR ?= /usr/local/share/ca-certificates
+IMAGE_NAMES ?=
+
+.PHONY: help venv mlflow mlflow-stop run run-docker compile test base-image images test-images clean
 
 help:  ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -52,14 +58,28 @@ mlflow-stop:  ## Stop the local MLflow server started by `make mlflow` (its data
 	  kill -- -$$(cat $(MLFLOW_DIR)/server.pid) 2>/dev/null || true; rm -f $(MLFLOW_DIR)/server.pid; echo "stopped"; \
 	else echo "no local MLflow server started here"; fi
 
+RUN_ARGS = $(if $(DATA_URL),--param source=$(DATA_URL)) $(foreach p,$(PARAMS),--param $(p))
+
 run: venv mlflow  ## Run the whole pipeline locally (kfp.local, no cluster, no Docker); DATA_URL=, PARAMS= override
-	$(PY) pipeline.py run $(if $(DATA_URL),--param source=$(DATA_URL)) $(foreach p,$(PARAMS),--param $(p))
+	$(PY) pipeline.py run $(RUN_ARGS)
+
+run-docker: venv mlflow  ## Run the whole pipeline locally with every task in its image (make images first)
+	$(PY) pipeline.py run --runner docker $(RUN_ARGS)
 
 compile: venv  ## Compile the KFP pipeline spec to $(PIPELINE_SPEC)
 	$(PY) pipeline.py compile --output $(PIPELINE_SPEC)
 
 test: venv  ## Unit, compile and end-to-end tests (starts its own MLflow server)
 	$(PY) -m pytest
+
+base-image:  ## Build $(OFFLINE_BASE_IMAGE) with no registry: debootstrap, docker import, apt python3, CA_CERTS_DIR
+	images/base-image.sh $(OFFLINE_BASE_IMAGE) $(CA_CERTS_DIR)
+
+images:  ## Build every image (IMAGE_NAMES= for some) on BASE_IMAGE; offline: make images BASE_IMAGE=$(OFFLINE_BASE_IMAGE)
+	$(PYTHON) -m images.catalog build --base-image $(BASE_IMAGE) $(IMAGE_NAMES)
+
+test-images: venv images  ## Image checks and the whole pipeline with every task in its image (needs Docker)
+	$(PY) -m pytest -m images -s
 
 clean:  ## Remove local run outputs (keeps .venv and the MLflow data)
 	rm -rf local_outputs $(PIPELINE_SPEC) .pytest_cache

@@ -2,6 +2,7 @@
 
     python pipeline.py compile [--output pipeline.yaml]
     python pipeline.py run [--param key=value ...] [--no-cache]      # kfp.local, no cluster, no Docker
+    python pipeline.py run --runner docker ...                       # kfp.local, each task in its image
 """
 
 import argparse
@@ -9,6 +10,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import uuid
@@ -112,18 +114,56 @@ def compile_pipeline(output: str) -> None:
     print(f"wrote {output}")
 
 
-def run_local(params: dict, pipeline_root: str, cache: bool) -> int:
-    """Run the whole DAG with kfp.local, each task a subprocess of this interpreter."""
-    # Steps group their MLflow runs by this id (in a cluster, KFP's own run id takes its place).
-    os.environ["KFP_RUN_ID"] = f"local-{uuid.uuid4().hex[:12]}"
+def docker_runner(pipeline_root: str, env: dict[str, str]) -> local.DockerRunner:
+    """Every task in its own image, as in the cluster; checks the daemon and the images first."""
+    try:
+        catalog.check(sorted(set(catalog.config()["steps"].values())))
+    except catalog.ImageError as exc:
+        sys.exit(f"pipeline.py run --runner docker: {exc}")
+    # Containers run as the image's user (uid 10001) or, for a non-root caller, as the caller, so the
+    # outputs they write into the mounted pipeline root stay the caller's own.
+    Path(pipeline_root).mkdir(parents=True, exist_ok=True)
+    user = {}
+    if os.getuid() == 0:
+        os.chmod(pipeline_root, 0o1777)
+    else:
+        user = {"user": f"{os.getuid()}:{os.getgid()}"}
+    # Host networking: the containers reach the MLflow server on 127.0.0.1 like the local steps do.
+    return local.DockerRunner(network_mode="host", environment=env, **user)
+
+
+def local_source(source: str, pipeline_root: str) -> str:
+    """A local data file, copied under the pipeline root: the only host folder the containers see."""
+    path = Path(source.removeprefix("file://"))
+    if "://" in source.replace("file://", "", 1) or not path.is_file():
+        return source
+    inputs = Path(pipeline_root, "inputs")
+    inputs.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, inputs / path.name)
+    os.chmod(inputs, 0o755)
+    return str(inputs / path.name)
+
+
+def run_local(params: dict, pipeline_root: str, cache: bool, runner: str = "subprocess") -> int:
+    """Run the whole DAG with kfp.local: each task a subprocess of this interpreter, or a container of its image."""
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if not tracking_uri:
         sys.exit("pipeline.py run: MLFLOW_TRACKING_URI is not set; `make run` starts a local MLflow server and sets it")
-    # kfp.local warns when an image name lacks "python"; under SubprocessRunner the image is not used.
-    warnings.filterwarnings("ignore", message="You may be attemping to run a task", category=RuntimeWarning)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=pipeline_root,
-               enable_caching=cache, raise_on_error=True)
-    print(f"pipeline run {os.environ['KFP_RUN_ID']}: {json.dumps(params, sort_keys=True)}")
+    pipeline_root = os.path.abspath(pipeline_root)
+    # Steps group their MLflow runs by this id (in a cluster, KFP's own run id takes its place).
+    env = {"MLFLOW_TRACKING_URI": tracking_uri, "KFP_RUN_ID": f"local-{uuid.uuid4().hex[:12]}",
+           "MLFLOW_EXPERIMENT_NAME": os.environ.get("MLFLOW_EXPERIMENT_NAME", "rental-price")}
+    if runner == "docker":
+        chosen = docker_runner(pipeline_root, env)
+        if "source" in params:
+            params["source"] = local_source(params["source"], pipeline_root)
+    else:
+        os.environ.update(env)  # subprocesses inherit it; the cache key does not include it
+        # kfp.local warns when an image name lacks "python"; under SubprocessRunner the image is not used.
+        warnings.filterwarnings("ignore", message="You may be attemping to run a task", category=RuntimeWarning)
+        chosen = local.SubprocessRunner(use_venv=False)
+    local.init(runner=chosen, pipeline_root=pipeline_root, enable_caching=cache, raise_on_error=True)
+    print(f"pipeline run {env['KFP_RUN_ID']} ({runner}): {json.dumps(params, sort_keys=True)}")
     try:
         outputs = rental_price_pipeline(**params).outputs
     except RuntimeError as exc:
@@ -145,11 +185,13 @@ def main(argv: list[str] | None = None) -> int:
     run_cmd.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
     run_cmd.add_argument("--pipeline-root", default=str(ROOT / "local_outputs"))
     run_cmd.add_argument("--no-cache", action="store_true", help="re-run every step")
+    run_cmd.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
+                         help="subprocess: this interpreter (default); docker: every task in its image")
     args = parser.parse_args(argv)
     if args.command == "compile":
         compile_pipeline(args.output)
         return 0
-    return run_local(parse_params(args.param), args.pipeline_root, cache=not args.no_cache)
+    return run_local(parse_params(args.param), args.pipeline_root, cache=not args.no_cache, runner=args.runner)
 
 
 if __name__ == "__main__":
