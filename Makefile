@@ -17,6 +17,19 @@ export MLFLOW_TRACKING_URI
 DATA_URL ?=
 PARAMS ?=
 PIPELINE_SPEC ?= pipeline.yaml
+# KFP API through a port-forward of the dashboard (make ui, or make submit opens one for itself).
+KFP_PORT ?= 8081
+KFP_HOST ?= http://127.0.0.1:$(KFP_PORT)
+WAIT ?=
+
+# Serving (the same command runs locally, in the serving image and in the cluster's pod).
+PORT ?= 8080
+MODEL_NAME ?= rental-price
+MODEL_URI ?= models:/$(MODEL_NAME)@prod
+PREDICT_URL ?= http://127.0.0.1:$(PORT)
+VERSION ?=
+SERVE_WORKERS ?= 1
+DATA_ARG = $(if $(DATA_URL),--data $(DATA_URL))
 
 # Images (names and tags come from images/images.toml through images/catalog.py, never from here).
 BASE_IMAGE ?= python:3.11-slim-bookworm
@@ -24,7 +37,8 @@ OFFLINE_BASE_IMAGE ?= rental-price-base:bookworm
 CA_CERTS_DIR ?= /usr/local/share/ca-certificates
 IMAGE_NAMES ?=
 
-.PHONY: help venv mlflow mlflow-stop run run-docker compile test base-image images test-images clean
+.PHONY: help venv mlflow mlflow-stop run run-docker compile submit test serve-local predict promote rollback bench-serve \
+        base-image images test-images clean
 
 help:  ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -58,19 +72,42 @@ mlflow-stop:  ## Stop the local MLflow server started by `make mlflow` (its data
 	  kill -- -$$(cat $(MLFLOW_DIR)/server.pid) 2>/dev/null || true; rm -f $(MLFLOW_DIR)/server.pid; echo "stopped"; \
 	else echo "no local MLflow server started here"; fi
 
-RUN_ARGS = $(if $(DATA_URL),--param source=$(DATA_URL)) $(foreach p,$(PARAMS),--param $(p))
+RUN_PARAMS = $(if $(DATA_URL),--param source=$(DATA_URL)) $(foreach p,$(PARAMS),--param $(p))
 
 run: venv mlflow  ## Run the whole pipeline locally (kfp.local, no cluster, no Docker); DATA_URL=, PARAMS= override
-	$(PY) pipeline.py run $(RUN_ARGS)
+	$(PY) pipeline.py run $(RUN_PARAMS)
 
 run-docker: venv mlflow  ## Run the whole pipeline locally with every task in its image (make images first)
-	$(PY) pipeline.py run --runner docker $(RUN_ARGS)
+	$(PY) pipeline.py run --runner docker $(RUN_PARAMS)
 
 compile: venv  ## Compile the KFP pipeline spec to $(PIPELINE_SPEC)
 	$(PY) pipeline.py compile --output $(PIPELINE_SPEC)
 
+submit: venv  ## Upload $(PIPELINE_SPEC) to KFP at KFP_HOST and start a run (port-forwards if needed); WAIT=1 waits
+	@if ! curl -sf -o /dev/null $(KFP_HOST)/apis/v2beta1/healthz; then \
+	  kubectl port-forward -n kubeflow svc/ml-pipeline-ui $(KFP_PORT):80 >/dev/null & trap "kill $$!" EXIT; \
+	  curl -sf -o /dev/null --retry 30 --retry-connrefused --retry-delay 1 $(KFP_HOST)/apis/v2beta1/healthz; \
+	fi; \
+	$(PY) pipeline.py submit --spec $(PIPELINE_SPEC) --host $(KFP_HOST) $(RUN_PARAMS) $(if $(WAIT),--wait)
+
 test: venv  ## Unit, compile and end-to-end tests (starts its own MLflow server)
 	$(PY) -m pytest
+
+serve-local: venv mlflow  ## Serve MODEL_URI (default the prod model) from the local MLflow server on PORT
+	$(PY) -m components.serve --model $(MODEL_URI) --port $(PORT) --workers $(SERVE_WORKERS)
+
+predict: venv  ## Send a few real listings to PREDICT_URL and print the predicted prices (DATA_URL= to choose them)
+	$(PY) -m components.predict --url $(PREDICT_URL) $(DATA_ARG)
+
+promote: venv  ## Move alias prod to VERSION= of MODEL_NAME
+	@[ -n "$(VERSION)" ] || { echo "make promote: say which version: make promote VERSION=3" >&2; exit 2; }
+	$(PY) pipeline.py promote --model-name $(MODEL_NAME) --version $(VERSION)
+
+rollback: venv  ## Move alias prod back to the version it replaced (previous-prod)
+	$(PY) pipeline.py rollback --model-name $(MODEL_NAME)
+
+bench-serve: venv mlflow  ## Serving benchmark on the prod model: latency, throughput, in-process floor (prints figures)
+	$(PY) tests/bench_serve.py --model $(MODEL_URI) --workers $(SERVE_WORKERS) $(DATA_ARG)
 
 base-image:  ## Build $(OFFLINE_BASE_IMAGE) with no registry: debootstrap, docker import, apt python3, CA_CERTS_DIR
 	images/base-image.sh $(OFFLINE_BASE_IMAGE) $(CA_CERTS_DIR)

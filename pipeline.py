@@ -3,6 +3,8 @@
     python pipeline.py compile [--output pipeline.yaml]
     python pipeline.py run [--param key=value ...] [--no-cache]      # kfp.local, no cluster, no Docker
     python pipeline.py run --runner docker ...                       # kfp.local, each task in its image
+    python pipeline.py submit [--host URL] [--wait]                  # upload pipeline.yaml to KFP and start a run
+    python pipeline.py promote --version N | rollback                # move the `prod` alias by hand
 """
 
 import argparse
@@ -18,17 +20,13 @@ import warnings
 from pathlib import Path
 from typing import NamedTuple
 
-from kfp import compiler, dsl, local
+from kfp import compiler, dsl, kubernetes, local
 
-from components import steps
+from components import data, steps
 from images import catalog
 
 ROOT = Path(__file__).resolve().parent
 PIPELINE_NAME = "rental-price"
-DEFAULT_SOURCE = (
-    "https://raw.githubusercontent.com/udacity/build-ml-pipeline-for-short-term-rental-prices/"
-    "main/components/get_data/data/sample1.csv"
-)
 
 
 def git_commit() -> str:
@@ -40,58 +38,101 @@ def git_commit() -> str:
         return "unknown"
 
 
-@dsl.pipeline(name=PIPELINE_NAME, description="NYC short-term rental price: data to a registered, promoted model.")
-def rental_price_pipeline(
-    source: str = DEFAULT_SOURCE,
-    model_name: str = "rental-price",
-    min_price: float = 10.0,
-    max_price: float = 350.0,
-    min_longitude: float = -74.25,
-    max_longitude: float = -73.50,
-    min_latitude: float = 40.5,
-    max_latitude: float = 41.2,
-    min_rows: int = 1000,
-    max_rows: int = 1_000_000,
-    kl_threshold: float = 0.2,
-    ks_alpha: float = 0.05,
-    test_size: float = 0.2,
-    val_size: float = 0.2,
-    seed: int = 42,
-    n_estimators: int = 100,
-    max_depth: int = 15,
-    min_samples_split: int = 4,
-    min_samples_leaf: int = 3,
-    max_features: float = 0.5,
-    criterion: str = "absolute_error",
-    tfidf_max_features: int = 15,
-    margin: float = 0.1,
-) -> NamedTuple("Outputs", version=int, promoted=bool, test_mae=float):
-    box = dict(min_longitude=min_longitude, max_longitude=max_longitude,
-               min_latitude=min_latitude, max_latitude=max_latitude)
-    download = steps.download(source=source)
-    clean = steps.clean(raw_data=download.outputs["raw_data"], min_price=min_price, max_price=max_price, **box)
-    check = steps.check(
-        clean_data=clean.outputs["clean_data"], model_name=model_name, min_price=min_price, max_price=max_price,
-        min_rows=min_rows, max_rows=max_rows, kl_threshold=kl_threshold, ks_alpha=ks_alpha, **box)
-    split = steps.split(clean_data=clean.outputs["clean_data"], test_size=test_size, seed=seed).after(check)
-    train = steps.train(
-        trainval_data=split.outputs["trainval_data"], n_estimators=n_estimators, max_depth=max_depth,
-        min_samples_split=min_samples_split, min_samples_leaf=min_samples_leaf, max_features=max_features,
-        criterion=criterion, tfidf_max_features=tfidf_max_features, val_size=val_size, seed=seed)
-    evaluate = steps.evaluate(model=train.outputs["model"], test_data=split.outputs["test_data"], model_name=model_name)
-    register = steps.register(
-        model=train.outputs["model"], evaluation=evaluate.outputs["metrics"], raw_data=download.outputs["raw_data"],
-        clean_data=clean.outputs["clean_data"], model_name=model_name, margin=margin,
-        git_commit=git_commit(), images=json.dumps(steps.IMAGES, sort_keys=True))
-    # Steps that read the registry (prod model, its data) must see it as it is now, never from a cache.
-    for task in (check, evaluate, register):
-        task.set_caching_options(False)
-    return register.outputs
+# What the cluster gives each step (names match manifests/): env from the ConfigMap, the run id from the pod's
+# label, per-step resources, and retries for the steps whose work is a call to a service.
+PIPELINE_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "S3_ENDPOINT_URL")
+RESOURCES = {  # step: (cpu request, cpu limit, memory request, memory limit)
+    "download": ("250m", "1", "512M", "1G"),
+    "clean": ("250m", "1", "512M", "1G"),
+    "check": ("250m", "1", "512M", "1G"),
+    "split": ("250m", "1", "512M", "1G"),
+    "train": ("1", "2", "2G", "4G"),
+    "evaluate": ("500m", "1", "1G", "3G"),
+    "register": ("250m", "1", "512M", "1G"),
+}
+RETRIED = {"download", "check", "evaluate", "register"}
+# KFP's own bucket on the MinIO of manifests/minio/ (the kfp-launcher ConfigMap holds its endpoint).
+CLUSTER_PIPELINE_ROOT = "minio://mlpipeline/v2/artifacts"
+
+
+def for_cluster(step: str, task: dsl.PipelineTask) -> None:
+    kubernetes.use_config_map_as_env(task, "pipeline-env", {name: name for name in PIPELINE_ENV})
+    kubernetes.use_field_path_as_env(task, "KFP_RUN_ID", "metadata.labels['pipeline/runid']")
+    kubernetes.set_image_pull_policy(task, "IfNotPresent")  # images are loaded into kind, never pulled
+    if step == "download":  # credentials for s3:// sources; optional, as most sources need none
+        kubernetes.use_secret_as_env(task, "pipeline-s3", {k: k for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")},
+                                     optional=True)
+    cpu_request, cpu_limit, memory_request, memory_limit = RESOURCES[step]
+    task.set_cpu_request(cpu_request).set_cpu_limit(cpu_limit)
+    task.set_memory_request(memory_request).set_memory_limit(memory_limit)
+    if step in RETRIED:
+        task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2)
+
+
+def build(cluster: bool = True):
+    """The DAG. `cluster` adds what only Kubernetes uses (for_cluster); kfp.local runs it without, so that a
+    bad input fails at once instead of after the retries meant for a flaky service."""
+
+    @dsl.pipeline(name=PIPELINE_NAME, description="NYC short-term rental price: data to a registered, promoted model.",
+                  pipeline_root=CLUSTER_PIPELINE_ROOT if cluster else None)
+    def rental_price_pipeline(
+        source: str = data.DEFAULT_SOURCE,
+        model_name: str = "rental-price",
+        min_price: float = 10.0,
+        max_price: float = 350.0,
+        min_longitude: float = -74.25,
+        max_longitude: float = -73.50,
+        min_latitude: float = 40.5,
+        max_latitude: float = 41.2,
+        min_rows: int = 1000,
+        max_rows: int = 1_000_000,
+        kl_threshold: float = 0.2,
+        ks_alpha: float = 0.05,
+        test_size: float = 0.2,
+        val_size: float = 0.2,
+        seed: int = 42,
+        n_estimators: int = 100,
+        max_depth: int = 15,
+        min_samples_split: int = 4,
+        min_samples_leaf: int = 3,
+        max_features: float = 0.5,
+        criterion: str = "absolute_error",
+        tfidf_max_features: int = 15,
+        margin: float = 0.1,
+    ) -> NamedTuple("Outputs", version=int, promoted=bool, test_mae=float):
+        box = dict(min_longitude=min_longitude, max_longitude=max_longitude,
+                   min_latitude=min_latitude, max_latitude=max_latitude)
+        download = steps.download(source=source)
+        clean = steps.clean(raw_data=download.outputs["raw_data"], min_price=min_price, max_price=max_price, **box)
+        check = steps.check(
+            clean_data=clean.outputs["clean_data"], model_name=model_name, min_price=min_price, max_price=max_price,
+            min_rows=min_rows, max_rows=max_rows, kl_threshold=kl_threshold, ks_alpha=ks_alpha, **box)
+        split = steps.split(clean_data=clean.outputs["clean_data"], test_size=test_size, seed=seed).after(check)
+        train = steps.train(
+            trainval_data=split.outputs["trainval_data"], n_estimators=n_estimators, max_depth=max_depth,
+            min_samples_split=min_samples_split, min_samples_leaf=min_samples_leaf, max_features=max_features,
+            criterion=criterion, tfidf_max_features=tfidf_max_features, val_size=val_size, seed=seed)
+        evaluate = steps.evaluate(model=train.outputs["model"], test_data=split.outputs["test_data"], model_name=model_name)
+        register = steps.register(
+            model=train.outputs["model"], evaluation=evaluate.outputs["metrics"], raw_data=download.outputs["raw_data"],
+            clean_data=clean.outputs["clean_data"], model_name=model_name, margin=margin,
+            git_commit=git_commit(), images=json.dumps(steps.IMAGES, sort_keys=True))
+        # Steps that read the registry (prod model, its data) must see it as it is now, never from a cache.
+        for task in (check, evaluate, register):
+            task.set_caching_options(False)
+        if cluster:
+            tasks = dict(download=download, clean=clean, check=check, split=split, train=train, evaluate=evaluate,
+                         register=register)
+            for step, task in tasks.items():
+                for_cluster(step, task)
+        return register.outputs
+
+    return rental_price_pipeline
 
 
 # ---------------------------------------------------------------- command line
 
-PARAMETERS = inspect.signature(rental_price_pipeline.pipeline_func).parameters
+PARAMETERS = inspect.signature(build(cluster=False).pipeline_func).parameters
 
 
 def parse_params(pairs: list[str]) -> dict:
@@ -110,8 +151,22 @@ def parse_params(pairs: list[str]) -> dict:
 
 
 def compile_pipeline(output: str) -> None:
-    compiler.Compiler().compile(rental_price_pipeline, package_path=output)
+    compiler.Compiler().compile(build(cluster=True), package_path=output)
     print(f"wrote {output}")
+
+
+def submit(spec: str, host: str, params: dict, experiment: str, wait: bool, timeout: int) -> int:
+    """Upload the compiled spec to KFP and start a run; with `wait`, fail unless the run succeeds."""
+    import kfp
+
+    client = kfp.Client(host=host)
+    run = client.create_run_from_pipeline_package(spec, arguments=params, experiment_name=experiment)
+    print(f"started run {run.run_id}: {host.rstrip('/')}/#/runs/details/{run.run_id}")
+    if not wait:
+        return 0
+    state = client.wait_for_run_completion(run.run_id, timeout=timeout).state
+    print(f"run {run.run_id} finished: {state}")
+    return 0 if state == "SUCCEEDED" else 1
 
 
 def docker_runner(pipeline_root: str, env: dict[str, str]) -> local.DockerRunner:
@@ -165,7 +220,7 @@ def run_local(params: dict, pipeline_root: str, cache: bool, runner: str = "subp
     local.init(runner=chosen, pipeline_root=pipeline_root, enable_caching=cache, raise_on_error=True)
     print(f"pipeline run {env['KFP_RUN_ID']} ({runner}): {json.dumps(params, sort_keys=True)}")
     try:
-        outputs = rental_price_pipeline(**params).outputs
+        outputs = build(cluster=False)(**params).outputs
     except RuntimeError as exc:
         plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # kfp.local colours task names
         print(f"\nFAILED: {plain} (its error is printed above)", file=sys.stderr)
@@ -187,9 +242,34 @@ def main(argv: list[str] | None = None) -> int:
     run_cmd.add_argument("--no-cache", action="store_true", help="re-run every step")
     run_cmd.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
                          help="subprocess: this interpreter (default); docker: every task in its image")
+    submit_cmd = commands.add_parser("submit", help="upload the compiled spec to KFP and start a run")
+    submit_cmd.add_argument("--spec", default="pipeline.yaml")
+    submit_cmd.add_argument("--host", default=os.environ.get("KFP_HOST", "http://127.0.0.1:8080"))
+    submit_cmd.add_argument("--experiment", default="rental-price")
+    submit_cmd.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    submit_cmd.add_argument("--wait", action="store_true", help="wait for the run; fail unless it succeeds")
+    submit_cmd.add_argument("--timeout", type=int, default=3600)
+    for name, text in (("promote", "move alias prod to a version"), ("rollback", "move prod back to previous-prod")):
+        registry_cmd = commands.add_parser(name, help=text)
+        registry_cmd.add_argument("--model-name", default=PARAMETERS["model_name"].default)
+        if name == "promote":
+            registry_cmd.add_argument("--version", required=True)
     args = parser.parse_args(argv)
     if args.command == "compile":
         compile_pipeline(args.output)
+        return 0
+    if args.command == "submit":
+        return submit(args.spec, args.host, parse_params(args.param), args.experiment, args.wait, args.timeout)
+    if args.command in ("promote", "rollback"):
+        from components import tracking
+        from components.errors import StepError
+
+        try:
+            tracking.require_server(args.command)
+            print(tracking.promote(args.model_name, args.version) if args.command == "promote"
+                  else tracking.rollback(args.model_name))
+        except StepError as exc:
+            sys.exit(str(exc))
         return 0
     return run_local(parse_params(args.param), args.pipeline_root, cache=not args.no_cache, runner=args.runner)
 

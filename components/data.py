@@ -36,6 +36,11 @@ SCHEMA: dict[str, str] = {
     "availability_365": "int",
 }
 COLUMNS = list(SCHEMA)
+# The public sample of 20,000 NYC listings that the pipeline downloads by default.
+DEFAULT_SOURCE = (
+    "https://raw.githubusercontent.com/udacity/build-ml-pipeline-for-short-term-rental-prices/"
+    "main/components/get_data/data/sample1.csv"
+)
 NEIGHBOURHOOD_GROUPS = ("Bronx", "Brooklyn", "Manhattan", "Queens", "Staten Island")
 # Columns the KS test compares with the reference data.
 KS_COLUMNS = [

@@ -15,7 +15,7 @@ from pathlib import Path
 import mlflow
 from sklearn.model_selection import train_test_split
 
-from components import data, model, tracking
+from components import data, model, rollout, tracking
 from components.errors import StepError
 
 
@@ -135,6 +135,7 @@ def register(
         version = mlflow.register_model(model_meta["mlflow_model_uri"], model_name, tags=tags).version
         if promote:
             tracking.set_prod(model_name, version)
+            print(rollout.roll_serving(version))
         mlflow.log_metrics({"version": int(version), "promoted": int(promote)})
         return {"version": int(version), "promoted": promote, "test_mae": candidate_mae, "reason": reason}
 

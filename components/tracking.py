@@ -154,3 +154,23 @@ def set_prod(name: str, version: str) -> None:
     if current is not None and current.version != str(version):
         client.set_registered_model_alias(name, PREVIOUS_ALIAS, current.version)
     client.set_registered_model_alias(name, PROD_ALIAS, str(version))
+
+
+def promote(name: str, version: str) -> str:
+    """Move `prod` to an existing version by hand; refuse a version that does not exist."""
+    try:
+        MlflowClient().get_model_version(name, str(version))
+    except MlflowException:
+        known = sorted((int(v.version) for v in MlflowClient().search_model_versions(f"name = '{name}'")))
+        raise StepError("promote", "VERSION", f"model {name!r} has no version {version!r} (versions: {known})")
+    before = prod_version(name)
+    set_prod(name, version)
+    return f"{name}: prod {before.version if before else None} -> {version}"
+
+
+def rollback(name: str) -> str:
+    """Move `prod` back to the version it replaced (`previous-prod`); the two swap, so rollback undoes itself."""
+    previous = prod_version(name, PREVIOUS_ALIAS)
+    if previous is None:
+        raise StepError("rollback", "previous-prod", f"model {name!r} has no previous prod version to go back to")
+    return promote(name, previous.version)

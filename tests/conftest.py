@@ -73,6 +73,32 @@ def tracking(mlflow_server, monkeypatch) -> dict:
 
 
 @pytest.fixture(scope="session")
+def listings(sample) -> pd.DataFrame:
+    """The sample, cleaned with the default rules."""
+    from components import data
+
+    df, _ = data.clean_listings(sample, 10, 350, data.Box())
+    return df
+
+
+@pytest.fixture(scope="session")
+def registered_model(mlflow_server, listings) -> str:
+    """A small model registered twice on the session server, version 1 under `prod`."""
+    from components import model, tracking
+
+    mlflow.set_tracking_uri(mlflow_server)
+    name = f"serve-{uuid.uuid4().hex[:6]}"
+    fitted = model.fit(listings.head(5000), model.ForestParams(n_estimators=10, criterion="squared_error", seed=3))
+    mlflow.set_experiment("serving")
+    for _ in range(2):
+        with mlflow.start_run(), tracking.feature_code() as code:
+            mlflow.sklearn.log_model(fitted, name="model", code_paths=[code], registered_model_name=name,
+                                     **tracking.model_kwargs(fitted, model.input_example(listings)))
+    mlflow.tracking.MlflowClient().set_registered_model_alias(name, "prod", "1")
+    return name
+
+
+@pytest.fixture(scope="session")
 def sample_path() -> Path:
     assert SAMPLE.exists(), f"the shared sample is missing: {SAMPLE}"
     return SAMPLE

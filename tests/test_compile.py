@@ -34,7 +34,9 @@ def spec_text(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def spec(spec_text) -> dict:
-    return yaml.safe_load(spec_text)
+    """The pipeline spec, with the platform (Kubernetes) spec that follows it in a second YAML document."""
+    pipeline_spec, platform_spec = yaml.safe_load_all(spec_text)
+    return {**pipeline_spec, **platform_spec}
 
 
 def test_seven_tasks_with_their_dependencies(spec):
@@ -59,6 +61,33 @@ def test_registry_reading_steps_are_never_cached(spec):
     tasks = spec["root"]["dag"]["tasks"]
     uncached = {name for name, task in tasks.items() if not task.get("cachingOptions", {}).get("enableCache")}
     assert uncached == {"check", "evaluate", "register"}
+
+
+def test_cluster_config_of_each_step(spec):
+    """Env from the pipeline-env ConfigMap, run id from the pod label, IfNotPresent, resources, retries."""
+    executors = spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    containers = spec["deploymentSpec"]["executors"]
+    tasks = spec["root"]["dag"]["tasks"]
+    assert spec["defaultPipelineRoot"] == "minio://mlpipeline/v2/artifacts"
+    for step, task in tasks.items():
+        executor = spec["components"][task["componentRef"]["name"]]["executorLabel"]
+        config = executors[executor]
+        env = {e["envVar"] for e in config["configMapAsEnv"][0]["keyToEnv"]}
+        assert config["configMapAsEnv"][0]["configMapName"] == "pipeline-env"
+        assert env == {"MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "S3_ENDPOINT_URL"}
+        assert config["fieldPathAsEnv"] == [{"fieldPath": "metadata.labels['pipeline/runid']", "name": "KFP_RUN_ID"}]
+        assert config["imagePullPolicy"] == "IfNotPresent"
+        assert ("secretAsEnv" in config) == (step == "download")
+        resources = containers[executor]["container"]["resources"]
+        assert {"resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest", "resourceMemoryLimit"} <= set(resources)
+        assert ("retryPolicy" in task) == (step in pipeline.RETRIED)
+    assert pipeline.RETRIED == {"download", "check", "evaluate", "register"}
+
+
+def test_local_runs_carry_no_retries():
+    """kfp.local honours retries; a bad input must fail at once there, not after two back-offs."""
+    local_dag = pipeline.build(cluster=False).pipeline_spec.root.dag.tasks
+    assert all(not task.HasField("retry_policy") for task in local_dag.values())
 
 
 def normalized(text: str) -> str:

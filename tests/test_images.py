@@ -7,9 +7,11 @@ import json
 import re
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
+import requests
 from conftest import ROOT
 from mlflow.tracking import MlflowClient
 
@@ -91,6 +93,35 @@ def test_missing_daemon_is_a_clear_message(monkeypatch):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("pipeline.py run --runner docker: no Docker daemon")
     assert "Traceback" not in result.stderr
+
+
+def test_serving_image_serves_the_prod_model(mlflow_server, registered_model, listings):
+    from components import predict
+    from conftest import free_port
+
+    port = free_port()
+    ref = catalog.images()["serve"]
+    # The same command as `make serve-local` and the cluster's pod; host network to reach MLflow on 127.0.0.1.
+    container = subprocess.run(
+        ["docker", "run", "-d", "--rm", "--network", "host", "-e", f"MLFLOW_TRACKING_URI={mlflow_server}", ref,
+         "python3", "-m", "components.serve", "--model", f"models:/{registered_model}@prod", "--port", str(port)],
+        capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        prices, version = predict.predict(url, listings.head(3))
+        assert version == "1" and len(prices) == 3 and all(10 <= p <= 350 for p in prices)
+    finally:
+        logs = subprocess.run(["docker", "logs", container], capture_output=True, text=True)
+        subprocess.run(["docker", "stop", container], capture_output=True)
+    assert "serving models:/" in logs.stderr + logs.stdout
 
 
 def test_whole_pipeline_with_every_task_in_its_image(mlflow_server, sample_path, tmp_path):

@@ -1,0 +1,41 @@
+"""Send a few real listings to a serving endpoint and print the prices it predicts.
+
+    python -m components.predict --url http://127.0.0.1:8080 --data listings.csv --rows 5
+"""
+
+import argparse
+import json
+
+import requests
+
+from components import data, model
+
+
+def payload(listings) -> dict:
+    """The MLflow scoring protocol's `dataframe_split` for the model's feature columns."""
+    return {"dataframe_split": json.loads(listings[model.FEATURES].to_json(orient="split", index=False, date_format="iso"))}
+
+
+def predict(url: str, listings) -> tuple[list[float], str]:
+    response = requests.post(f"{url.rstrip('/')}/invocations", json=payload(listings), timeout=60)
+    if not response.ok:
+        raise SystemExit(f"predict: {url} answered {response.status_code}: {response.text[:500]}")
+    return response.json()["predictions"], response.headers.get("x-model-version", "?")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--url", default="http://127.0.0.1:8080")
+    parser.add_argument("--data", default=data.DEFAULT_SOURCE, help="listings CSV: path, file://, http(s):// or s3://")
+    parser.add_argument("--rows", type=int, default=5)
+    args = parser.parse_args(argv)
+    listings = data.parse_csv(data.fetch(args.data), "predict").head(args.rows)
+    prices, version = predict(args.url, listings)
+    print(f"model version {version} at {args.url}:")
+    for (_, row), price in zip(listings.iterrows(), prices):
+        actual = f" (listed at ${row['price']:.0f})" if "price" in row else ""
+        print(f"  ${price:7.2f}  {row['room_type']:<16} {row['neighbourhood_group']:<13} {str(row['name'])[:40]}{actual}")
+
+
+if __name__ == "__main__":
+    main()

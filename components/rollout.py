@@ -1,0 +1,26 @@
+"""Roll the serving Deployment after `prod` moves, so the pods load the new version.
+
+Only inside a cluster (KUBERNETES_SERVICE_HOST set): the register step patches an annotation on the pod
+template, which makes Kubernetes replace the pods; the new pods resolve `prod` again at start. The RBAC it
+needs (get and patch on that one Deployment) is in manifests/serving/.
+"""
+
+import os
+
+ANNOTATION = "rental-price/model-version"
+
+
+def roll_serving(version: str, api=None) -> str:
+    """Patch the serving Deployment's pod template with `version`; returns what was done, for the log."""
+    namespace = os.environ.get("SERVING_NAMESPACE", "serving")
+    name = os.environ.get("SERVING_DEPLOYMENT", "rental-price-serve")
+    if api is None:
+        if not os.environ.get("KUBERNETES_SERVICE_HOST"):
+            return "not running in a cluster: no serving Deployment to roll"
+        from kubernetes import client, config
+
+        config.load_incluster_config()
+        api = client.AppsV1Api()
+    patch = {"spec": {"template": {"metadata": {"annotations": {ANNOTATION: str(version)}}}}}
+    api.patch_namespaced_deployment(name, namespace, patch)
+    return f"patched deployment {namespace}/{name}: {ANNOTATION}={version}, pods roll to it"

@@ -1,0 +1,109 @@
+"""Serving benchmark (`make bench-serve`): prints figures, asserts nothing.
+
+Starts `python -m components.serve` on the production model, then measures on 127.0.0.1 only:
+single-row latency p50/p99 and requests per second with 1 and 8 concurrent clients, rows per second for
+1,000-row batches, and beside them the same model's in-process `predict` (the floor), as ratios.
+"""
+
+import argparse
+import concurrent.futures
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import mlflow
+import requests
+
+from components import data, model, predict, serve
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def timed(fn, repeat: int) -> list[float]:
+    out = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - started)
+    return out
+
+
+def clients(url: str, body: dict, concurrency: int, requests_each: int) -> tuple[list[float], float]:
+    def one_client(_):
+        with requests.Session() as session:
+            return timed(lambda: session.post(url, json=body, timeout=60).raise_for_status(), requests_each)
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        latencies = [t for result in pool.map(one_client, range(concurrency)) for t in result]
+    return latencies, len(latencies) / (time.perf_counter() - started)
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[int(q) - 1] * 1000 if len(values) > 1 else values[0] * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", default="models:/rental-price@prod")
+    parser.add_argument("--data", default=data.DEFAULT_SOURCE, help="listings CSV to take requests from")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--requests", type=int, default=200, help="single-row requests per client")
+    args = parser.parse_args()
+
+    uri, version = serve.resolve(args.model)
+    listings = data.parse_csv(data.fetch(args.data))
+    one, batch = predict.payload(listings.head(1)), predict.payload(listings.head(1000))
+
+    # The floor: the same model in this process.
+    sk_model = mlflow.sklearn.load_model(uri)
+    forest = sk_model.named_steps["random_forest"]
+    saved = forest.n_jobs
+    print(f"model {uri} (version {version}); forest n_jobs as saved: {saved}")
+    floor = {}
+    for n_jobs in dict.fromkeys([saved, -1, 1]):  # the saved setting, then the alternatives for comparison
+        forest.n_jobs = n_jobs
+        floor[n_jobs] = (statistics.median(timed(lambda: sk_model.predict(listings.head(1)[model.FEATURES]), 50)),
+                         statistics.median(timed(lambda: sk_model.predict(listings.head(1000)[model.FEATURES]), 5)))
+        print(f"in-process predict, n_jobs={n_jobs}: 1 row {floor[n_jobs][0] * 1000:.1f} ms; 1,000 rows "
+              f"{floor[n_jobs][1] * 1000:.0f} ms ({1000 / floor[n_jobs][1]:,.0f} rows/s)")
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "components.serve", "--model", uri, "--port", str(port),
+                               "--workers", str(args.workers)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}/invocations"
+        clients(url, one, 1, 10)  # warm-up
+        floor_single, floor_batch = floor[saved]  # what the server runs
+        print(f"server: {args.workers} worker(s)")
+        for concurrency in (1, 8):
+            latencies, rps = clients(url, one, concurrency, max(10, args.requests // concurrency))
+            print(f"  1 row, {concurrency} client(s): p50 {pct(latencies, 50):.1f} ms, p99 {pct(latencies, 99):.1f} ms, "
+                  f"{rps:.0f} req/s; p50 / in-process = {pct(latencies, 50) / 1000 / floor_single:.1f}x")
+        latencies, _ = clients(url, batch, 1, 10)
+        median = statistics.median(latencies)
+        print(f"  1,000-row batches: {1000 / median:,.0f} rows/s (median {median * 1000:.0f} ms); "
+              f"server / in-process time = {median / floor_batch:.2f}x")
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
