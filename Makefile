@@ -37,6 +37,9 @@ OFFLINE_BASE_IMAGE ?= rental-price-base:bookworm
 CA_CERTS_DIR ?= /usr/local/share/ca-certificates
 IMAGE_NAMES ?=
 
+# The kind cluster's targets (cluster, deploy, load-images, serve, ui, predict-cluster, down, checkov).
+include manifests/cluster.mk
+
 .PHONY: help venv mlflow mlflow-stop run run-docker compile submit test serve-local predict promote rollback bench-serve \
         base-image images test-images clean
 
@@ -85,12 +88,12 @@ compile: venv  ## Compile the KFP pipeline spec to $(PIPELINE_SPEC)
 
 submit: venv  ## Upload $(PIPELINE_SPEC) to KFP at KFP_HOST and start a run (port-forwards if needed); WAIT=1 waits
 	@if ! curl -sf -o /dev/null $(KFP_HOST)/apis/v2beta1/healthz; then \
-	  kubectl port-forward -n kubeflow svc/ml-pipeline-ui $(KFP_PORT):80 >/dev/null & trap "kill $$!" EXIT; \
+	  $(KUBECTL) port-forward -n kubeflow svc/ml-pipeline-ui $(KFP_PORT):80 >/dev/null & trap "kill $$!" EXIT; \
 	  curl -sf -o /dev/null --retry 30 --retry-connrefused --retry-delay 1 $(KFP_HOST)/apis/v2beta1/healthz; \
 	fi; \
 	$(PY) pipeline.py submit --spec $(PIPELINE_SPEC) --host $(KFP_HOST) $(RUN_PARAMS) $(if $(WAIT),--wait)
 
-test: venv  ## Unit, compile and end-to-end tests (starts its own MLflow server)
+test: venv checkov  ## Unit, compile, manifest and end-to-end tests (starts its own MLflow server)
 	$(PY) -m pytest
 
 serve-local: venv mlflow  ## Serve MODEL_URI (default the prod model) from the local MLflow server on PORT
@@ -112,8 +115,10 @@ bench-serve: venv mlflow  ## Serving benchmark on the prod model: latency, throu
 base-image:  ## Build $(OFFLINE_BASE_IMAGE) with no registry: debootstrap, docker import, apt python3, CA_CERTS_DIR
 	images/base-image.sh $(OFFLINE_BASE_IMAGE) $(CA_CERTS_DIR)
 
-images:  ## Build every image (IMAGE_NAMES= for some) on BASE_IMAGE; offline: make images BASE_IMAGE=$(OFFLINE_BASE_IMAGE)
+images:  ## Build every image (IMAGE_NAMES= for some) on BASE_IMAGE, and load them into the kind cluster if it exists
 	$(PYTHON) -m images.catalog build --base-image $(BASE_IMAGE) $(IMAGE_NAMES)
+	@if command -v $(KIND) >/dev/null && $(KIND) get clusters 2>/dev/null | grep -qx '$(KIND_CLUSTER)'; then \
+	  $(MAKE) --no-print-directory load-images; fi
 
 test-images: venv images  ## Image checks and the whole pipeline with every task in its image (needs Docker)
 	$(PY) -m pytest -m images -s
