@@ -86,7 +86,7 @@ run-docker: venv mlflow  ## Run the whole pipeline locally with every task in it
 compile: venv  ## Compile the KFP pipeline spec to $(PIPELINE_SPEC)
 	$(PY) pipeline.py compile --output $(PIPELINE_SPEC)
 
-submit: venv  ## Upload $(PIPELINE_SPEC) to KFP at KFP_HOST and start a run (port-forwards if needed); WAIT=1 waits
+submit: venv compile  ## Upload $(PIPELINE_SPEC) to KFP at KFP_HOST and start a run (port-forwards if needed); WAIT=1 waits
 	@if ! curl -sf -o /dev/null $(KFP_HOST)/apis/v2beta1/healthz; then \
 	  $(KUBECTL) port-forward -n kubeflow svc/ml-pipeline-ui $(KFP_PORT):80 >/dev/null & trap "kill $$!" EXIT; \
 	  curl -sf -o /dev/null --retry 30 --retry-connrefused --retry-delay 1 $(KFP_HOST)/apis/v2beta1/healthz; \

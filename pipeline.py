@@ -8,11 +8,11 @@
 """
 
 import argparse
+import hashlib
 import inspect
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import uuid
@@ -22,7 +22,8 @@ from typing import NamedTuple
 
 from kfp import compiler, dsl, kubernetes, local
 
-from components import data, steps
+from components import data, steps, tracking
+from components.model import ForestParams
 from images import catalog
 
 ROOT = Path(__file__).resolve().parent
@@ -51,6 +52,8 @@ RESOURCES = {  # step: (cpu request, cpu limit, memory request, memory limit)
     "register": ("250m", "1", "512M", "1G"),
 }
 RETRIED = {"download", "check", "evaluate", "register"}
+# Defaults of the box and the forest live with the code that uses them.
+BOX, FOREST = data.Box(), ForestParams()
 # KFP's own bucket on the MinIO of manifests/minio/ (the kfp-launcher ConfigMap holds its endpoint).
 CLUSTER_PIPELINE_ROOT = "minio://mlpipeline/v2/artifacts"
 
@@ -80,24 +83,24 @@ def build(cluster: bool = True):
         model_name: str = "rental-price",
         min_price: float = 10.0,
         max_price: float = 350.0,
-        min_longitude: float = -74.25,
-        max_longitude: float = -73.50,
-        min_latitude: float = 40.5,
-        max_latitude: float = 41.2,
+        min_longitude: float = BOX.min_lon,
+        max_longitude: float = BOX.max_lon,
+        min_latitude: float = BOX.min_lat,
+        max_latitude: float = BOX.max_lat,
         min_rows: int = 1000,
         max_rows: int = 1_000_000,
         kl_threshold: float = 0.2,
         ks_alpha: float = 0.05,
         test_size: float = 0.2,
         val_size: float = 0.2,
-        seed: int = 42,
-        n_estimators: int = 100,
-        max_depth: int = 15,
-        min_samples_split: int = 4,
-        min_samples_leaf: int = 3,
-        max_features: float = 0.5,
-        criterion: str = "absolute_error",
-        tfidf_max_features: int = 15,
+        seed: int = FOREST.seed,
+        n_estimators: int = FOREST.n_estimators,
+        max_depth: int = FOREST.max_depth,
+        min_samples_split: int = FOREST.min_samples_split,
+        min_samples_leaf: int = FOREST.min_samples_leaf,
+        max_features: float = FOREST.max_features,
+        criterion: str = FOREST.criterion,
+        tfidf_max_features: int = FOREST.tfidf_max_features,
         margin: float = 0.1,
     ) -> NamedTuple("Outputs", version=int, promoted=bool, test_mae=float):
         box = dict(min_longitude=min_longitude, max_longitude=max_longitude,
@@ -132,17 +135,18 @@ def build(cluster: bool = True):
 
 # ---------------------------------------------------------------- command line
 
-PARAMETERS = inspect.signature(build(cluster=False).pipeline_func).parameters
+def pipeline_parameters() -> dict[str, inspect.Parameter]:
+    return dict(inspect.signature(build(cluster=False).pipeline_func).parameters)
 
 
 def parse_params(pairs: list[str]) -> dict:
     """`key=value` pairs, typed by the pipeline's own signature."""
-    params = {}
+    params, known = {}, pipeline_parameters()
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or key not in PARAMETERS:
-            sys.exit(f"pipeline.py: --param {pair!r}: expected key=value with key one of {sorted(PARAMETERS)}")
-        kind = PARAMETERS[key].annotation
+        if not sep or key not in known:
+            sys.exit(f"pipeline.py: --param {pair!r}: expected key=value with key one of {sorted(known)}")
+        kind = known[key].annotation
         try:
             params[key] = kind(value)
         except ValueError:
@@ -159,8 +163,14 @@ def submit(spec: str, host: str, params: dict, experiment: str, wait: bool, time
     """Upload the compiled spec to KFP and start a run; with `wait`, fail unless the run succeeds."""
     import kfp
 
-    client = kfp.Client(host=host)
-    run = client.create_run_from_pipeline_package(spec, arguments=params, experiment_name=experiment)
+    if not Path(spec).is_file():
+        sys.exit(f"pipeline.py submit: no pipeline spec at {spec}: run `make compile` first")
+    try:
+        client = kfp.Client(host=host)
+        run = client.create_run_from_pipeline_package(spec, arguments=params, experiment_name=experiment)
+    except Exception as exc:  # kfp raises transport, API and auth errors of several libraries
+        sys.exit(f"pipeline.py submit: KFP at {host} refused or did not answer ({type(exc).__name__}: "
+                 f"{str(exc)[:300]}); is `make ui` or a port-forward to ml-pipeline-ui running?")
     print(f"started run {run.run_id}: {host.rstrip('/')}/#/runs/details/{run.run_id}")
     if not wait:
         return 0
@@ -188,15 +198,19 @@ def docker_runner(pipeline_root: str, env: dict[str, str]) -> local.DockerRunner
 
 
 def local_source(source: str, pipeline_root: str) -> str:
-    """A local data file, copied under the pipeline root: the only host folder the containers see."""
+    """A local data file, copied under the pipeline root (the only host folder the containers see), named by
+    its content so that the download step's cache key changes with the data."""
     path = Path(source.removeprefix("file://"))
     if "://" in source.replace("file://", "", 1) or not path.is_file():
         return source
-    inputs = Path(pipeline_root, "inputs")
+    raw = path.read_bytes()
+    inputs = Path(pipeline_root, "inputs", hashlib.sha256(raw).hexdigest()[:16])
     inputs.mkdir(parents=True, exist_ok=True)
-    shutil.copy(path, inputs / path.name)
-    os.chmod(inputs, 0o755)
-    return str(inputs / path.name)
+    copy = inputs / path.name
+    copy.write_bytes(raw)
+    for made in (inputs.parent, inputs, copy):  # readable by the containers' user
+        made.chmod(0o755 if made.is_dir() else 0o644)
+    return str(copy)
 
 
 def run_local(params: dict, pipeline_root: str, cache: bool, runner: str = "subprocess") -> int:
@@ -207,8 +221,12 @@ def run_local(params: dict, pipeline_root: str, cache: bool, runner: str = "subp
     pipeline_root = os.path.abspath(pipeline_root)
     # Steps group their MLflow runs by this id (in a cluster, KFP's own run id takes its place).
     env = {"MLFLOW_TRACKING_URI": tracking_uri, "KFP_RUN_ID": f"local-{uuid.uuid4().hex[:12]}",
-           "MLFLOW_EXPERIMENT_NAME": os.environ.get("MLFLOW_EXPERIMENT_NAME", "rental-price")}
+           "MLFLOW_EXPERIMENT_NAME": tracking.experiment_name()}
+    # Cached outputs name MLflow runs and models: keep one cache per tracking server and experiment.
+    server_key = hashlib.sha256(f"{tracking_uri} {env['MLFLOW_EXPERIMENT_NAME']}".encode()).hexdigest()[:12]
+    cache_root = os.path.join(pipeline_root, ".kfp_cache", server_key)
     if runner == "docker":
+        env |= {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k.endswith("S3_ENDPOINT_URL")}
         chosen = docker_runner(pipeline_root, env)
         if "source" in params:
             params["source"] = local_source(params["source"], pipeline_root)
@@ -217,7 +235,8 @@ def run_local(params: dict, pipeline_root: str, cache: bool, runner: str = "subp
         # kfp.local warns when an image name lacks "python"; under SubprocessRunner the image is not used.
         warnings.filterwarnings("ignore", message="You may be attemping to run a task", category=RuntimeWarning)
         chosen = local.SubprocessRunner(use_venv=False)
-    local.init(runner=chosen, pipeline_root=pipeline_root, enable_caching=cache, raise_on_error=True)
+    local.init(runner=chosen, pipeline_root=pipeline_root, enable_caching=cache, cache_root=cache_root,
+               raise_on_error=True)
     print(f"pipeline run {env['KFP_RUN_ID']} ({runner}): {json.dumps(params, sort_keys=True)}")
     try:
         outputs = build(cluster=False)(**params).outputs
@@ -244,14 +263,14 @@ def main(argv: list[str] | None = None) -> int:
                          help="subprocess: this interpreter (default); docker: every task in its image")
     submit_cmd = commands.add_parser("submit", help="upload the compiled spec to KFP and start a run")
     submit_cmd.add_argument("--spec", default="pipeline.yaml")
-    submit_cmd.add_argument("--host", default=os.environ.get("KFP_HOST", "http://127.0.0.1:8080"))
+    submit_cmd.add_argument("--host", default=os.environ.get("KFP_HOST", "http://127.0.0.1:8081"))
     submit_cmd.add_argument("--experiment", default="rental-price")
     submit_cmd.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
     submit_cmd.add_argument("--wait", action="store_true", help="wait for the run; fail unless it succeeds")
     submit_cmd.add_argument("--timeout", type=int, default=3600)
     for name, text in (("promote", "move alias prod to a version"), ("rollback", "move prod back to previous-prod")):
         registry_cmd = commands.add_parser(name, help=text)
-        registry_cmd.add_argument("--model-name", default=PARAMETERS["model_name"].default)
+        registry_cmd.add_argument("--model-name", default=pipeline_parameters()["model_name"].default)
         if name == "promote":
             registry_cmd.add_argument("--version", required=True)
     args = parser.parse_args(argv)

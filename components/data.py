@@ -121,19 +121,15 @@ def require_columns(df: pd.DataFrame, columns: list[str], step: str) -> None:
         raise StepError(step, missing[0], f"column missing from the data (missing: {missing}; found: {list(df.columns)})")
 
 
-def to_numeric(df: pd.DataFrame, column: str, step: str) -> pd.Series:
-    values = pd.to_numeric(df[column], errors="coerce")
+def parse_column(df: pd.DataFrame, column: str, step: str, kind: str) -> pd.Series:
+    """The column as numbers or dates; a value that is present but does not parse is an error naming it."""
+    if kind == "number":
+        values, expected = pd.to_numeric(df[column], errors="coerce"), "numbers"
+    else:
+        values, expected = pd.to_datetime(df[column], format="%Y-%m-%d", errors="coerce"), "dates (YYYY-MM-DD)"
     bad = df[column][values.isna() & df[column].notna()]
     if len(bad):
-        raise StepError(step, column, f"{len(bad)} value(s) are not numbers, e.g. {bad.head(3).tolist()}")
-    return values
-
-
-def to_dates(df: pd.DataFrame, column: str, step: str) -> pd.Series:
-    values = pd.to_datetime(df[column], format="%Y-%m-%d", errors="coerce")
-    bad = df[column][values.isna() & df[column].notna()]
-    if len(bad):
-        raise StepError(step, column, f"{len(bad)} value(s) are not dates (YYYY-MM-DD), e.g. {bad.head(3).tolist()}")
+        raise StepError(step, column, f"{len(bad)} value(s) are not {expected}, e.g. {bad.head(3).tolist()}")
     return values
 
 
@@ -144,8 +140,8 @@ def clean_listings(
     require_columns(df, ["id", "price", "latitude", "longitude", "last_review"], "clean")
     df = df.copy()
     for column in ("price", "latitude", "longitude"):
-        df[column] = to_numeric(df, column, "clean")
-    df["last_review"] = to_dates(df, "last_review", "clean")
+        df[column] = parse_column(df, column, "clean", "number")
+    df["last_review"] = parse_column(df, "last_review", "clean", "date")
 
     dropped = {}
     keep = df["price"].between(min_price, max_price)
@@ -244,14 +240,14 @@ def statistical_checks(
 
 # ---------------------------------------------------------------- split
 
-def split_listings(df: pd.DataFrame, test_size: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Train+validation / test split, stratified by neighbourhood_group."""
-    if not 0 < test_size < 1:
-        raise StepError("split", "test_size", f"must be between 0 and 1, got {test_size}")
+def split_listings(
+    df: pd.DataFrame, size: float, seed: int, step: str = "split", field: str = "test_size"
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split off a `size` fraction, stratified by neighbourhood_group (train+validation / test, train / validation)."""
+    if not 0 < size < 1:
+        raise StepError(step, field, f"must be between 0 and 1, got {size}")
     try:
-        trainval, test = train_test_split(
-            df, test_size=test_size, random_state=seed, stratify=df["neighbourhood_group"]
-        )
+        rest, part = train_test_split(df, test_size=size, random_state=seed, stratify=df["neighbourhood_group"])
     except ValueError as exc:  # too few rows in a group to stratify
-        raise StepError("split", "neighbourhood_group", f"cannot stratify: {exc}") from exc
-    return trainval.reset_index(drop=True), test.reset_index(drop=True)
+        raise StepError(step, "neighbourhood_group", f"cannot stratify: {exc}") from exc
+    return rest.reset_index(drop=True), part.reset_index(drop=True)

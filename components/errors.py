@@ -3,5 +3,4 @@
 
 class StepError(Exception):
     def __init__(self, step: str, field: str, problem: str):
-        self.step, self.field, self.problem = step, field, problem
         super().__init__(f"{step}: {field}: {problem}")

@@ -106,16 +106,14 @@ def feature_importances(model: Pipeline) -> pd.Series:
 
 
 def importance_figure(importances: pd.Series):
-    import matplotlib
+    # A bare Figure: no pyplot state, no GUI backend, nothing kept alive after logging.
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4), layout="tight")
+    ax = fig.subplots()
     ax.barh(importances.index, importances.to_numpy())
     ax.set_xlabel("importance (sum over encoded features)")
     ax.set_title("Random forest feature importance")
-    fig.tight_layout()
     return fig
 
 

@@ -9,6 +9,7 @@ import json
 import requests
 
 from components import data, model
+from components.errors import StepError
 
 
 def payload(listings) -> dict:
@@ -17,7 +18,11 @@ def payload(listings) -> dict:
 
 
 def predict(url: str, listings) -> tuple[list[float], str]:
-    response = requests.post(f"{url.rstrip('/')}/invocations", json=payload(listings), timeout=60)
+    try:
+        response = requests.post(f"{url.rstrip('/')}/invocations", json=payload(listings), timeout=60)
+    except requests.RequestException as exc:
+        raise SystemExit(f"predict: no model server answers at {url} ({type(exc).__name__}): start one "
+                         "(make serve-local, or make predict-cluster for the cluster's)")
     if not response.ok:
         raise SystemExit(f"predict: {url} answered {response.status_code}: {response.text[:500]}")
     return response.json()["predictions"], response.headers.get("x-model-version", "?")
@@ -29,7 +34,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default=data.DEFAULT_SOURCE, help="listings CSV: path, file://, http(s):// or s3://")
     parser.add_argument("--rows", type=int, default=5)
     args = parser.parse_args(argv)
-    listings = data.parse_csv(data.fetch(args.data), "predict").head(args.rows)
+    try:
+        listings = data.parse_csv(data.fetch(args.data), "predict").head(args.rows)
+    except StepError as exc:
+        raise SystemExit(f"predict: {exc} (choose the listings with --data / DATA_URL=)")
     prices, version = predict(args.url, listings)
     print(f"model version {version} at {args.url}:")
     for (_, row), price in zip(listings.iterrows(), prices):

@@ -26,6 +26,13 @@ def resolve(model_uri: str) -> tuple[str, str]:
     """models:/name@alias -> (models:/name/<version>, version); other URIs are served as given."""
     match = re.fullmatch(r"models:/([^/@]+)@([^/]+)", model_uri)
     if match:
+        from components import tracking
+        from components.errors import StepError
+
+        try:
+            tracking.require_server("serve")
+        except StepError as exc:
+            raise SystemExit(str(exc))
         name, alias = match.groups()
         try:
             version = MlflowClient().get_model_version_by_alias(name, alias).version

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import mlflow
-from sklearn.model_selection import train_test_split
 
 from components import data, model, rollout, tracking
 from components.errors import StepError
@@ -35,12 +34,12 @@ def clean(raw_path: str, out_path: str, min_price: float, max_price: float, box:
     with tracking.step_run("clean", params=params) as run:
         df, dropped = data.clean_listings(data.parse_csv(Path(raw_path).read_bytes(), "clean"), min_price, max_price, box)
         data.write_listings(df, out_path)
-        mlflow.log_metrics({"rows": len(df), **{f"dropped_{rule}": n for rule, n in dropped.items()}})
+        counts = {"rows": len(df), **{f"dropped_{rule}": n for rule, n in dropped.items()}}
+        mlflow.log_metrics(counts)
         # The clean data is the reference for later statistical checks, so it is kept in MLflow too.
         mlflow.log_artifact(out_path, "data")
         reference = f"runs:/{run.info.run_id}/data/{Path(out_path).name}"
-        return {"rows": len(df), **{f"dropped_{rule}": n for rule, n in dropped.items()},
-                "mlflow_run_id": run.info.run_id, "reference_uri": reference}
+        return {**counts, "mlflow_run_id": run.info.run_id, "reference_uri": reference}
 
 
 def check(
@@ -55,7 +54,10 @@ def check(
         lines = [f"# Data checks on {len(df)} rows", "", f"Deterministic checks: {len(failures)} failed."]
         prod = tracking.prod_version(model_name)
         reference_uri = prod.tags.get("reference_data") if prod else None
-        if reference_uri:
+        if failures:
+            # The statistical tests assume the schema the deterministic checks just found broken.
+            lines.append("Statistical checks skipped: the deterministic checks failed.")
+        elif reference_uri:
             with tempfile.TemporaryDirectory() as tmp:
                 reference = data.read_listings(mlflow.artifacts.download_artifacts(reference_uri, dst_path=tmp))
             stat_failures, figures = data.statistical_checks(df, reference, kl_threshold, ks_alpha)
@@ -86,10 +88,8 @@ def split(clean_path: str, trainval_path: str, test_path: str, test_size: float,
 def train(trainval_path: str, model_path: str, params: model.ForestParams, val_size: float) -> dict:
     """Fit on train, score on validation, save the model to `model_path` and log it to MLflow."""
     with tracking.step_run("train", params={**vars(params), "val_size": val_size}) as run:
-        trainval = data.read_listings(trainval_path)
-        train_df, val_df = train_test_split(
-            trainval, test_size=val_size, random_state=params.seed, stratify=trainval["neighbourhood_group"]
-        )
+        train_df, val_df = data.split_listings(data.read_listings(trainval_path), val_size, params.seed,
+                                               step="train", field="val_size")
         started = time.perf_counter()
         fitted = model.fit(train_df, params)
         metrics = {f"val_{k}": v for k, v in model.score(fitted, val_df).items()}
@@ -124,15 +124,24 @@ def register(
 ) -> dict:
     """Register the candidate as a new version; move `prod` to it only if it is better by `margin`."""
     with tracking.step_run("register", params={"model_name": model_name, "margin": margin}, last=True):
+        pipeline_run = os.environ.get("KFP_RUN_ID", "")
+        # A retry of this step (cluster) finds the version its first attempt registered, and reuses it.
+        earlier = tracking.version_of_pipeline_run(model_name, pipeline_run) if pipeline_run else None
         candidate_mae = evaluation["candidate_mae"]
         promote, reason = tracking.should_promote(candidate_mae, evaluation.get("prod_mae"), margin)
         current = tracking.prod_version(model_name)
+        current_version = int(current.version) if current else None
         evaluated = evaluation.get("prod_version")
-        if (int(current.version) if current else None) != (int(evaluated) if evaluated is not None else None):
-            promote, reason = False, f"prod moved to version {current.version if current else None} during this run"
-        tags = {**lineage(raw_meta, clean_meta, model_meta, git_commit, images), "kfp_run_id": os.environ.get("KFP_RUN_ID", ""), "test_mae": f"{candidate_mae:.4f}",
-                "test_r2": f"{evaluation['candidate_r2']:.4f}", "promotion": reason}
-        version = mlflow.register_model(model_meta["mlflow_model_uri"], model_name, tags=tags).version
+        moved_by_earlier_attempt = earlier is not None and current_version == int(earlier.version)
+        if not moved_by_earlier_attempt and current_version != (int(evaluated) if evaluated is not None else None):
+            promote, reason = False, f"prod moved to version {current_version} during this run"
+        if earlier is None:
+            tags = {**lineage(raw_meta, clean_meta, model_meta, git_commit, images), tracking.RUN_ID_TAG: pipeline_run,
+                    "test_mae": f"{candidate_mae:.4f}", "test_r2": f"{evaluation['candidate_r2']:.4f}",
+                    "promotion": reason}
+            version = mlflow.register_model(model_meta["mlflow_model_uri"], model_name, tags=tags).version
+        else:
+            version = earlier.version
         if promote:
             tracking.set_prod(model_name, version)
             print(rollout.roll_serving(version))
@@ -146,7 +155,12 @@ def lineage(raw_meta: dict, clean_meta: dict, model_meta: dict, git_commit: str,
     params = {}
     for run_id in (clean_meta.get("mlflow_run_id"), model_meta.get("mlflow_run_id")):
         if run_id:
-            params |= client.get_run(run_id).data.params
+            try:
+                params |= client.get_run(run_id).data.params
+            except mlflow.exceptions.MlflowException as exc:
+                raise StepError("register", "mlflow_run_id", f"run {run_id} of an earlier step is not on "
+                                f"{mlflow.get_tracking_uri()} ({exc.error_code}): was the MLflow server reset? "
+                                "Run again with --no-cache") from exc
     return {
         "data_source": str(raw_meta.get("source", "")),
         "data_sha256": str(raw_meta.get("sha256", "")),

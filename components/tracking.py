@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
 
@@ -89,7 +89,9 @@ def step_run(step: str, params: dict | None = None, last: bool = False) -> Itera
                 client.set_terminated(parent, "FAILED")
             raise
         finally:
-            mlflow.log_metric("step_seconds", time.perf_counter() - started)
+            # Never let a failure to log this hide the step's own error.
+            with suppress(MlflowException, requests.RequestException):
+                mlflow.log_metric("step_seconds", time.perf_counter() - started)
     if last and parent:
         client.set_terminated(parent, "FINISHED")
 
@@ -135,6 +137,12 @@ def prod_version(name: str, alias: str = PROD_ALIAS) -> ModelVersion | None:
         if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
             return None
         raise
+
+
+def version_of_pipeline_run(name: str, pipeline_run: str) -> ModelVersion | None:
+    """The version a pipeline run already registered, if any."""
+    found = MlflowClient().search_model_versions(f"name = '{name}' and tags.{RUN_ID_TAG} = '{pipeline_run}'")
+    return found[0] if found else None
 
 
 def should_promote(candidate_mae: float, prod_mae: float | None, margin: float) -> tuple[bool, str]:

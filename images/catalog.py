@@ -125,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="print every image reference")
-    commands.add_parser("tag", help="print the current image tag")
     build_cmd = commands.add_parser("build", help="build images")
     build_cmd.add_argument("--base-image", default=DEFAULT_BASE_IMAGE)
     build_cmd.add_argument("names", nargs="*")
@@ -134,8 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "list":
         print("\n".join(images().values()))
-    elif args.command == "tag":
-        print(tag())
     else:
         names = args.names or list(config()["images"])
         unknown = sorted(set(names) - set(config()["images"]))

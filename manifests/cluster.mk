@@ -32,7 +32,7 @@ same-as-file = $(if $($(1)),{ [ "$$$(1)" = '$($(1))' ] || { echo "$(1) differs f
 # Access key and secret key of each MinIO user (the secret keys are printf arguments).
 MINIO_USERS = KFP_ACCESS_KEY=kfp\nKFP_SECRET_KEY=%s\nMLFLOW_ACCESS_KEY=mlflow\nMLFLOW_SECRET_KEY=%s\nREADER_ACCESS_KEY=pipeline-reader\nREADER_SECRET_KEY=%s\n
 
-.PHONY: cluster deploy load-images serve ui predict-cluster down checkov
+.PHONY: cluster deploy load-images serve roll ui predict-cluster down checkov
 
 cluster:  ## Create the kind cluster $(KIND_CLUSTER) from $(KIND_CONFIG) (kept if it exists)
 	@if $(KIND) get clusters | grep -qx '$(KIND_CLUSTER)'; then echo "kind cluster $(KIND_CLUSTER) exists"; \
@@ -90,6 +90,10 @@ serve:  ## Deploy the model server with this build's serve image (after load-ima
 	printf 'resources: [../serving]\nimages:\n- name: %s\n  newTag: "%s"\n' "$${ref%:*}" "$${ref##*:}" \
 	  > "$$overlay/kustomization.yaml" && \
 	$(KUBECTL) apply -k "$$overlay" && \
+	$(KUBECTL) -n serving rollout status deployment/rental-price-serve --timeout=$(WAIT_TIMEOUT)
+
+roll:  ## Restart the model server so it loads the current prod (after make promote / make rollback on the cluster)
+	$(KUBECTL) -n serving rollout restart deployment/rental-price-serve
 	$(KUBECTL) -n serving rollout status deployment/rental-price-serve --timeout=$(WAIT_TIMEOUT)
 
 ui:  ## Port-forward the KFP UI (and API) to localhost:$(KFP_PORT), MLflow to localhost:$(MLFLOW_UI_PORT) (Ctrl-C stops)

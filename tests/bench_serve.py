@@ -8,7 +8,6 @@ single-row latency p50/p99 and requests per second with 1 and 8 concurrent clien
 import argparse
 import concurrent.futures
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -18,12 +17,7 @@ import mlflow
 import requests
 
 from components import data, model, predict, serve
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from conftest import free_port, wait_until  # tests/ is this script's folder
 
 
 def timed(fn, repeat: int) -> list[float]:
@@ -80,14 +74,7 @@ def main() -> None:
                                "--workers", str(args.workers)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
+        wait_until(f"http://127.0.0.1:{port}/ping", process=server, timeout=180)
         url = f"http://127.0.0.1:{port}/invocations"
         clients(url, one, 1, 10)  # warm-up
         floor_single, floor_batch = floor[saved]  # what the server runs

@@ -23,18 +23,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+def wait_until(url: str, ok=lambda response: response.ok, process: subprocess.Popen | None = None,
+               timeout: float = 120) -> requests.Response:
+    """Poll `url` until an answer satisfies `ok`; fail at once if the server's process has exited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if process.poll() is not None:
+        if process is not None and process.poll() is not None:
             raise RuntimeError(f"server exited with {process.returncode}")
         try:
-            if requests.get(url, timeout=2).ok:
-                return
+            response = requests.get(url, timeout=2)
+            if ok(response):
+                return response
         except requests.RequestException:
             pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout} s")
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} gave no acceptable answer within {timeout} s")
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +53,7 @@ def mlflow_server(tmp_path_factory) -> str:
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
-        wait_until_healthy(f"{uri}/health", process)
+        wait_until(f"{uri}/health", process=process)
         yield uri
     finally:
         os.killpg(process.pid, 15)

@@ -1,4 +1,4 @@
-"""pipeline.py's command line: parameters, submit (against a fake kfp.Client: no KFP runs here), promote errors."""
+"""pipeline.py's command line: parameters, and submit against a fake kfp.Client (no KFP runs here)."""
 
 import types
 
@@ -42,20 +42,36 @@ class FakeClient:
 
 
 @pytest.mark.parametrize("state, code", [("SUCCEEDED", 0), ("FAILED", 1)])
-def test_submit_prints_the_dashboard_url_and_waits_on_request(monkeypatch, capsys, state, code):
+def test_submit_prints_the_dashboard_url_and_waits_on_request(monkeypatch, capsys, tmp_path, state, code):
     FakeClient.calls, FakeClient.final_state = [], state
     monkeypatch.setattr(kfp, "Client", FakeClient)
-    assert pipeline.main(["submit", "--spec", "p.yaml", "--host", "http://127.0.0.1:8080/", "--param",
+    spec = tmp_path / "p.yaml"
+    spec.write_text("{}")
+    assert pipeline.main(["submit", "--spec", str(spec), "--host", "http://127.0.0.1:8080/", "--param",
                           "n_estimators=3", "--wait", "--timeout", "60"]) == code
-    assert FakeClient.calls == [("host", "http://127.0.0.1:8080/"), ("create", "p.yaml", {"n_estimators": 3},
+    assert FakeClient.calls == [("host", "http://127.0.0.1:8080/"), ("create", str(spec), {"n_estimators": 3},
                                 "rental-price"), ("wait", "run-123", 60)]
     out = capsys.readouterr().out
     assert "started run run-123: http://127.0.0.1:8080/#/runs/details/run-123" in out
     assert f"finished: {state}" in out
 
 
-def test_submit_without_wait_does_not_wait(monkeypatch):
+def test_submit_without_wait_does_not_wait(monkeypatch, tmp_path):
     FakeClient.calls = []
     monkeypatch.setattr(kfp, "Client", FakeClient)
-    assert pipeline.main(["submit", "--host", "http://h"]) == 0
+    (tmp_path / "p.yaml").write_text("{}")
+    assert pipeline.main(["submit", "--spec", str(tmp_path / "p.yaml"), "--host", "http://h"]) == 0
     assert [c[0] for c in FakeClient.calls] == ["host", "create"]
+
+
+def test_submit_names_what_is_missing(monkeypatch, tmp_path):
+    with pytest.raises(SystemExit, match="no pipeline spec at .*nope.yaml: run `make compile` first"):
+        pipeline.main(["submit", "--spec", str(tmp_path / "nope.yaml")])
+
+    def refuse(host):
+        raise ConnectionError("connection refused")
+
+    monkeypatch.setattr(kfp, "Client", refuse)
+    (tmp_path / "p.yaml").write_text("{}")
+    with pytest.raises(SystemExit, match=r"KFP at http://127.0.0.1:9 refused or did not answer \(ConnectionError"):
+        pipeline.main(["submit", "--spec", str(tmp_path / "p.yaml"), "--host", "http://127.0.0.1:9"])

@@ -4,15 +4,14 @@ Needs a running Docker daemon and the images built by `make images`.
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
-import requests
-from conftest import ROOT
+from conftest import ROOT, free_port, wait_until
 from mlflow.tracking import MlflowClient
 
 from images import catalog
@@ -88,8 +87,7 @@ def test_missing_daemon_is_a_clear_message(monkeypatch):
     with pytest.raises(catalog.ImageError, match="no Docker daemon answers.*start it"):
         catalog.require_daemon()
     result = subprocess.run([sys.executable, "pipeline.py", "run", "--runner", "docker"], cwd=ROOT,
-                            capture_output=True, text=True, env={**__import__("os").environ,
-                                                                 "MLFLOW_TRACKING_URI": "http://127.0.0.1:1"})
+                            capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:1"})
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("pipeline.py run --runner docker: no Docker daemon")
     assert "Traceback" not in result.stderr
@@ -97,7 +95,6 @@ def test_missing_daemon_is_a_clear_message(monkeypatch):
 
 def test_serving_image_serves_the_prod_model(mlflow_server, registered_model, listings):
     from components import predict
-    from conftest import free_port
 
     port = free_port()
     ref = catalog.images()["serve"]
@@ -108,14 +105,7 @@ def test_serving_image_serves_the_prod_model(mlflow_server, registered_model, li
         capture_output=True, text=True, check=True).stdout.strip()
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
+        wait_until(f"{url}/ping")
         prices, version = predict.predict(url, listings.head(3))
         assert version == "1" and len(prices) == 3 and all(10 <= p <= 350 for p in prices)
     finally:
@@ -126,7 +116,7 @@ def test_serving_image_serves_the_prod_model(mlflow_server, registered_model, li
 
 def test_whole_pipeline_with_every_task_in_its_image(mlflow_server, sample_path, tmp_path):
     model = f"rental-docker-{uuid.uuid4().hex[:6]}"
-    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_EXPERIMENT_NAME": "docker"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_EXPERIMENT_NAME": "docker"}
     result = subprocess.run(
         [sys.executable, "pipeline.py", "run", "--runner", "docker", "--pipeline-root", str(tmp_path / "out"),
          "--param", f"source={sample_path}", "--param", f"model_name={model}"],

@@ -109,6 +109,9 @@ BAD_INPUTS = {
                        "clean", "clean: price: column missing from the data"),
     "renamed column": (lambda s, t: write(t / "r.csv", s.rename(columns={"name": "title"}).to_csv(index=False)),
                        "check", "check: columns: 1 check(s) failed"),
+    # A numeric column the statistical checks compare: they are skipped, the schema failure is reported.
+    "missing numeric column": (lambda s, t: write(t / "n.csv", s.drop(columns=["availability_365"]).to_csv(index=False)),
+                               "check", "check: columns: 1 check(s) failed"),
     "non-numeric price": (lambda s, t: write(t / "p.csv", csv_of(listing(), listing(id=2, price="cheap"))),
                           "clean", "clean: price: 1 value(s) are not numbers, e.g. ['cheap']"),
     "every row filtered": (lambda s, t: write(t / "f.csv", csv_of(listing(price=5000), listing(id=2, price=1))),

@@ -7,22 +7,16 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import mlflow
 import pandas as pd
 import pytest
 import requests
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, wait_until
 from mlflow.tracking import MlflowClient
 
 from components import predict, rollout, tracking
 from components.errors import StepError
-
-@pytest.fixture(scope="module")
-def registered(registered_model) -> str:
-    return registered_model
-
 
 def start(mlflow_uri: str, model_uri: str, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
@@ -32,22 +26,12 @@ def start(mlflow_uri: str, model_uri: str, *extra: str) -> tuple[subprocess.Pope
     return process, f"http://127.0.0.1:{port}"
 
 
-def first_answer(url: str, process: subprocess.Popen, timeout: float = 60) -> requests.Response:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.stdout.read()
-        try:
-            return requests.get(f"{url}/ping", timeout=2)
-        except requests.ConnectionError:
-            time.sleep(0.2)
-    raise TimeoutError(url)
+def first_answer(url: str, process: subprocess.Popen) -> requests.Response:
+    return wait_until(f"{url}/ping", ok=lambda response: True, process=process, timeout=60)
 
 
-def ready(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while first_answer(url, process).status_code != 200:
-        assert time.monotonic() < deadline, "model did not load"
-        time.sleep(0.3)
+def ready(url: str, process: subprocess.Popen) -> None:
+    wait_until(f"{url}/ping", process=process)
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -56,8 +40,8 @@ def stop(process: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(mlflow_server, registered):
-    process, url = start(mlflow_server, f"models:/{registered}@prod", "--max-body-mb", "2")
+def server(mlflow_server, registered_model):
+    process, url = start(mlflow_server, f"models:/{registered_model}@prod", "--max-body-mb", "2")
     ready(url, process)
     yield url
     stop(process)
@@ -122,15 +106,15 @@ def test_bad_request_gets_a_4xx_with_a_message_and_the_server_goes_on(case, serv
     good(server, listings)
 
 
-def test_request_while_the_model_loads_gets_503(mlflow_server, registered, listings):
+def test_request_while_the_model_loads_gets_503(mlflow_server, registered_model, listings):
     # Freeze the MLflow server so the model cannot finish loading, then ask.
     pid = mlflow_group(mlflow_server)
     os.killpg(pid, signal.SIGSTOP)
     try:
-        process, url = start(mlflow_server, f"models:/{registered}/2")
+        process, url = start(mlflow_server, f"models:/{registered_model}/2")
         answer = first_answer(url, process)
         assert answer.status_code == 503
-        assert answer.json() == {"error_code": "MODEL_NOT_READY", "message": f"model models:/{registered}/2 is loading"}
+        assert answer.json() == {"error_code": "MODEL_NOT_READY", "message": f"model models:/{registered_model}/2 is loading"}
         assert post(url, json=predict.payload(listings.head(1))).status_code == 503
     finally:
         os.killpg(pid, signal.SIGCONT)
@@ -164,7 +148,8 @@ def test_predict_prints_prices(server, sample_path):
     assert all(line.strip().startswith("$") and "listed at $" in line for line in lines[1:])
 
 
-def test_promote_and_rollback(registered, mlflow_server):
+def test_promote_and_rollback(registered_model, mlflow_server):
+    registered = registered_model
     mlflow.set_tracking_uri(mlflow_server)
     assert tracking.promote(registered, "2") == f"{registered}: prod 1 -> 2"
     assert tracking.rollback(registered) == f"{registered}: prod 2 -> 1"
@@ -175,7 +160,8 @@ def test_promote_and_rollback(registered, mlflow_server):
     assert MlflowClient().get_model_version_by_alias(registered, "prod").version == "1"
 
 
-def test_rollback_without_a_previous_version_is_refused(mlflow_server, registered):
+def test_rollback_without_a_previous_version_is_refused(mlflow_server, registered_model):
+    registered = registered_model
     mlflow.set_tracking_uri(mlflow_server)
     MlflowClient().delete_registered_model_alias(registered, "previous-prod")
     with pytest.raises(StepError, match=f"rollback: previous-prod: model '{registered}' has no previous prod version"):
@@ -187,8 +173,15 @@ def test_roll_serving_is_a_no_op_outside_a_cluster(monkeypatch):
     assert rollout.roll_serving("3") == "not running in a cluster: no serving Deployment to roll"
 
 
-def test_roll_serving_patches_the_deployment_annotation(monkeypatch):
-    """Against a local HTTP server standing in for the Kubernetes API: the exact request the pod would send."""
+@pytest.mark.parametrize("status, message", [
+    (200, "patched deployment serving/rental-price-serve: rental-price/model-version=4, pods roll to it"),
+    (403, "did not roll deployment serving/rental-price-serve (403 Forbidden): its pods load version 4 when they "
+          "next start (make serve)"),
+])
+def test_roll_serving_patches_the_deployment_annotation(monkeypatch, status, message):
+    """Against a local HTTP server standing in for the Kubernetes API: the exact request the pod would send.
+
+    A refusal (no model server deployed yet, no RBAC) is reported, not raised: prod has moved already."""
     from kubernetes import client
 
     seen = {}
@@ -198,7 +191,7 @@ def test_roll_serving_patches_the_deployment_annotation(monkeypatch):
             seen.update(path=self.path, type=self.headers["content-type"],
                         body=json.loads(self.rfile.read(int(self.headers["content-length"]))))
             answer = json.dumps({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"}}).encode()
-            self.send_response(200)
+            self.send_response(status)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(answer)))
             self.end_headers()
@@ -212,10 +205,10 @@ def test_roll_serving_patches_the_deployment_annotation(monkeypatch):
     try:
         config = client.Configuration(host=f"http://127.0.0.1:{api_server.server_port}")
         monkeypatch.setenv("SERVING_NAMESPACE", "serving")
-        message = rollout.roll_serving("4", api=client.AppsV1Api(client.ApiClient(config)))
+        result = rollout.roll_serving("4", api=client.AppsV1Api(client.ApiClient(config)))
     finally:
         api_server.shutdown()
-    assert message == "patched deployment serving/rental-price-serve: rental-price/model-version=4, pods roll to it"
+    assert result == message
     assert seen["path"] == "/apis/apps/v1/namespaces/serving/deployments/rental-price-serve"
     assert seen["type"] == "application/strategic-merge-patch+json"
     assert seen["body"] == {"spec": {"template": {"metadata": {"annotations": {rollout.ANNOTATION: "4"}}}}}
