@@ -10,6 +10,7 @@ message but no stack trace.
 """
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -47,8 +48,10 @@ def resolve(model_uri: str) -> tuple[str, str]:
 class ServingApp:
     """ASGI app: 503 while the model loads, then MLflow's scoring app behind a size limit and clean errors."""
 
-    def __init__(self, model_uri: str, version: str, max_body_bytes: int):
+    def __init__(self, model_uri: str, version: str, max_body_bytes: int, concurrency: int = 1):
         self.model_uri, self.version, self.max_body_bytes = model_uri, version, max_body_bytes
+        # Predictions hold the GIL; running several at once in threads only makes each slower.
+        self.predicting = asyncio.Semaphore(concurrency)
         self.app = None
         self.problem = f"model {model_uri} is loading"
         self.headers = [(b"x-model-version", version.encode()), (b"x-model-uri", model_uri.encode())]
@@ -78,7 +81,8 @@ class ServingApp:
             if body is None:
                 return await self.reply(send, 413, "REQUEST_TOO_LARGE",
                                         f"request body over {self.max_body_bytes} bytes: send smaller batches")
-            receive = self.replay(body)
+            async with self.predicting:
+                return await self.app(scope, self.replay(body), self.cleaning(send))
         await self.app(scope, receive, self.cleaning(send))
 
     async def read_body(self, receive) -> bytes | None:
@@ -151,7 +155,8 @@ def error_of(body: bytes) -> tuple[str, str]:
 def build_app() -> ServingApp:
     """App factory for uvicorn (one per worker), configured by the environment that main() sets."""
     return ServingApp(os.environ["SERVE_MODEL_URI"], os.environ.get("SERVE_MODEL_VERSION", ""),
-                      int(os.environ.get("SERVE_MAX_BODY_BYTES", 5_000_000)))
+                      int(os.environ.get("SERVE_MAX_BODY_BYTES", 5_000_000)),
+                      int(os.environ.get("SERVE_CONCURRENCY", 1)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -162,13 +167,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8080)))
     parser.add_argument("--workers", type=int, default=int(os.environ.get("SERVE_WORKERS", 1)))
+    parser.add_argument("--concurrency", type=int, default=int(os.environ.get("SERVE_CONCURRENCY", 1)),
+                        help="predictions at once per worker (1: measured best, make bench-serve)")
     parser.add_argument("--max-body-mb", type=float, default=5.0,
                         help="larger requests get 413 (5 MB is about 15,000 listings)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     uri, version = resolve(args.model)
     log.info("%s resolves to %s", args.model, uri)
-    os.environ.update(SERVE_MODEL_URI=uri, SERVE_MODEL_VERSION=version,
+    os.environ.update(SERVE_MODEL_URI=uri, SERVE_MODEL_VERSION=version, SERVE_CONCURRENCY=str(args.concurrency),
                       SERVE_MAX_BODY_BYTES=str(int(args.max_body_mb * 1e6)))
     uvicorn.run("components.serve:build_app", factory=True, host=args.host, port=args.port,
                 workers=args.workers, log_level="info")
