@@ -8,6 +8,7 @@
 """
 
 import argparse
+import functools
 import hashlib
 import inspect
 import json
@@ -28,6 +29,7 @@ from images import catalog
 
 ROOT = Path(__file__).resolve().parent
 PIPELINE_NAME = "rental-price"
+MODEL_NAME = "rental-price"  # the registered model, unless model_name says otherwise
 
 
 def git_commit() -> str:
@@ -72,6 +74,7 @@ def for_cluster(step: str, task: dsl.PipelineTask) -> None:
         task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2)
 
 
+@functools.cache  # building the DAG runs git and hashes the image inputs: once per process is enough
 def build(cluster: bool = True):
     """The DAG. `cluster` adds what only Kubernetes uses (for_cluster); kfp.local runs it without, so that a
     bad input fails at once instead of after the retries meant for a flaky service."""
@@ -80,7 +83,7 @@ def build(cluster: bool = True):
                   pipeline_root=CLUSTER_PIPELINE_ROOT if cluster else None)
     def rental_price_pipeline(
         source: str = data.DEFAULT_SOURCE,
-        model_name: str = "rental-price",
+        model_name: str = MODEL_NAME,
         min_price: float = 10.0,
         max_price: float = 350.0,
         min_longitude: float = BOX.min_lon,
@@ -141,7 +144,8 @@ def pipeline_parameters() -> dict[str, inspect.Parameter]:
 
 def parse_params(pairs: list[str]) -> dict:
     """`key=value` pairs, typed by the pipeline's own signature."""
-    params, known = {}, pipeline_parameters()
+    params = {}
+    known = pipeline_parameters() if pairs else {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or key not in known:
@@ -270,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     submit_cmd.add_argument("--timeout", type=int, default=3600)
     for name, text in (("promote", "move alias prod to a version"), ("rollback", "move prod back to previous-prod")):
         registry_cmd = commands.add_parser(name, help=text)
-        registry_cmd.add_argument("--model-name", default=pipeline_parameters()["model_name"].default)
+        registry_cmd.add_argument("--model-name", default=MODEL_NAME)
         if name == "promote":
             registry_cmd.add_argument("--version", required=True)
     args = parser.parse_args(argv)

@@ -69,18 +69,15 @@ def steps_of(name: str) -> list[str]:
 
 # ---------------------------------------------------------------- docker
 
-def docker(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+def docker(*args: str) -> subprocess.CompletedProcess:
     try:
-        result = subprocess.run(["docker", *args], capture_output=True, text=True)
+        return subprocess.run(["docker", *args], capture_output=True, text=True)
     except FileNotFoundError:
         raise ImageError("the docker command is not installed: install Docker (Debian: apt-get install docker.io)")
-    if check and result.returncode:
-        raise ImageError(result.stderr.strip() or result.stdout.strip())
-    return result
 
 
 def require_daemon() -> None:
-    result = docker("info", "--format", "{{.ServerVersion}}", check=False)
+    result = docker("info", "--format", "{{.ServerVersion}}")
     if result.returncode or not result.stdout.strip():
         raise ImageError("no Docker daemon answers (docker info failed): start it (systemctl start docker, "
                          "or `dockerd &` as root) and try again")
@@ -107,12 +104,12 @@ def check(names: list[str]) -> None:
     conf, refs = config(), images()
     for name in names:
         ref, spec = refs[name], conf["images"][name]
-        if docker("image", "inspect", ref, check=False).returncode:
+        if docker("image", "inspect", ref).returncode:
             raise ImageError(f"image {ref} (steps: {', '.join(steps_of(name)) or 'serving'}) is not built: "
                              "run `make images`")
         imports = "; ".join(f"import {module}" for module in spec["imports"])
         result = docker("run", "--rm", "--network", "none", ref, "python3", "-c",
-                        f"import os; {imports}; print(os.getuid())", check=False)
+                        f"import os; {imports}; print(os.getuid())")
         if result.returncode:
             problem = (result.stderr.strip().splitlines() or ["unknown error"])[-1]
             raise ImageError(f"image {ref} cannot import what its steps need ({problem}): add the package to "
