@@ -4,7 +4,13 @@ SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 .DEFAULT_GOAL := help
 
-PYTHON ?= python3
+# The Python of the venv: python3 if the project supports it (pyproject.toml: 3.11 to 3.13), else the first of
+# python3.13, python3.12, python3.11 that is there. `make PYTHON=/path/to/python3.12 ...` chooses one.
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(shell for p in python3 python3.13 python3.12 python3.11; do \
+  command -v $$p >/dev/null 2>&1 && $$p manifests/preflight.py --python >/dev/null 2>&1 && { echo $$p; break; }; \
+  done)
+endif
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -13,6 +19,8 @@ MLFLOW_PORT ?= 5000
 MLFLOW_TRACKING_URI ?= http://127.0.0.1:$(MLFLOW_PORT)
 MLFLOW_DIR ?= .mlflow
 export MLFLOW_TRACKING_URI
+# MLflow's usage telemetry would call a public endpoint from every step and server: off everywhere.
+export MLFLOW_DISABLE_TELEMETRY = true
 
 DATA_URL ?=
 PARAMS ?=
@@ -40,13 +48,16 @@ IMAGE_NAMES ?=
 # The kind cluster's targets (cluster, deploy, load-images, serve, ui, predict-cluster, down, checkov).
 include manifests/cluster.mk
 
-.PHONY: help venv mlflow mlflow-stop run run-docker compile submit test serve-local predict promote rollback bench-serve \
+.PHONY: help venv mlflow mlflow-stop run run-docker compile submit test test-core serve-local predict promote rollback bench-serve \
         base-image images test-images clean
 
 help:  ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 $(VENV)/.installed: pyproject.toml constraints.txt
+	@[ -n "$(PYTHON)" ] || { echo "no Python 3.11 to 3.13 found (python3 is $$(python3 --version 2>&1 || echo missing)):" \
+	  "install one, or name it: make PYTHON=/path/to/python3.12 ..." >&2; exit 1; }
+	@$(PYTHON) manifests/preflight.py --python >&2
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test]'
@@ -95,6 +106,12 @@ submit: venv compile  ## Upload $(PIPELINE_SPEC) to KFP at KFP_HOST and start a 
 
 test: venv checkov  ## Unit, compile, manifest and end-to-end tests (starts its own MLflow server)
 	$(PY) -m pytest
+
+# What CI runs on every supported Python besides the full suite on 3.11: no manifests (kubectl, checkov) or serving.
+CORE_TESTS ?= tests/test_data.py tests/test_model.py tests/test_compile.py tests/test_cli.py tests/test_preflight.py \
+  tests/test_tracking.py tests/test_register.py tests/test_pipeline_local.py::test_first_run_registers_a_prod_model_with_lineage
+test-core: venv  ## Unit, compile and registry tests and one end-to-end run (CI: on Python 3.12 and 3.13 too)
+	$(PY) -m pytest $(CORE_TESTS)
 
 serve-local: venv mlflow  ## Serve MODEL_URI (default the prod model) from the local MLflow server on PORT
 	$(PY) -m components.serve --model $(MODEL_URI) --port $(PORT) --workers $(SERVE_WORKERS)

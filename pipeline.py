@@ -5,6 +5,7 @@
     python pipeline.py run --runner docker ...                       # kfp.local, each task in its image
     python pipeline.py submit [--host URL] [--wait]                  # upload pipeline.yaml to KFP and start a run
     python pipeline.py promote --version N | rollback                # move the `prod` alias by hand
+    python pipeline.py seed-data --to s3://data/KEY                  # put the shipped sample into S3/MinIO
 """
 
 import argparse
@@ -82,7 +83,7 @@ def build(cluster: bool = True):
     @dsl.pipeline(name=PIPELINE_NAME, description="NYC short-term rental price: data to a registered, promoted model.",
                   pipeline_root=CLUSTER_PIPELINE_ROOT if cluster else None)
     def rental_price_pipeline(
-        source: str = data.DEFAULT_SOURCE,
+        source: str = data.CLUSTER_SOURCE if cluster else data.DEFAULT_SOURCE,
         model_name: str = MODEL_NAME,
         min_price: float = 10.0,
         max_price: float = 350.0,
@@ -183,6 +184,19 @@ def submit(spec: str, host: str, params: dict, experiment: str, wait: bool, time
     return 0 if state == "SUCCEEDED" else 1
 
 
+def seed_data(source: str, to: str) -> int:
+    """Copy the bytes of `source` as stored (the sample stays gzipped) to an s3:// location."""
+    from components.errors import StepError
+
+    try:
+        raw = data.read_source(source)
+        data.upload_s3(raw, to)
+    except StepError as exc:
+        sys.exit(str(exc))
+    print(f"copied {source} to {to} ({len(raw)} bytes, sha256 {hashlib.sha256(raw).hexdigest()[:16]}...)")
+    return 0
+
+
 def docker_runner(pipeline_root: str, env: dict[str, str]) -> local.DockerRunner:
     """Every task in its own image, as in the cluster; checks the daemon and the images first."""
     try:
@@ -225,7 +239,9 @@ def run_local(params: dict, pipeline_root: str, cache: bool, runner: str = "subp
     pipeline_root = os.path.abspath(pipeline_root)
     # Steps group their MLflow runs by this id (in a cluster, KFP's own run id takes its place).
     env = {"MLFLOW_TRACKING_URI": tracking_uri, "KFP_RUN_ID": f"local-{uuid.uuid4().hex[:12]}",
-           "MLFLOW_EXPERIMENT_NAME": tracking.experiment_name()}
+           "MLFLOW_EXPERIMENT_NAME": tracking.experiment_name(),
+           # MLflow's usage telemetry would call a public endpoint from every step.
+           "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true")}
     # Cached outputs name MLflow runs and models: keep one cache per tracking server and experiment.
     server_key = hashlib.sha256(f"{tracking_uri} {env['MLFLOW_EXPERIMENT_NAME']}".encode()).hexdigest()[:12]
     cache_root = os.path.join(pipeline_root, ".kfp_cache", server_key)
@@ -272,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     submit_cmd.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
     submit_cmd.add_argument("--wait", action="store_true", help="wait for the run; fail unless it succeeds")
     submit_cmd.add_argument("--timeout", type=int, default=3600)
+    seed_cmd = commands.add_parser("seed-data", help="copy a data source (default: the shipped sample) to s3://")
+    seed_cmd.add_argument("--source", default=data.DEFAULT_SOURCE)
+    seed_cmd.add_argument("--to", default=data.CLUSTER_SOURCE, help="s3://bucket/key (endpoint: S3_ENDPOINT_URL)")
     for name, text in (("promote", "move alias prod to a version"), ("rollback", "move prod back to previous-prod")):
         registry_cmd = commands.add_parser(name, help=text)
         registry_cmd.add_argument("--model-name", default=MODEL_NAME)
@@ -283,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "submit":
         return submit(args.spec, args.host, parse_params(args.param), args.experiment, args.wait, args.timeout)
+    if args.command == "seed-data":
+        return seed_data(args.source, args.to)
     if args.command in ("promote", "rollback"):
         from components import tracking
         from components.errors import StepError

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
@@ -36,11 +37,18 @@ SCHEMA: dict[str, str] = {
     "availability_365": "int",
 }
 COLUMNS = list(SCHEMA)
-# The public sample of 20,000 NYC listings that the pipeline downloads by default.
-DEFAULT_SOURCE = (
+# The default data: 20,000 real NYC listings of 2019, shipped gzipped in components/sample/ so that the pipeline
+# runs with no network. `sample://NAME` names a file there, inside any image or checkout of the project.
+SAMPLE_SCHEME = "sample://"
+SAMPLE_FILE = "nyc_airbnb_sample1.csv.gz"
+DEFAULT_SOURCE = SAMPLE_SCHEME + SAMPLE_FILE
+# Where that sample was first published (the same bytes, uncompressed): one DATA_URL= away.
+PUBLIC_SOURCE = (
     "https://raw.githubusercontent.com/udacity/build-ml-pipeline-for-short-term-rental-prices/"
     "main/components/get_data/data/sample1.csv"
 )
+# In the cluster the default data enters through MinIO: `make deploy` puts the sample there.
+CLUSTER_SOURCE = "s3://data/" + SAMPLE_FILE
 NEIGHBOURHOOD_GROUPS = ("Bronx", "Brooklyn", "Manhattan", "Queens", "Staten Island")
 # Columns the KS test compares with the reference data.
 KS_COLUMNS = [
@@ -67,16 +75,31 @@ class Box:
 # ---------------------------------------------------------------- download
 
 def fetch(source: str) -> bytes:
-    """Return the bytes at `source`: http(s)://, s3://bucket/key, file:// or a local path."""
+    """The CSV bytes at `source` (sample://, http(s)://, s3://bucket/key, file:// or a local path), gunzipped
+    when the file is gzip."""
+    raw = read_source(source)
+    if raw[:2] != b"\x1f\x8b":
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (OSError, EOFError) as exc:
+        raise StepError("download", "source", f"{source!r} is a broken gzip file: {exc}") from exc
+
+
+def read_source(source: str) -> bytes:
+    """The bytes at `source` as stored."""
     if not source:
         raise StepError("download", "source", "no source given")
     scheme = urllib.parse.urlparse(source).scheme
     try:
+        if source.startswith(SAMPLE_SCHEME):
+            return _sample_path(source).read_bytes()
         if scheme in ("http", "https"):
             with urllib.request.urlopen(source, timeout=60) as response:
                 return response.read()
         if scheme == "s3":
-            return _fetch_s3(source)
+            bucket, key = _s3_location(source)
+            return _s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
         path = urllib.parse.urlparse(source).path if scheme == "file" else source
         return Path(path).read_bytes()
     except StepError:
@@ -85,13 +108,38 @@ def fetch(source: str) -> bytes:
         raise StepError("download", "source", f"cannot read {source!r}: {exc}") from exc
 
 
-def _fetch_s3(source: str) -> bytes:
+def _sample_path(source: str) -> Path:
+    from importlib import resources
+
+    folder = resources.files("components") / "sample"
+    name = source.removeprefix(SAMPLE_SCHEME)
+    shipped = sorted(p.name for p in folder.iterdir() if p.name.endswith((".csv", ".csv.gz")))
+    if name not in shipped:
+        raise StepError("download", "source", f"no shipped sample {name!r} (shipped: {shipped})")
+    return Path(str(folder / name))
+
+
+def _s3_location(uri: str) -> tuple[str, str]:
+    parsed = urllib.parse.urlparse(uri)
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def _s3_client():
     import boto3
 
-    parsed = urllib.parse.urlparse(source)
     endpoint = os.environ.get("S3_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
-    client = boto3.client("s3", endpoint_url=endpoint or None)
-    return client.get_object(Bucket=parsed.netloc, Key=parsed.path.lstrip("/"))["Body"].read()
+    return boto3.client("s3", endpoint_url=endpoint or None)
+
+
+def upload_s3(raw: bytes, uri: str) -> None:
+    """Put `raw` at s3://bucket/key (MinIO: S3_ENDPOINT_URL); the bucket must exist."""
+    bucket, key = _s3_location(uri)
+    if urllib.parse.urlparse(uri).scheme != "s3" or not bucket or not key:
+        raise StepError("seed-data", "--to", f"expected s3://bucket/key, got {uri!r}")
+    try:
+        _s3_client().put_object(Bucket=bucket, Key=key, Body=raw)
+    except Exception as exc:  # botocore's many error types; the message is what matters
+        raise StepError("seed-data", "--to", f"cannot write {uri}: {exc}") from exc
 
 
 def parse_csv(raw: bytes, step: str = "download") -> pd.DataFrame:

@@ -67,17 +67,25 @@ def _pipeline_parent(client: MlflowClient, experiment_id: str) -> str | None:
 
 @contextmanager
 def step_run(step: str, params: dict | None = None, last: bool = False) -> Iterator[mlflow.ActiveRun]:
-    """A child run for one step under the pipeline's parent run; logs the step's own compute time.
+    """The step's MLflow run, nested under the pipeline run's parent; logs the step's own compute time.
 
-    A failure marks the child and the parent run FAILED; the last step marks the parent FINISHED.
+    In a cluster with KFP's MLflow plugin, KFP creates the parent run and a nested run per task and hands it to the
+    step as MLFLOW_RUN_ID: the step logs into that one, and KFP ends both. Otherwise the step makes its own child
+    run under one parent per KFP_RUN_ID; a failure marks the parent FAILED and the last step marks it FINISHED.
     """
     require_server(step)
     client = MlflowClient()
-    experiment_id = mlflow.set_experiment(experiment_name()).experiment_id
-    parent = _pipeline_parent(client, experiment_id)
     tags = {STEP_TAG: step, RUN_ID_TAG: os.environ.get("KFP_RUN_ID", "")}
+    given = os.environ.get("MLFLOW_RUN_ID")
+    if given:
+        parent, owned = client.get_run(given).data.tags.get("mlflow.parentRunId"), False
+        started_run = mlflow.start_run(run_id=given, tags=tags)
+    else:
+        experiment_id = mlflow.set_experiment(experiment_name()).experiment_id
+        parent, owned = _pipeline_parent(client, experiment_id), True
+        started_run = mlflow.start_run(run_name=step, parent_run_id=parent, tags=tags)
     started = time.perf_counter()
-    with mlflow.start_run(run_name=step, parent_run_id=parent, tags=tags) as run:
+    with started_run as run:
         if params:
             mlflow.log_params(params)
         try:
@@ -86,13 +94,14 @@ def step_run(step: str, params: dict | None = None, last: bool = False) -> Itera
             mlflow.set_tag("error", str(exc)[:5000])
             if parent:
                 client.set_tag(parent, "error", f"{step}: {exc}"[:5000])
-                client.set_terminated(parent, "FAILED")
+                if owned:
+                    client.set_terminated(parent, "FAILED")
             raise
         finally:
             # Never let a failure to log this hide the step's own error.
             with suppress(MlflowException, requests.RequestException):
                 mlflow.log_metric("step_seconds", time.perf_counter() - started)
-    if last and parent:
+    if last and parent and owned:
         client.set_terminated(parent, "FINISHED")
 
 

@@ -14,8 +14,13 @@ import argparse
 import hashlib
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+try:
+    import tomllib
+except ImportError:  # Python < 3.11
+    sys.exit(f"images/catalog.py needs Python 3.11 or newer (this is {sys.version.split()[0]}): "
+             "run it through make, which finds one, or as python3.11 -m images.catalog")
 
 ROOT = Path(__file__).resolve().parent.parent
 # What the images are built from: any change here gives new tags.

@@ -4,6 +4,7 @@
 #   make images load-images  # the step and serve images, into the cluster's node
 #   make serve ui            # the model server; port-forwards to the KFP UI and MLflow
 KIND ?= kind
+DOCKER ?= docker
 KIND_CLUSTER ?= rental-price
 KIND_CONFIG ?= kind-config.yaml
 # Always the kind cluster's context, never whatever kubectl points at.
@@ -12,6 +13,8 @@ WAIT_TIMEOUT ?= 900s
 # Local port of MLflow's port-forward: not 5000, where `make mlflow` runs the local server. The KFP UI and the
 # model server use the Makefile's KFP_PORT and PORT (make submit and make predict use them too).
 MLFLOW_UI_PORT ?= 5001
+# Local port of MinIO's port-forward while `make deploy` puts the shipped sample into bucket data.
+MINIO_PORT ?= 9002
 # Generated credentials of the cluster (git-ignored). MINIO_ROOT_USER/MINIO_ROOT_PASSWORD, when given, are used
 # the first time it is written; later they must match it.
 CLUSTER_SECRETS ?= manifests/.secrets.env
@@ -32,9 +35,12 @@ same-as-file = $(if $($(1)),{ [ "$$$(1)" = '$($(1))' ] || { echo "$(1) differs f
 # Access key and secret key of each MinIO user (the secret keys are printf arguments).
 MINIO_USERS = KFP_ACCESS_KEY=kfp\nKFP_SECRET_KEY=%s\nMLFLOW_ACCESS_KEY=mlflow\nMLFLOW_SECRET_KEY=%s\nREADER_ACCESS_KEY=pipeline-reader\nREADER_SECRET_KEY=%s\n
 
-.PHONY: cluster deploy load-images serve roll ui predict-cluster down checkov
+.PHONY: preflight cluster deploy seed-data load-images serve roll ui predict-cluster down checkov
 
-cluster:  ## Create the kind cluster $(KIND_CLUSTER) from $(KIND_CONFIG) (kept if it exists)
+preflight:  ## Check Python, Docker (CPUs, memory, disk), kind, kubectl, git and inotify limits for the cluster
+	$(PYTHON) manifests/preflight.py --docker $(DOCKER) --kind $(KIND) --kubectl $(firstword $(KUBECTL))
+
+cluster: preflight  ## Create the kind cluster $(KIND_CLUSTER) from $(KIND_CONFIG) (kept if it exists)
 	@if $(KIND) get clusters | grep -qx '$(KIND_CLUSTER)'; then echo "kind cluster $(KIND_CLUSTER) exists"; \
 	else $(KIND) create cluster --config $(KIND_CONFIG) --name $(KIND_CLUSTER) --wait 300s; fi
 
@@ -71,12 +77,23 @@ deploy: $(CLUSTER_SECRETS)  ## Deploy KFP, MinIO, MLflow and the pipeline's conf
 	$(KUBECTL) apply -k manifests/minio
 	$(KUBECTL) -n minio rollout status deployment/minio --timeout=$(WAIT_TIMEOUT)
 	$(KUBECTL) -n minio wait --for=condition=complete job/minio-setup --timeout=$(WAIT_TIMEOUT)
+	@$(MAKE) --no-print-directory seed-data
 	$(KUBECTL) apply -k manifests/mlflow
 	$(KUBECTL) -n mlflow rollout status deployment/postgres --timeout=$(WAIT_TIMEOUT)
 	$(KUBECTL) -n mlflow rollout status deployment/mlflow --timeout=$(WAIT_TIMEOUT)
 	$(KUBECTL) apply -k manifests/pipeline
 	$(KUBECTL) apply -k manifests/kfp
 	$(KUBECTL) -n kubeflow wait --for=condition=Available deployment --all --timeout=$(WAIT_TIMEOUT)
+
+# Through a port-forward, with MinIO's root user (the steps' own user may only read bucket data).
+seed-data: venv  ## Put the shipped sample into MinIO at s3://data/ (the cluster's default source; make deploy does it)
+	@$(KUBECTL) -n minio port-forward svc/minio $(MINIO_PORT):9000 >/dev/null & pf=$$!; \
+	trap 'kill $$pf 2>/dev/null; wait $$pf 2>/dev/null || true' EXIT; \
+	curl -s -o /dev/null --retry 30 --retry-connrefused --retry-delay 1 --retry-max-time 60 \
+	  http://127.0.0.1:$(MINIO_PORT)/minio/health/live || { echo "MinIO's port-forward did not answer" >&2; exit 1; }; \
+	set -a && . "$(abspath $(CLUSTER_SECRETS))" && set +a && \
+	S3_ENDPOINT_URL=http://127.0.0.1:$(MINIO_PORT) AWS_ACCESS_KEY_ID="$$MINIO_ROOT_USER" \
+	  AWS_SECRET_ACCESS_KEY="$$MINIO_ROOT_PASSWORD" AWS_DEFAULT_REGION=us-east-1 $(PY) pipeline.py seed-data
 
 load-images:  ## Load this build's images (python3 -m images.catalog list) into the kind cluster
 	@refs="$$($(PYTHON) -m images.catalog list)" && for ref in $$refs; do \

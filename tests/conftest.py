@@ -17,6 +17,11 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT.parent / "shared" / "data" / "nyc_airbnb_sample1.csv"
 
 
+def pytest_configure(config):
+    # MLflow's usage telemetry would call a public endpoint from the tests and every server they start.
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,7 +7,7 @@ import threading
 import boto3
 import pandas as pd
 import pytest
-from conftest import frame, listing
+from conftest import ROOT, frame, listing
 
 from components import data
 from components.errors import StepError
@@ -59,6 +59,57 @@ def test_fetch_reads_s3_from_an_s3_compatible_endpoint(monkeypatch):
         assert data.fetch("s3://raw/nyc/listings.csv") == b"a,b\n1,2\n"
         with pytest.raises(StepError, match="download: source: cannot read 's3://raw/nope.csv'"):
             data.fetch("s3://raw/nope.csv")
+    finally:
+        server.stop()
+
+
+def test_the_default_source_is_the_shipped_sample_byte_for_byte(sample_path):
+    """The offline default: the shared sample's exact bytes, gzipped inside the package."""
+    assert data.DEFAULT_SOURCE == "sample://nyc_airbnb_sample1.csv.gz"
+    assert data.fetch(data.DEFAULT_SOURCE) == sample_path.read_bytes()
+    assert data.read_source(data.DEFAULT_SOURCE)[:2] == b"\x1f\x8b"  # shipped compressed
+    assert data.PUBLIC_SOURCE in (ROOT / "README.md").read_text()  # where it came from, one DATA_URL= away
+
+
+def test_fetch_gunzips_any_gzip_source_and_names_a_broken_one(tmp_path):
+    import gzip
+
+    (tmp_path / "l.csv.gz").write_bytes(gzip.compress(b"a,b\n1,2\n"))
+    assert data.fetch(str(tmp_path / "l.csv.gz")) == b"a,b\n1,2\n"
+    whole = gzip.compress("".join(f"{i},{i * i}\n" for i in range(1000)).encode())
+    (tmp_path / "broken.csv.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(StepError, match="download: source: .*broken.csv.gz' is a broken gzip file"):
+        data.fetch(str(tmp_path / "broken.csv.gz"))
+
+
+def test_an_unknown_sample_is_named_with_the_shipped_ones():
+    with pytest.raises(StepError, match=r"download: source: no shipped sample 'paris.csv' \(shipped: "
+                                        r"\['nyc_airbnb_sample1.csv.gz'\]\)"):
+        data.fetch("sample://paris.csv")
+
+
+def test_seed_data_copies_the_sample_to_s3_as_stored(monkeypatch, capsys):
+    import pipeline
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{server._server.server_port}"
+        for name, value in {"S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test",
+                            "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(SystemExit, match="seed-data: --to: cannot write s3://data/nyc_airbnb_sample1.csv.gz: "
+                                             ".*NoSuchBucket"):
+            pipeline.main(["seed-data"])
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="data")
+        assert pipeline.main(["seed-data"]) == 0
+        assert "copied sample://nyc_airbnb_sample1.csv.gz to s3://data/nyc_airbnb_sample1.csv.gz" in \
+            capsys.readouterr().out
+        assert data.read_source(data.CLUSTER_SOURCE) == data.read_source(data.DEFAULT_SOURCE)
+        assert data.fetch(data.CLUSTER_SOURCE) == data.fetch(data.DEFAULT_SOURCE)
+        with pytest.raises(SystemExit, match="seed-data: --to: expected s3://bucket/key, got 'data/x.csv'"):
+            pipeline.main(["seed-data", "--to", "data/x.csv"])
     finally:
         server.stop()
 

@@ -114,12 +114,13 @@ def test_serving_image_serves_the_prod_model(mlflow_server, registered_model, li
     assert "serving models:/" in logs.stderr + logs.stdout
 
 
-def test_whole_pipeline_with_every_task_in_its_image(mlflow_server, sample_path, tmp_path):
+def test_whole_pipeline_with_every_task_in_its_image(mlflow_server, tmp_path):
+    """On the default source: the sample shipped inside the images."""
     model = f"rental-docker-{uuid.uuid4().hex[:6]}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_EXPERIMENT_NAME": "docker"}
     result = subprocess.run(
         [sys.executable, "pipeline.py", "run", "--runner", "docker", "--pipeline-root", str(tmp_path / "out"),
-         "--param", f"source={sample_path}", "--param", f"model_name={model}"],
+         "--param", f"model_name={model}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
     # Every task ran in a container of its own image (kfp.local prints the image it found).
@@ -127,4 +128,5 @@ def test_whole_pipeline_with_every_task_in_its_image(mlflow_server, sample_path,
         assert f"Found image {ref!r}" in result.stdout
     prod = MlflowClient(mlflow_server).get_model_version_by_alias(model, "prod")
     assert prod.version == "1" and float(prod.tags["test_mae"]) <= 35
+    assert prod.tags["data_source"] == "sample://nyc_airbnb_sample1.csv.gz"
     assert json.loads(prod.tags["images"]) == catalog.step_images()

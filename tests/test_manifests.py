@@ -23,6 +23,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
@@ -366,7 +367,7 @@ def test_minio_setup_script_has_every_variable_it_uses(objects, deployed):
     used = set(re.findall(r"\$\{?([A-Z][A-Z0-9_]*)", script)) - {"MC_HOST_local"}
     assert used and used <= given, used - given
     buckets = re.search(r"mc mb --ignore-existing (.*)", script).group(1).split()
-    assert set(buckets) == {"local/mlpipeline", "local/mlflow"}
+    assert set(buckets) == {"local/mlpipeline", "local/mlflow", "local/data"}
 
 
 FAKE_MC = """\
@@ -395,11 +396,11 @@ def test_minio_setup_script_creates_buckets_and_users(objects, tmp_path, attach_
         return
     assert result.returncode == 0, result.stderr
     calls = (tmp_path / "log").read_text().splitlines()
-    assert "mb --ignore-existing local/mlpipeline local/mlflow" in calls
+    assert "mb --ignore-existing local/mlpipeline local/mlflow local/data" in calls
     assert {c for c in calls if c.startswith("admin policy attach")} == {
         "admin policy attach local kfp-artifacts --user kfp",
         "admin policy attach local mlflow-artifacts --user mlflow",
-        "admin policy attach local readonly --user pipeline-reader"}
+        "admin policy attach local data-reader --user pipeline-reader"}
 
 
 def test_only_mlflow_and_kfp_hold_minio_credentials(objects, deployed):
@@ -517,9 +518,10 @@ ALLOWED = [("run-step", "minio", 9000), ("run-step", "mlflow", 5000), ("ml-pipel
            ("ml-pipeline-ui", "minio", 9000), ("workflow-controller", "minio", 9000), ("mlflow", "minio", 9000),
            ("mlflow", "postgres", 5432), ("rental-price-serve", "mlflow", 5000), ("minio-setup", "minio", 9000),
            ("mlflow", "kube-dns", 53), ("rental-price-serve", "kube-dns", 53), ("minio-setup", "kube-dns", 53),
-           ("run-step", "rental-price-serve", 8080), ("stranger", "rental-price-serve", 8080)]
+           ("run-step", "rental-price-serve", 8080), ("stranger", "rental-price-serve", 8080),
+           ("ml-pipeline", "mlflow", 5000)]
 DENIED = [("rental-price-serve", "minio", 9000), ("rental-price-serve", "postgres", 5432),
-          ("run-step", "postgres", 5432), ("ml-pipeline", "mlflow", 5000), ("stranger", "mlflow", 5000),
+          ("run-step", "postgres", 5432), ("ml-pipeline-ui", "mlflow", 5000), ("stranger", "mlflow", 5000),
           ("stranger", "minio", 9000), ("stranger", "postgres", 5432), ("minio", "mlflow", 5000),
           ("postgres", "minio", 9000), ("mlflow", "rental-price-serve", 8080), ("minio-setup", "mlflow", 5000),
           ("run-step", "minio", 9001), ("run-step", "mlflow", 8080), ("rental-price-serve", "stranger", 80)]
@@ -571,10 +573,11 @@ def test_make_dry_run_prints_the_commands_in_order(tmp_path):
                   "KIND_CLUSTER=ci", f"CLUSTER_SECRETS={tmp_path}/secrets.env", f"PYTHON={sys.executable}")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    steps = ["kind create cluster --config kind-config.yaml --name ci", "secrets.env.tmp",
+    steps = ["manifests/preflight.py", "kind create cluster --config kind-config.yaml --name ci", "secrets.env.tmp",
              "apply -k manifests/kfp/cluster-scoped", "wait --for=condition=established",
              "apply -k manifests/namespaces", "secret minio minio-root", "apply -k manifests/minio",
-             "wait --for=condition=complete job/minio-setup", "apply -k manifests/mlflow",
+             "wait --for=condition=complete job/minio-setup", "port-forward svc/minio", "pipeline.py seed-data",
+             "apply -k manifests/mlflow",
              "rollout status deployment/mlflow", "apply -k manifests/pipeline", "apply -k manifests/kfp\n",
              "wait --for=condition=Available deployment --all", "images.catalog build", "kind load docker-image",
              "pipeline.py compile --output pipeline.yaml", "pipeline.py submit --spec pipeline.yaml",
@@ -583,13 +586,15 @@ def test_make_dry_run_prints_the_commands_in_order(tmp_path):
     positions = [out.find(step) for step in steps]
     assert -1 not in positions, [s for s, p in zip(steps, positions) if p == -1]
     assert positions == sorted(positions)
-    kubectl_calls = re.findall(r"kubectl(?: --context \S+)? ", out)
+    kubectl_calls = re.findall(r"(?<![-\w])kubectl(?: --context \S+)? ", out)
     assert kubectl_calls and all(call == "kubectl --context kind-ci " for call in kubectl_calls)
 
 
 FAKE_KUBECTL = """\
 #!{python}
 # Stands in for kubectl: records each call, renders what `apply` would send, says "not found" to `get`.
+# A port-forward to MinIO runs moto's S3 server instead (with bucket data, as the setup Job makes it) and, when
+# stopped, lists what it holds in FAKE_S3.
 import os, subprocess, sys
 args = sys.argv[1:]
 if args[:1] == ["--context"]:
@@ -597,7 +602,27 @@ if args[:1] == ["--context"]:
 with open(os.environ["FAKE_LOG"], "a") as log:
     log.write(" ".join(args) + "\\n")
 out = open(os.environ["FAKE_APPLIED"], "a")
-if args[:2] == ["apply", "-k"]:
+if "port-forward" in args and "svc/minio" in args:
+    import hashlib, signal, boto3
+    from moto.server import ThreadedMotoServer
+    port = int(args[-1].split(":")[0])
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{{port}}", region_name="us-east-1",
+                      aws_access_key_id="x", aws_secret_access_key="x")
+    s3.create_bucket(Bucket="data")
+
+    def stop(*_):
+        with open(os.environ["FAKE_S3"], "w") as held:
+            for item in s3.list_objects_v2(Bucket="data").get("Contents", []):
+                body = s3.get_object(Bucket="data", Key=item["Key"])["Body"].read()
+                held.write(f"s3://data/{{item['Key']}} {{hashlib.sha256(body).hexdigest()}}\\n")
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    while True:
+        signal.pause()
+elif args[:2] == ["apply", "-k"]:
     if "kfp" not in args[2]:  # upstream's remote bases need the network
         out.write(subprocess.run(["kubectl", "kustomize", args[2]], capture_output=True, text=True, check=True).stdout)
         out.write("---\\n")
@@ -615,12 +640,14 @@ def run_with_fake_kubectl(tmp_path: Path, *targets: str, **variables: str) -> di
     fake.write_text(FAKE_KUBECTL.format(python=sys.executable))
     fake.chmod(0o755)
     log, applied, secrets = tmp_path / "calls.log", tmp_path / "applied.yaml", tmp_path / "secrets.env"
-    variables = {"KUBECTL": str(fake), "CLUSTER_SECRETS": str(secrets), "PYTHON": sys.executable, **variables}
+    held = tmp_path / "s3.txt"
+    variables = {"KUBECTL": str(fake), "CLUSTER_SECRETS": str(secrets), "PYTHON": sys.executable,
+                 "MINIO_PORT": str(free_port()), **variables}
     result = make(*targets, *(f"{k}={v}" for k, v in variables.items()),
-                  env={"FAKE_LOG": str(log), "FAKE_APPLIED": str(applied)})
+                  env={"FAKE_LOG": str(log), "FAKE_APPLIED": str(applied), "FAKE_S3": str(held)})
     return {"result": result, "calls": log.read_text().splitlines() if log.exists() else [],
             "applied": [d for d in yaml.safe_load_all(applied.read_text()) if d] if applied.exists() else [],
-            "secrets": secrets}
+            "secrets": secrets, "s3": held.read_text().splitlines() if held.exists() else []}
 
 
 @pytest.fixture(scope="module")
@@ -661,6 +688,30 @@ def test_deploy_applies_every_part_in_order(deployed):
     assert deployed["calls"].index("apply -k manifests/namespaces") < first_secret
     assert deployed["calls"].index("-n minio delete job minio-setup --ignore-not-found") \
         < deployed["calls"].index("apply -k manifests/minio")
+
+
+def test_deploy_puts_the_shipped_sample_where_the_cluster_s_default_source_reads(deployed):
+    """Data enters the cluster's pipeline through MinIO: the compiled spec's default source is the object that
+    `make deploy` uploaded (to moto's S3 server here, standing in for MinIO), byte for byte the shipped sample."""
+    import hashlib
+
+    from components import data
+
+    shipped = hashlib.sha256(data.read_source(data.DEFAULT_SOURCE)).hexdigest()
+    assert deployed["s3"] == [f"{data.CLUSTER_SOURCE} {shipped}"]
+    spec = next(yaml.safe_load_all((ROOT / "tests" / "golden" / "pipeline.yaml").read_text()))
+    assert spec["root"]["inputDefinitions"]["parameters"]["source"]["defaultValue"] == data.CLUSTER_SOURCE
+    forward = next(i for i, c in enumerate(deployed["calls"]) if "port-forward svc/minio" in c)
+    assert deployed["calls"].index("-n minio wait --for=condition=complete job/minio-setup --timeout=900s") < forward
+
+
+def test_the_steps_reader_may_read_bucket_data_only(objects):
+    policy = json.loads(find(objects, "ConfigMap", "minio-policies")["data"]["data-reader.json"])
+    actions = {a for s in policy["Statement"] for a in s["Action"]}
+    resources = {r for s in policy["Statement"] for r in s["Resource"]}
+    assert actions == {"s3:GetBucketLocation", "s3:ListBucket", "s3:GetObject"}
+    assert resources == {"arn:aws:s3:::data", "arn:aws:s3:::data/*"}
+    assert all(s["Effect"] == "Allow" for s in policy["Statement"])
 
 
 def test_deploy_keeps_credentials_and_refuses_conflicting_ones(tmp_path):
@@ -725,7 +776,8 @@ def test_kfp_overlay_references_upstream_remotely_at_the_release():
         resources = yaml.safe_load((MANIFESTS / part / "kustomization.yaml").read_text())["resources"]
         assert len(resources) == 1 and KFP_REMOTE.fullmatch(resources[0]).group("ref") == KFP_REF
     assert sorted(p.name for p in (MANIFESTS / "kfp").rglob("*") if p.is_file()) == \
-        ["kustomization.yaml", "kustomization.yaml", "object-store.yaml"], "upstream is referenced, not copied"
+        ["apiserver-config.json", "kustomization.yaml", "kustomization.yaml", "mlflow-plugin.yaml",
+         "object-store.yaml"], "upstream is referenced, not copied"
 
 
 def test_kfp_overlay_has_no_seaweedfs_left(kfp_built):
@@ -786,3 +838,109 @@ def test_kfp_crds_carry_the_label_deploy_waits_for(kfp_built):
     assert len(crds) >= 5
     assert all(d["metadata"]["labels"].get(label[0]) == label[1] for d in crds)
     assert find(kfp_built["kfp/cluster-scoped"], "Namespace", "kubeflow")
+
+
+def test_kfp_api_server_reads_our_mlflow_plugin_config(kfp_built):
+    api = find(kfp_built["kfp"], "Deployment", "ml-pipeline")["spec"]["template"]["spec"]
+    [mount] = [m for m in api["containers"][0]["volumeMounts"] if m["mountPath"] == "/config/config.json"]
+    [volume] = [v for v in api["volumes"] if v["name"] == mount["name"]]
+    config_map = find(kfp_built["kfp"], "ConfigMap", volume["configMap"]["name"])
+    assert config_map["metadata"]["name"].startswith("kfp-apiserver-config-")  # hashed: a change rolls the pod
+    assert json.loads(config_map["data"][mount["subPath"]]) == json.loads(PLUGIN_CONFIG.read_text())
+
+
+# ---------------------------------------------------------------- KFP's MLflow plugin
+
+PLUGIN_CONFIG = MANIFESTS / "kfp" / "apiserver-config.json"
+
+
+def test_mlflow_plugin_points_at_our_mlflow_and_hands_tasks_their_run(built):
+    """A parent run per KFP run in our experiment, MLFLOW_RUN_ID for each task, links that open in `make ui`."""
+    plugin = json.loads(PLUGIN_CONFIG.read_text())["plugins"]["mlflow"]
+    settings = plugin["settings"]
+    pipeline_env = find(built["pipeline"], "ConfigMap", "pipeline-env")["data"]
+    assert plugin["endpoint"] == pipeline_env["MLFLOW_TRACKING_URI"] == MLFLOW_URL
+    assert settings["defaultExperimentName"] == pipeline_env["MLFLOW_EXPERIMENT_NAME"]
+    # No auth inside the cluster (our MLflow has none), no workspaces (an MLflow 3 server without them), and no
+    # tls block: the plugin reads its CA file even for an http endpoint, and fails when it is absent.
+    assert (settings["authType"], settings["workspacesEnabled"], settings["injectUserEnvVars"]) == ("none", False, True)
+    assert "tls" not in plugin
+    mk = (ROOT / "Makefile").read_text() + CLUSTER_MK.read_text()
+    kfp_port = re.search(r"^KFP_PORT \?= (\d+)", mk, re.M).group(1)
+    mlflow_port = re.search(r"^MLFLOW_UI_PORT \?= (\d+)", mk, re.M).group(1)
+    assert settings["kfpBaseURL"] == f"http://127.0.0.1:{kfp_port}"
+    assert settings["mlflowBaseURL"] == f"http://127.0.0.1:{mlflow_port}"
+    allowed_hosts = next(a for a in find(built["mlflow"], "Deployment", "mlflow")["spec"]["template"]["spec"][
+        "containers"][0]["args"] if a.startswith("--allowed-hosts="))
+    assert plugin["endpoint"].removeprefix("http://") in allowed_hosts.split("=", 1)[1].split(",")
+
+
+def test_mlflow_plugin_patch_mounts_the_config_over_upstream_s(tmp_path):
+    """The patch and generator of manifests/kfp, over a stand-in of upstream's API server Deployment."""
+    for name in ("mlflow-plugin.yaml", "apiserver-config.json"):
+        shutil.copy(MANIFESTS / "kfp" / name, tmp_path / name)
+    (tmp_path / "api.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "ml-pipeline", "namespace": "kubeflow"},
+        "spec": {"selector": {"matchLabels": {"app": "ml-pipeline"}}, "template": {
+            "metadata": {"labels": {"app": "ml-pipeline"}},
+            "spec": {"containers": [{"name": "ml-pipeline-api-server", "image": "api",
+                                     "volumeMounts": [{"name": "mlflow-tracking-ca", "mountPath": "/etc/ca"}]}],
+                     "volumes": [{"name": "mlflow-tracking-ca", "configMap": {"name": "ca", "optional": True}}]}}}}))
+    ours = yaml.safe_load((MANIFESTS / "kfp" / "kustomization.yaml").read_text())
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "resources": ["api.yaml"], "patches": [{"path": "mlflow-plugin.yaml"}],
+        "configMapGenerator": ours["configMapGenerator"]}))
+    assert {"path": "mlflow-plugin.yaml"} in ours["patches"]
+    docs = kustomize(tmp_path)
+    pod = find(docs, "Deployment", "ml-pipeline")["spec"]["template"]["spec"]
+    config_map = next(d for d in docs if d["kind"] == "ConfigMap")
+    mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert set(mounts) == {"/etc/ca", "/config/config.json"}  # upstream's mount kept
+    assert mounts["/config/config.json"]["subPath"] == "config.json"
+    volume = next(v for v in pod["volumes"] if v["name"] == mounts["/config/config.json"]["name"])
+    assert volume["configMap"]["name"] == config_map["metadata"]["name"] != "kfp-apiserver-config"
+    assert json.loads(config_map["data"]["config.json"]) == json.loads(PLUGIN_CONFIG.read_text())
+
+
+@pytest.fixture(scope="module")
+def kfp_source() -> Path:
+    source = os.environ.get("KFP_SOURCE_DIR")
+    if not source:
+        pytest.skip("checking the plugin config against KFP's own code needs KFP_SOURCE_DIR: a copy of "
+                    "kubeflow/pipelines at 2.17.0 (manifests/README.md shows how)")
+    return Path(source)
+
+
+def test_mlflow_plugin_config_is_upstream_s_but_for_the_plugin(kfp_source):
+    """apiserver-config.json is upstream's config.json of 2.17.0 with plugins.mlflow replaced, and the object
+    store's credentials left to the env of the Deployment (OBJECTSTORECONFIG_*, from Secret
+    mlpipeline-minio-artifact)."""
+    upstream = json.loads((kfp_source / "backend/src/apiserver/config/config.json").read_text())
+    ours = json.loads(PLUGIN_CONFIG.read_text())
+    credentials = {"AccessKey", "SecretAccessKey"}
+    assert set(ours) == set(upstream)
+    for key in set(upstream) - {"plugins", "ObjectStoreConfig"}:
+        assert ours[key] == upstream[key], key
+    store, upstream_store = ours["ObjectStoreConfig"], upstream["ObjectStoreConfig"]
+    assert {k: v for k, v in store.items() if k not in credentials} == \
+        {k: v for k, v in upstream_store.items() if k not in credentials}
+    assert all(store[k] == "" for k in credentials)
+    assert set(upstream["plugins"]) == set(ours["plugins"]) == {"mlflow"}
+
+
+def test_mlflow_plugin_config_uses_only_fields_kfp_knows(kfp_source):
+    """Every key we set is a JSON field of the plugin's config structs at 2.17.0 (an unknown one would be
+    ignored without a word), and the auth type is one the plugin supports."""
+    code = (kfp_source / "backend/src/common/plugins/mlflow/config.go").read_text()
+    client = (kfp_source / "backend/src/common/plugins/mlflow/client.go").read_text()
+
+    def fields(struct: str) -> set[str]:
+        body = re.search(rf"type {struct} struct \{{(.*?)\n\}}", code, re.S).group(1)
+        return set(re.findall(r'json:"([A-Za-z]+)', body))
+
+    plugin = json.loads(PLUGIN_CONFIG.read_text())["plugins"]["mlflow"]
+    assert set(plugin) <= fields("PluginConfig")
+    assert set(plugin["settings"]) <= fields("MLflowPluginSettings")
+    supported = re.search(r"func IsSupportedAuthType.*?case (.*?):", client, re.S).group(1)
+    constants = dict(re.findall(r'(AuthType\w+)\s*=\s*"([^"]+)"', client))
+    assert plugin["settings"]["authType"] in {constants[name.strip()] for name in supported.split(",")}
