@@ -106,7 +106,7 @@ def build(cluster: bool = True):
         criterion: str = FOREST.criterion,
         tfidf_max_features: int = FOREST.tfidf_max_features,
         margin: float = 0.1,
-    ) -> NamedTuple("Outputs", version=int, promoted=bool, test_mae=float):
+    ) -> NamedTuple("Outputs", version=int, promoted=bool, test_mae=float, reason=str):
         box = dict(min_longitude=min_longitude, max_longitude=max_longitude,
                    min_latitude=min_latitude, max_latitude=max_latitude)
         download = steps.download(source=source)
@@ -121,8 +121,9 @@ def build(cluster: bool = True):
             criterion=criterion, tfidf_max_features=tfidf_max_features, val_size=val_size, seed=seed)
         evaluate = steps.evaluate(model=train.outputs["model"], test_data=split.outputs["test_data"], model_name=model_name)
         register = steps.register(
-            model=train.outputs["model"], evaluation=evaluate.outputs["metrics"], raw_data=download.outputs["raw_data"],
-            clean_data=clean.outputs["clean_data"], model_name=model_name, margin=margin,
+            model=train.outputs["model"], evaluation=evaluate.outputs["metrics"], test_data=split.outputs["test_data"],
+            raw_data=download.outputs["raw_data"], clean_data=clean.outputs["clean_data"],
+            comparison=evaluate.outputs["comparison"], model_name=model_name, margin=margin,
             git_commit=git_commit(), images=json.dumps(steps.IMAGES, sort_keys=True))
         # Steps that read the registry (prod model, its data) must see it as it is now, never from a cache.
         for task in (check, evaluate, register):
@@ -266,6 +267,7 @@ def run_local(params: dict, pipeline_root: str, cache: bool, runner: str = "subp
         return 1
     print(f"\nregistered model {params.get('model_name', 'rental-price')!r} version {outputs['version']}: "
           f"{'now prod' if outputs['promoted'] else 'prod unchanged'}; test MAE {outputs['test_mae']:.2f}")
+    print(f"why: {outputs['reason']}")
     print(f"MLflow UI: {tracking_uri}")
     return 0
 

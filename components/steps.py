@@ -91,22 +91,34 @@ def train(
 
 
 @_component("evaluate")
-def evaluate(model: Input[Model], test_data: Input[Dataset], metrics: Output[Metrics], model_name: str):
-    """Score the candidate and the current prod model on the same test split."""
+def evaluate(
+    model: Input[Model], test_data: Input[Dataset], metrics: Output[Metrics], model_name: str,
+) -> NamedTuple("Evaluation", comparison=str):
+    """Score the candidate on the test split and compare it with prod on the test rows prod was not trained on."""
+    import json
+
     from components import tasks
 
-    for name, value in tasks.evaluate(model.path, test_data.path, model_name).items():
+    scores, comparison = tasks.evaluate(model.path, test_data.path, model_name)
+    for name, value in scores.items():
         metrics.log_metric(name, value)
+    for name in ("prod_version", "rows", "prod_mae", "gain", "gain_low", "gain_high"):
+        if comparison.get(name) is not None:
+            metrics.log_metric(f"comparison_{name}", comparison[name])
+    return (json.dumps(comparison),)
 
 
 @_component("register")
 def register(
-    model: Input[Model], evaluation: Input[Metrics], raw_data: Input[Dataset], clean_data: Input[Dataset],
-    model_name: str, margin: float, git_commit: str, images: str,
-) -> NamedTuple("Registered", version=int, promoted=bool, test_mae=float):
-    """Register the candidate as a new model version; move `prod` to it only if it beats prod by `margin`."""
+    model: Input[Model], evaluation: Input[Metrics], test_data: Input[Dataset], raw_data: Input[Dataset],
+    clean_data: Input[Dataset], comparison: str, model_name: str, margin: float, git_commit: str, images: str,
+) -> NamedTuple("Registered", version=int, promoted=bool, test_mae=float, reason=str):
+    """Register the candidate as a new model version; move `prod` to it only on evidence against the actual prod."""
+    import json
+
     from components import tasks
 
-    result = tasks.register(model.metadata, evaluation.metadata, model_name, margin,
-                            raw_data.metadata, clean_data.metadata, git_commit, images)
-    return (result["version"], result["promoted"], result["test_mae"])
+    scores = {k: evaluation.metadata[k] for k in ("candidate_mae", "candidate_r2")}
+    result = tasks.register(model.path, model.metadata, scores, json.loads(comparison), test_data.path, model_name,
+                            margin, raw_data.metadata, clean_data.metadata, git_commit, images)
+    return (result["version"], result["promoted"], result["test_mae"], result["reason"])

@@ -6,6 +6,7 @@ Each returns the metadata its output artifacts carry.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -13,9 +14,19 @@ import time
 from pathlib import Path
 
 import mlflow
+import pandas as pd
+from mlflow.exceptions import MlflowException
 
-from components import data, model, rollout, tracking
+from components import data, gate, model, rollout, tracking
 from components.errors import StepError
+
+# On a model version: where the ids of the rows it was trained on are, and what identifies its data, parameters
+# and code.
+TRAINING_IDS_TAG = "training_ids"
+TRAINING_IDS_FILE = "training_ids.csv.gz"
+FINGERPRINT_TAG = "fingerprint"
+# Fewer test rows new to prod than this and the comparison says nothing: no automatic promotion.
+MIN_COMPARE_ROWS = 200
 
 
 def download(source: str, out_path: str) -> dict:
@@ -101,52 +112,137 @@ def train(trainval_path: str, model_path: str, params: model.ForestParams, val_s
         with tracking.feature_code() as code:
             mlflow.sklearn.save_model(fitted, model_path, code_paths=[code], **kwargs)
             info = mlflow.sklearn.log_model(fitted, name="model", code_paths=[code], **kwargs)
-        return {**metrics, "mlflow_model_uri": info.model_uri, "mlflow_run_id": run.info.run_id}
+        # Every row that shaped the model (fit and validation): a later candidate is compared with this one only
+        # on rows outside them.
+        with tempfile.TemporaryDirectory() as tmp:
+            ids = Path(tmp, TRAINING_IDS_FILE)
+            pd.concat([train_df["id"], val_df["id"]]).to_frame().to_csv(ids, index=False)
+            mlflow.log_artifact(str(ids), "data")
+        return {**metrics, "mlflow_model_uri": info.model_uri, "mlflow_run_id": run.info.run_id,
+                "training_ids_uri": f"runs:/{run.info.run_id}/data/{TRAINING_IDS_FILE}"}
 
 
-def evaluate(model_path: str, test_path: str, model_name: str) -> dict:
-    """Score the candidate and the current prod model (if any) on the same test split."""
+def evaluate(model_path: str, test_path: str, model_name: str) -> tuple[dict, dict]:
+    """Score the candidate on the test split, and compare it with the current prod on the test rows that prod was
+    not trained on. Returns (the candidate's scores, the comparison)."""
     with tracking.step_run("evaluate", params={"model_name": model_name}):
         test = data.read_listings(test_path)
-        scores = {f"candidate_{k}": v for k, v in model.score(mlflow.sklearn.load_model(model_path), test).items()}
-        prod = tracking.prod_version(model_name)
-        if prod is not None:
-            prod_model = mlflow.sklearn.load_model(f"models:/{model_name}/{prod.version}")
-            scores |= {f"prod_{k}": v for k, v in model.score(prod_model, test).items()}
-            scores["prod_version"] = int(prod.version)
-        mlflow.log_metrics(scores)
-        return scores
+        candidate = mlflow.sklearn.load_model(model_path)
+        scores = {f"candidate_{k}": v for k, v in model.score(candidate, test).items()}
+        comparison = compare_with_prod(model_name, tracking.prod_version(model_name), candidate, test)
+        mlflow.log_metrics({**scores, **{k: v for k, v in comparison.items()
+                                         if isinstance(v, (int, float)) and not isinstance(v, bool)}})
+        mlflow.log_dict(comparison, "comparison.json")
+        c = comparison
+        print(f"evaluate: candidate test MAE {scores['candidate_mae']:.3f}; " + (
+            f"against prod version {c['prod_version']} on {c['rows']} rows new to it: MAE {c['candidate_mae']:.3f} vs "
+            f"{c['prod_mae']:.3f}, gain {c['gain']:.3f} ({c['gain_low']:.3f} to {c['gain_high']:.3f})"
+            if c["comparable"] else c["why"]))
+        return scores, comparison
+
+
+COMPARISON_FIGURES = list(gate.Comparison.__dataclass_fields__)
+
+
+def compare_with_prod(model_name: str, prod, candidate, test) -> dict:
+    """Candidate and `prod` (a ModelVersion, or None) on the test rows prod was not trained on. When they cannot
+    be compared fairly, says why (comparable False) and compares nothing."""
+    if prod is None:
+        return {"prod_version": None, "comparable": False, "why": "no prod model yet"}
+    version = int(prod.version)
+    found = {"prod_version": version, "comparable": False}
+    ids_uri = prod.tags.get(TRAINING_IDS_TAG)
+    if not ids_uri:
+        return found | {"why": f"prod version {version} has no record of the rows it was trained on (tag "
+                               f"{TRAINING_IDS_TAG}), so no rows are known to be new to it"}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            seen = pd.read_csv(mlflow.artifacts.download_artifacts(ids_uri, dst_path=tmp))["id"]
+    except (MlflowException, OSError, KeyError, ValueError) as exc:
+        return found | {"why": f"the training rows of prod version {version} ({ids_uri}) cannot be read: {exc}"}
+    fair = test[~test["id"].isin(seen)]
+    if len(fair) < MIN_COMPARE_ROWS:
+        return found | {"why": f"only {len(fair)} of {len(test)} test rows are new to prod version {version} "
+                               f"(at least {MIN_COMPARE_ROWS} are needed to compare)"}
+    try:
+        # pyfunc enforces prod's own signature: a prod that cannot take this data says so here.
+        prod_predictions = mlflow.pyfunc.load_model(f"models:/{model_name}/{version}").predict(fair[model.FEATURES])
+    except Exception as exc:  # any failure to load or score prod means: no comparison, no automatic promotion
+        return found | {"why": f"prod version {version} cannot score this data ({type(exc).__name__}: "
+                               f"{str(exc)[:300]})"}
+    comparison = gate.compare(fair[model.TARGET], candidate.predict(fair[model.FEATURES]), prod_predictions)
+    return found | {"comparable": True, "why": "", **comparison.as_dict()}
 
 
 def register(
-    model_meta: dict, evaluation: dict, model_name: str, margin: float,
-    raw_meta: dict, clean_meta: dict, git_commit: str, images: str,
+    model_path: str, model_meta: dict, scores: dict, comparison: dict, test_path: str, model_name: str,
+    margin: float, raw_meta: dict, clean_meta: dict, git_commit: str, images: str,
 ) -> dict:
-    """Register the candidate as a new version; move `prod` to it only if it is better by `margin`."""
-    with tracking.step_run("register", params={"model_name": model_name, "margin": margin}, last=True):
+    """Register the candidate as a new version (unless an identical one exists), then, holding the promotion lock,
+    decide against the actual prod and move `prod` only on evidence. Returns version, promoted, test_mae, reason."""
+    with tracking.step_run("register", params={"model_name": model_name, "margin": margin}, last=True) as run:
         pipeline_run = os.environ.get("KFP_RUN_ID", "")
-        # A retry of this step (cluster) finds the version its first attempt registered, and reuses it.
-        earlier = tracking.version_of_pipeline_run(model_name, pipeline_run) if pipeline_run else None
-        candidate_mae = evaluation["candidate_mae"]
-        promote, reason = tracking.should_promote(candidate_mae, evaluation.get("prod_mae"), margin)
-        current = tracking.prod_version(model_name)
-        current_version = int(current.version) if current else None
-        evaluated = evaluation.get("prod_version")
-        moved_by_earlier_attempt = earlier is not None and current_version == int(earlier.version)
-        if not moved_by_earlier_attempt and current_version != (int(evaluated) if evaluated is not None else None):
-            promote, reason = False, f"prod moved to version {current_version} during this run"
+        tags = lineage(raw_meta, clean_meta, model_meta, git_commit, images)
+        test_mae = scores["candidate_mae"]
+        # A retry of this step finds the version its first attempt registered; an identical re-run finds its twin.
+        earlier = tracking.version_tagged(model_name, tracking.RUN_ID_TAG, pipeline_run) if pipeline_run else None
+        twin = tracking.version_tagged(model_name, FINGERPRINT_TAG, tags[FINGERPRINT_TAG])
+        if earlier is None and twin is not None:
+            reason = (f"identical to version {twin.version} (same data sha256 {tags['data_sha256'][:12]}, parameters "
+                      f"and code): nothing registered, prod unchanged")
+            mlflow.log_metrics({"version": int(twin.version), "promoted": 0})
+            mlflow.set_tag("promotion", reason)
+            return {"version": int(twin.version), "promoted": False, "test_mae": test_mae, "reason": reason}
         if earlier is None:
-            tags = {**lineage(raw_meta, clean_meta, model_meta, git_commit, images), tracking.RUN_ID_TAG: pipeline_run,
-                    "test_mae": f"{candidate_mae:.4f}", "test_r2": f"{evaluation['candidate_r2']:.4f}",
-                    "promotion": reason}
+            tags |= {tracking.RUN_ID_TAG: pipeline_run, "test_mae": f"{test_mae:.4f}",
+                     "test_r2": f"{scores['candidate_r2']:.4f}"}
             version = mlflow.register_model(model_meta["mlflow_model_uri"], model_name, tags=tags).version
         else:
             version = earlier.version
+        holder = f"pipeline run {pipeline_run}"
+        with tracking.promotion_lock(model_name, holder, "register"):
+            promote, reason, final = decide_promotion(model_name, version, comparison, margin,
+                                                      tracking.pipeline_started(run.info.run_id),
+                                                      lambda prod: compare_with_prod(
+                                                          model_name, prod, mlflow.sklearn.load_model(model_path),
+                                                          data.read_listings(test_path)))
+            if promote:
+                tracking.set_prod(model_name, version, by=holder)
+        client = mlflow.tracking.MlflowClient()
+        client.set_model_version_tag(model_name, version, "promotion", reason)
+        client.set_model_version_tag(model_name, version, "comparison", json.dumps(final, sort_keys=True))
+        mlflow.set_tag("promotion", reason)
         if promote:
-            tracking.set_prod(model_name, version)
             print(rollout.roll_serving(version))
         mlflow.log_metrics({"version": int(version), "promoted": int(promote)})
-        return {"version": int(version), "promoted": promote, "test_mae": candidate_mae, "reason": reason}
+        return {"version": int(version), "promoted": promote, "test_mae": test_mae, "reason": reason}
+
+
+def decide_promotion(name: str, version: str, comparison: dict, margin: float, run_started: float,
+                     compare_again) -> tuple[bool, str, dict]:
+    """Whether `version` takes `prod`, decided against the actual prod (call it holding the promotion lock).
+
+    prod as evaluated: the evaluation decides. prod moved by another pipeline run since: compare with that one now
+    (compare_again). prod set by hand after this run started: a person's choice stands. Returns (promote, reason,
+    the comparison the decision rests on)."""
+    current = tracking.prod_version(name)
+    if current is not None and current.version == str(version):
+        return True, f"already prod (an earlier attempt of this run promoted version {version})", comparison
+    if current is not None and current.tags.get(tracking.PROMOTED_BY_TAG) == tracking.HAND \
+            and float(current.tags.get(tracking.PROMOTED_AT_TAG, 0)) > run_started:
+        return False, (f"prod was set by hand to version {current.version} after this run started: a person's "
+                       "choice stands (run again to compare with it)"), comparison
+    current_version = int(current.version) if current else None
+    moved = ""
+    if current_version != comparison.get("prod_version"):
+        comparison = compare_again(current)
+        moved = f"prod moved to version {current_version} during this run; compared with it instead: "
+    if current is None:
+        return True, "no prod model yet", comparison
+    if not comparison["comparable"]:
+        return False, f"{moved}not promoted automatically: {comparison['why']}", comparison
+    promote, reason = gate.decide(gate.Comparison(**{k: comparison[k] for k in COMPARISON_FIGURES}), margin)
+    return promote, moved + reason, comparison
 
 
 def lineage(raw_meta: dict, clean_meta: dict, model_meta: dict, git_commit: str, images: str) -> dict[str, str]:
@@ -161,11 +257,15 @@ def lineage(raw_meta: dict, clean_meta: dict, model_meta: dict, git_commit: str,
                 raise StepError("register", "mlflow_run_id", f"run {run_id} of an earlier step is not on "
                                 f"{mlflow.get_tracking_uri()} ({exc.error_code}): was the MLflow server reset? "
                                 "Run again with --no-cache") from exc
-    return {
+    tags = {
         "data_source": str(raw_meta.get("source", "")),
         "data_sha256": str(raw_meta.get("sha256", "")),
         "reference_data": str(clean_meta.get("reference_uri", "")),
+        TRAINING_IDS_TAG: str(model_meta.get("training_ids_uri", "")),
         "git_commit": git_commit,
         "images": images,
         "parameters": json.dumps(params, sort_keys=True),
     }
+    # The same data, parameters and code (the images' tags hash the code) make the same model.
+    same = json.dumps([tags["data_sha256"], tags["parameters"], images], sort_keys=True)
+    return tags | {FINGERPRINT_TAG: hashlib.sha256(same.encode()).hexdigest()[:32]}

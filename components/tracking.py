@@ -26,6 +26,13 @@ PROD_ALIAS = "prod"
 PREVIOUS_ALIAS = "previous-prod"
 RUN_ID_TAG = "kfp_run_id"
 STEP_TAG = "pipeline_step"
+# On a model version: who last moved `prod` to it ("hand", or "pipeline run <id>") and when (epoch seconds).
+PROMOTED_BY_TAG = "promoted_by"
+PROMOTED_AT_TAG = "promoted_at"
+HAND = "hand"
+# The promotion lock of model X is a registered model of this name: MLflow creates one atomically or refuses.
+LOCK_SUFFIX = ".promotion-lock"
+LOCK_LEASE_SECONDS = 120
 
 
 def experiment_name() -> str:
@@ -148,40 +155,85 @@ def prod_version(name: str, alias: str = PROD_ALIAS) -> ModelVersion | None:
         raise
 
 
-def version_of_pipeline_run(name: str, pipeline_run: str) -> ModelVersion | None:
-    """The version a pipeline run already registered, if any."""
-    found = MlflowClient().search_model_versions(f"name = '{name}' and tags.{RUN_ID_TAG} = '{pipeline_run}'")
-    return found[0] if found else None
+def version_tagged(name: str, tag: str, value: str) -> ModelVersion | None:
+    """The oldest version of `name` whose tag `tag` is `value`, if any."""
+    found = MlflowClient().search_model_versions(f"name = '{name}' and tags.{tag} = '{value}'")
+    return min(found, key=lambda v: int(v.version)) if found else None
 
 
-def should_promote(candidate_mae: float, prod_mae: float | None, margin: float) -> tuple[bool, str]:
-    """Promote when there is no prod yet, or the candidate's test MAE beats prod's by at least `margin`."""
-    if prod_mae is None:
-        return True, "no prod model yet"
-    gain = prod_mae - candidate_mae
-    if gain > 0 and gain >= margin:
-        return True, f"test MAE {candidate_mae:.3f} beats prod {prod_mae:.3f} by {gain:.3f} >= margin {margin}"
-    return False, f"test MAE {candidate_mae:.3f} does not beat prod {prod_mae:.3f} by margin {margin}"
+def pipeline_started(run_id: str) -> float:
+    """When the pipeline run of a step's run started (epoch seconds): its parent's start, else its own."""
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    parent = run.data.tags.get("mlflow.parentRunId")
+    return (client.get_run(parent) if parent else run).info.start_time / 1000
 
 
-def set_prod(name: str, version: str) -> None:
-    """Move `prod` to `version`, keeping the version it leaves under `previous-prod` for rollback."""
+@contextmanager
+def promotion_lock(name: str, holder: str, step: str, wait: float = 300) -> Iterator[None]:
+    """One promotion of model `name` at a time, across processes and machines that share the MLflow server.
+
+    The lock is the registered model `<name>.promotion-lock`: MLflow's registry creates a name once or answers
+    RESOURCE_ALREADY_EXISTS, so exactly one creator holds it; releasing deletes it. A holder that died leaves it
+    behind; once its lease (LOCK_LEASE_SECONDS) has run out, the next one takes it over.
+    """
+    client, lock = MlflowClient(), name + LOCK_SUFFIX
+    deadline, delay = time.monotonic() + wait, 0.1
+    while True:
+        try:
+            client.create_registered_model(
+                lock, tags={"holder": holder, "expires": str(time.time() + LOCK_LEASE_SECONDS)},
+                description=f"Held while {holder} moves alias {PROD_ALIAS!r} of {name!r}; deleted when it is done.")
+            break
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        try:
+            held = client.get_registered_model(lock)
+            if time.time() > float(held.tags.get("expires", 0)):
+                log_stale = f"took over the promotion lock of {held.tags.get('holder')!r}, whose lease ran out"
+                client.delete_registered_model(lock)
+                print(log_stale)
+                continue
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            continue  # released meanwhile: try again at once
+        if time.monotonic() > deadline:
+            raise StepError(step, PROD_ALIAS, f"another promotion of {name!r} ({held.tags.get('holder')}) has held "
+                                              f"the lock for over {wait:.0f} s; try again later")
+        time.sleep(delay)
+        delay = min(delay * 2, 2.0)
+    try:
+        yield
+    finally:
+        with suppress(MlflowException):
+            client.delete_registered_model(lock)
+
+
+def set_prod(name: str, version: str, by: str) -> None:
+    """Move `prod` to `version`, keeping the version it leaves under `previous-prod` for rollback, and record on
+    the version who moved it and when. Call it holding promotion_lock."""
     client = MlflowClient()
     current = prod_version(name)
     if current is not None and current.version != str(version):
         client.set_registered_model_alias(name, PREVIOUS_ALIAS, current.version)
+    client.set_model_version_tag(name, str(version), PROMOTED_BY_TAG, by)
+    client.set_model_version_tag(name, str(version), PROMOTED_AT_TAG, f"{time.time():.3f}")
     client.set_registered_model_alias(name, PROD_ALIAS, str(version))
 
 
 def promote(name: str, version: str) -> str:
-    """Move `prod` to an existing version by hand; refuse a version that does not exist."""
+    """Move `prod` to an existing version by hand; refuse a version that does not exist. A pipeline run that
+    started before this will not move `prod` over it."""
     try:
         MlflowClient().get_model_version(name, str(version))
     except MlflowException:
         known = sorted((int(v.version) for v in MlflowClient().search_model_versions(f"name = '{name}'")))
         raise StepError("promote", "VERSION", f"model {name!r} has no version {version!r} (versions: {known})")
-    before = prod_version(name)
-    set_prod(name, version)
+    with promotion_lock(name, HAND, "promote"):
+        before = prod_version(name)
+        set_prod(name, version, by=HAND)
     return f"{name}: prod {before.version if before else None} -> {version}"
 
 

@@ -21,7 +21,7 @@ DEPENDENCIES = {
     "split": {"clean", "check"},
     "train": {"split"},
     "evaluate": {"train", "split"},
-    "register": {"train", "evaluate", "download", "clean"},
+    "register": {"train", "evaluate", "split", "download", "clean"},
 }
 
 

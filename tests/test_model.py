@@ -91,14 +91,3 @@ print(len(m.predict(x)))
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("5")
-
-
-@pytest.mark.parametrize("candidate, prod, margin, promote", [
-    (30.0, None, 0.1, True),
-    (30.0, 31.0, 0.5, True),
-    (30.0, 30.3, 0.5, False),
-    (30.0, 30.0, 0.0, False),
-    (32.0, 30.0, 0.0, False),
-])
-def test_should_promote(candidate, prod, margin, promote):
-    assert tracking.should_promote(candidate, prod, margin)[0] is promote

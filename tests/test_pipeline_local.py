@@ -82,8 +82,9 @@ def test_worse_model_is_registered_but_prod_stays(first_run, client, mlflow_serv
     assert client.get_model_version_by_alias(MODEL, "prod").version == "1"
     worse = client.get_model_version(MODEL, "2")
     assert float(worse.tags["test_mae"]) > float(client.get_model_version(MODEL, "1").tags["test_mae"])
-    assert "does not beat prod" in worse.tags["promotion"]
+    assert worse.tags["promotion"].startswith("worse than prod on 3801 rows neither model was trained on")
     assert "version 2: prod unchanged" in result.stdout
+    assert f"why: {worse.tags['promotion']}" in result.stdout
 
 
 def write(path, text: str):

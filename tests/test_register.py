@@ -1,60 +1,204 @@
-"""The register step against a real MLflow server: promotion rules, lineage, and retries that do not duplicate."""
+"""Evaluate and register against a real MLflow server: the gate on fair rows, the promotion lock, hand promotions,
+prod moving during a run, retries and identical re-runs that add no version."""
+
+import json
+import threading
+import time
 
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from components import model, tasks
+from components import data, model, tasks
 from components import tracking as registry
+from components.errors import StepError
+
+WEAK = model.ForestParams(n_estimators=2, max_depth=2, criterion="squared_error", seed=1)
+GOOD = model.ForestParams(n_estimators=15, max_depth=12, criterion="squared_error", seed=1)
 
 
-@pytest.fixture
-def candidate(tracking, listings) -> dict:
-    """A logged (not yet registered) model, as the train step leaves it."""
-    fitted = model.fit(listings.head(2000), model.ForestParams(n_estimators=3, criterion="squared_error"))
-    mlflow.set_experiment(tracking["experiment"])
-    with mlflow.start_run() as run, registry.feature_code() as code:
-        info = mlflow.sklearn.log_model(fitted, name="model", code_paths=[code],
-                                        **registry.model_kwargs(fitted, model.input_example(listings)))
-    return {"mlflow_model_uri": info.model_uri, "mlflow_run_id": run.info.run_id}
+@pytest.fixture(scope="module")
+def splits(listings, tmp_path_factory) -> dict:
+    """Two splits of the sample: `a` (seed 42) and `b` (seed 7), whose test rows overlap a's training rows."""
+    folder = tmp_path_factory.mktemp("splits")
+    out = {}
+    for name, seed in (("a", 42), ("b", 7)):
+        trainval, test = data.split_listings(listings, 0.2, seed)
+        out[name] = {"trainval": str(folder / f"{name}-trainval.csv"), "test": str(folder / f"{name}-test.csv")}
+        data.write_listings(trainval, out[name]["trainval"])
+        data.write_listings(test, out[name]["test"])
+    return out
 
 
-def register(candidate, name, evaluation, margin=0.1):
-    return tasks.register(candidate, evaluation, name, margin, {"source": "s", "sha256": "h"},
-                          {"reference_uri": "runs:/x/data/clean"}, "abc123", "{}")
+TRAINED = {}  # (trainval path, params) -> (model path, train metadata): each model is trained once per session
 
 
-def test_first_version_becomes_prod_and_a_retry_reuses_it(tracking, candidate):
-    name = tracking["model"]
-    first = register(candidate, name, {"candidate_mae": 30.0, "candidate_r2": 0.5})
-    assert (first["version"], first["promoted"]) == (1, True)
-    # The same pipeline run (same KFP_RUN_ID) again, as a retry after a failure late in the step.
-    again = register(candidate, name, {"candidate_mae": 30.0, "candidate_r2": 0.5})
-    assert (again["version"], again["promoted"]) == (1, True)
-    assert [v.version for v in MlflowClient().search_model_versions(f"name = '{name}'")] == ["1"]
-    version = MlflowClient().get_model_version(name, "1")
-    assert version.tags[registry.RUN_ID_TAG] == tracking["run"]
+def trained(split: dict, params: model.ForestParams, tmp_path) -> tuple[str, dict]:
+    key = (split["trainval"], params)
+    if key not in TRAINED:
+        path = str(tmp_path / f"model-{len(TRAINED)}")
+        TRAINED[key] = path, tasks.train(split["trainval"], path, params, 0.2)
+    return TRAINED[key]
+
+
+def pipeline_run(tracking, monkeypatch, tmp_path, split: dict, params: model.ForestParams, run: str,
+                 source_sha: str = "h") -> dict:
+    """train, evaluate and register as the pipeline runs them, under pipeline run id `run`."""
+    monkeypatch.setenv("KFP_RUN_ID", run)
+    model_path, meta = trained(split, params, tmp_path)
+    scores, comparison = tasks.evaluate(model_path, split["test"], tracking["model"])
+    return register(tracking, model_path, meta, scores, comparison, split["test"], source_sha)
+
+
+def register(tracking, model_path, meta, scores, comparison, test_path, source_sha="h", margin=0.1) -> dict:
+    return tasks.register(model_path, meta, scores, comparison, test_path, tracking["model"], margin,
+                          {"source": "s", "sha256": source_sha}, {"reference_uri": "runs:/x/data/clean"}, "abc123",
+                          "{}")
+
+
+def versions(name: str) -> list[str]:
+    return sorted((v.version for v in MlflowClient().search_model_versions(f"name = '{name}'")), key=int)
+
+
+def prod(name: str) -> str:
+    return MlflowClient().get_model_version_by_alias(name, "prod").version
+
+
+def test_first_version_becomes_prod_with_its_lineage(tracking, monkeypatch, tmp_path, splits):
+    first = pipeline_run(tracking, monkeypatch, tmp_path, splits["a"], WEAK, "run-1")
+    assert (first["version"], first["promoted"], first["reason"]) == (1, True, "no prod model yet")
+    version = MlflowClient().get_model_version(tracking["model"], "1")
+    assert version.tags[registry.RUN_ID_TAG] == "run-1" and version.tags["promotion"] == "no prod model yet"
+    assert version.tags[registry.PROMOTED_BY_TAG] == "pipeline run run-1"
     assert version.tags["data_sha256"] == "h" and version.tags["git_commit"] == "abc123"
+    assert version.tags[tasks.TRAINING_IDS_TAG].endswith("/data/training_ids.csv.gz")
 
 
-def test_a_better_candidate_moves_prod_and_keeps_the_previous(tracking, candidate, monkeypatch):
+def test_a_retry_reuses_its_version_and_an_identical_run_adds_none(tracking, monkeypatch, tmp_path, splits):
     name = tracking["model"]
-    register(candidate, name, {"candidate_mae": 30.0, "candidate_r2": 0.5})
-    monkeypatch.setenv("KFP_RUN_ID", tracking["run"] + "-2")
-    better = register(candidate, name, {"candidate_mae": 29.0, "candidate_r2": 0.6, "prod_mae": 30.0,
-                                        "prod_version": 1})
+    monkeypatch.setenv("KFP_RUN_ID", "run-1")
+    path, meta = trained(splits["a"], WEAK, tmp_path)
+    scores, comparison = tasks.evaluate(path, splits["a"]["test"], name)
+    first = register(tracking, path, meta, scores, comparison, splits["a"]["test"])
+    again = register(tracking, path, meta, scores, comparison, splits["a"]["test"])  # the step retried
+    assert first["version"] == again["version"] == 1 and again["promoted"]
+    # A new pipeline run on the same data, parameters and code.
+    same = pipeline_run(tracking, monkeypatch, tmp_path, splits["a"], WEAK, "run-2")
+    assert (same["version"], same["promoted"]) == (1, False)
+    assert same["reason"].startswith("identical to version 1 (same data sha256 h, parameters and code): nothing "
+                                     "registered")
+    assert versions(name) == ["1"]
+    # New bytes (another sha256) are new data: a new version, compared with prod.
+    other = pipeline_run(tracking, monkeypatch, tmp_path, splits["a"], WEAK, "run-3", source_sha="h2")
+    assert other["version"] == 2 and versions(name) == ["1", "2"]
+
+
+def test_a_clearly_better_candidate_takes_prod_on_fair_rows(tracking, monkeypatch, tmp_path, splits):
+    """prod trained on split a; the candidate's test split (b) shares rows with a's training rows: those are left
+    out of the comparison."""
+    name = tracking["model"]
+    pipeline_run(tracking, monkeypatch, tmp_path, splits["a"], WEAK, "run-1")
+    better = pipeline_run(tracking, monkeypatch, tmp_path, splits["b"], GOOD, "run-2", source_sha="h2")
     assert (better["version"], better["promoted"]) == (2, True)
+    assert better["reason"].startswith("better than prod on ")
     client = MlflowClient()
-    assert client.get_model_version_by_alias(name, "prod").version == "2"
-    assert client.get_model_version_by_alias(name, "previous-prod").version == "1"
+    assert prod(name) == "2" and client.get_model_version_by_alias(name, "previous-prod").version == "1"
+    recorded = client.get_model_version(name, "2")
+    comparison = json.loads(recorded.tags["comparison"])
+    test_b = data.read_listings(splits["b"]["test"])
+    trained_a = set(data.read_listings(splits["a"]["trainval"])["id"])
+    assert comparison["rows"] == int((~test_b["id"].isin(trained_a)).sum()) < len(test_b)
+    assert comparison["gain_low"] > 0.1 and recorded.tags["promotion"] == better["reason"]
 
 
-def test_prod_that_moved_during_the_run_is_left_alone(tracking, candidate, monkeypatch):
+def test_a_worse_candidate_is_registered_and_told_why_prod_stays(tracking, monkeypatch, tmp_path, splits):
+    pipeline_run(tracking, monkeypatch, tmp_path, splits["a"], GOOD, "run-1")
+    worse = pipeline_run(tracking, monkeypatch, tmp_path, splits["b"], WEAK, "run-2", source_sha="h2")
+    assert (worse["version"], worse["promoted"]) == (2, False)
+    assert worse["reason"].startswith("worse than prod on ") and prod(tracking["model"]) == "1"
+
+
+def test_a_hand_promotion_during_the_run_stands(tracking, monkeypatch, tmp_path, splits):
+    """`promote` after the run started (here: after evaluate, as register begins) wins over the run's decision."""
     name = tracking["model"]
-    register(candidate, name, {"candidate_mae": 30.0, "candidate_r2": 0.5})
-    monkeypatch.setenv("KFP_RUN_ID", tracking["run"] + "-2")
-    # Evaluated against "no prod", but version 1 became prod meanwhile.
-    late = register(candidate, name, {"candidate_mae": 10.0, "candidate_r2": 0.9})
-    assert (late["version"], late["promoted"]) == (2, False)
-    assert late["reason"] == "prod moved to version 1 during this run"
-    assert MlflowClient().get_model_version_by_alias(name, "prod").version == "1"
+    pipeline_run(tracking, monkeypatch, tmp_path, splits["a"], WEAK, "run-1")
+    pipeline_run(tracking, monkeypatch, tmp_path, splits["a"], WEAK, "run-2", source_sha="h2")
+    monkeypatch.setenv("KFP_RUN_ID", "run-3")
+    path, meta = trained(splits["b"], GOOD, tmp_path)
+    scores, comparison = tasks.evaluate(path, splits["b"]["test"], name)
+    assert registry.promote(name, "2") == f"{name}: prod 1 -> 2"
+    result = register(tracking, path, meta, scores, comparison, splits["b"]["test"], "h3")
+    assert (result["version"], result["promoted"]) == (3, False)
+    assert result["reason"] == ("prod was set by hand to version 2 after this run started: a person's choice "
+                                "stands (run again to compare with it)")
+    assert prod(name) == "2"
+
+
+def test_prod_moved_by_another_run_is_compared_with_instead(tracking, monkeypatch, tmp_path, splits):
+    name = tracking["model"]
+    monkeypatch.setenv("KFP_RUN_ID", "run-weak")
+    weak_path, weak_meta = trained(splits["a"], WEAK, tmp_path)
+    weak_scores, weak_comparison = tasks.evaluate(weak_path, splits["a"]["test"], name)
+    # Meanwhile a good run registers and takes prod (no prod when the weak one evaluated).
+    good = pipeline_run(tracking, monkeypatch, tmp_path, splits["b"], GOOD, "run-good", source_sha="h2")
+    assert good["promoted"] and weak_comparison["prod_version"] is None
+    monkeypatch.setenv("KFP_RUN_ID", "run-weak")
+    weak = register(tracking, weak_path, weak_meta, weak_scores, weak_comparison, splits["a"]["test"])
+    assert not weak["promoted"] and prod(name) == str(good["version"])
+    assert weak["reason"].startswith(f"prod moved to version {good['version']} during this run; compared with it "
+                                     "instead: ")
+
+
+def test_a_prod_without_lineage_or_that_cannot_score_is_not_replaced_automatically(tracking, monkeypatch, tmp_path,
+                                                                                     splits):
+    name = tracking["model"]
+    pipeline_run(tracking, monkeypatch, tmp_path, splits["a"], WEAK, "run-1")
+    client = MlflowClient()
+    ids = client.get_model_version(name, "1").tags[tasks.TRAINING_IDS_TAG]
+    client.delete_model_version_tag(name, "1", tasks.TRAINING_IDS_TAG)
+    result = pipeline_run(tracking, monkeypatch, tmp_path, splits["b"], GOOD, "run-2", source_sha="h2")
+    assert not result["promoted"] and result["reason"] == (
+        "not promoted automatically: prod version 1 has no record of the rows it was trained on (tag training_ids), "
+        "so no rows are known to be new to it")
+    client.set_model_version_tag(name, "1", tasks.TRAINING_IDS_TAG, ids)
+    # A prod whose signature the new data does not fit (here: the data lacks a column prod needs).
+    test = data.read_listings(splits["b"]["test"]).drop(columns=["availability_365"])
+    candidate = mlflow.sklearn.load_model(trained(splits["b"], GOOD, tmp_path)[0])
+    found = tasks.compare_with_prod(name, registry.prod_version(name), candidate, test)
+    assert not found["comparable"] and found["why"].startswith("prod version 1 cannot score this data")
+    assert prod(name) == "1"
+
+
+def test_the_promotion_lock_admits_one_holder_at_a_time(tracking):
+    name, inside, most, errors = tracking["model"], [], [], []
+
+    def hold(n):
+        try:
+            with registry.promotion_lock(name, f"holder {n}", "register"):
+                inside.append(n)
+                most.append(len(inside))
+                time.sleep(0.05)
+                inside.remove(n)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hold, args=(n,)) for n in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(most) == 6 and max(most) == 1
+
+
+def test_a_stale_lock_is_taken_over_and_a_live_one_waited_for(tracking, monkeypatch):
+    name, client = tracking["model"], MlflowClient()
+    client.create_registered_model(name + registry.LOCK_SUFFIX, tags={"holder": "a dead run",
+                                                                      "expires": str(time.time() - 1)})
+    with registry.promotion_lock(name, "me", "register"):
+        held = client.get_registered_model(name + registry.LOCK_SUFFIX)
+        assert held.tags["holder"] == "me"
+        with pytest.raises(StepError, match=r"register: prod: another promotion of .* \(me\) has held the lock"):
+            with registry.promotion_lock(name, "other", "register", wait=0.5):
+                pass
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        client.get_registered_model(name + registry.LOCK_SUFFIX)  # released

@@ -1,0 +1,55 @@
+"""The promotion gate: does a candidate beat `prod` on rows neither model was trained on, by more than the
+sampling noise of an MAE and by at least a margin? Pure functions of predictions; tasks.py gathers them."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import stats
+
+CONFIDENCE = 0.95
+RESAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Candidate and prod on the same rows. gain = prod MAE - candidate MAE (positive: the candidate is better),
+    with a bootstrap interval over rows, paired: each resample scores both models on the same rows."""
+
+    rows: int
+    candidate_mae: float
+    prod_mae: float
+    gain: float
+    gain_low: float
+    gain_high: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare(actual, candidate: np.ndarray, prod: np.ndarray, seed: int = 0) -> Comparison:
+    actual = np.asarray(actual, dtype=float)
+    candidate_errors = np.abs(actual - np.asarray(candidate, dtype=float))
+    prod_errors = np.abs(actual - np.asarray(prod, dtype=float))
+    gains = prod_errors - candidate_errors  # per row: the paired difference
+    interval = stats.bootstrap((gains,), np.mean, confidence_level=CONFIDENCE, n_resamples=RESAMPLES,
+                               method="percentile", random_state=seed).confidence_interval
+    return Comparison(rows=len(actual), candidate_mae=float(candidate_errors.mean()),
+                      prod_mae=float(prod_errors.mean()), gain=float(gains.mean()),
+                      gain_low=float(interval.low), gain_high=float(interval.high))
+
+
+def decide(comparison: Comparison, margin: float) -> tuple[bool, str]:
+    """Promote only when the whole interval of the gain lies above `margin`: better, and not by noise."""
+    c = comparison
+    figures = (f"on {c.rows} rows neither model was trained on: candidate MAE {c.candidate_mae:.3f}, prod "
+               f"{c.prod_mae:.3f}, gain {c.gain:.3f} ({CONFIDENCE:.0%} interval {c.gain_low:.3f} to "
+               f"{c.gain_high:.3f})")
+    if c.gain_low > margin:
+        return True, f"better than prod {figures}, all above the margin {margin}"
+    if c.gain_high < 0:
+        return False, f"worse than prod {figures}"
+    if c.gain <= margin:
+        return False, f"not better than prod by the margin {margin} {figures}"
+    return False, f"not clearly better than prod: the interval reaches below the margin {margin} {figures}"
