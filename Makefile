@@ -29,6 +29,7 @@ PIPELINE_SPEC ?= pipeline.yaml
 KFP_PORT ?= 8081
 KFP_HOST ?= http://127.0.0.1:$(KFP_PORT)
 WAIT ?=
+NO_CACHE ?=
 
 # Serving (the same command runs locally, in the serving image and in the cluster's pod).
 PORT ?= 8080
@@ -88,8 +89,8 @@ mlflow-stop:  ## Stop the local MLflow server started by `make mlflow` (its data
 
 RUN_PARAMS = $(if $(DATA_URL),--param source=$(DATA_URL)) $(foreach p,$(PARAMS),--param $(p))
 
-run: venv mlflow  ## Run the whole pipeline locally (kfp.local, no cluster, no Docker); DATA_URL=, PARAMS= override
-	$(PY) pipeline.py run $(RUN_PARAMS)
+run: venv mlflow  ## Run the whole pipeline locally (kfp.local, no cluster, no Docker); DATA_URL=, PARAMS=, NO_CACHE=1
+	$(PY) pipeline.py run $(RUN_PARAMS) $(if $(NO_CACHE),--no-cache)
 
 run-docker: venv mlflow  ## Run the whole pipeline locally with every task in its image (make images first)
 	$(PY) pipeline.py run --runner docker $(RUN_PARAMS)
@@ -97,12 +98,13 @@ run-docker: venv mlflow  ## Run the whole pipeline locally with every task in it
 compile: venv  ## Compile the KFP pipeline spec to $(PIPELINE_SPEC)
 	$(PY) pipeline.py compile --output $(PIPELINE_SPEC)
 
-submit: venv compile  ## Upload $(PIPELINE_SPEC) to KFP at KFP_HOST and start a run (port-forwards if needed); WAIT=1 waits
+submit: venv compile  ## Upload $(PIPELINE_SPEC) to KFP and start a run (port-forwards if needed); WAIT=1 waits, NO_CACHE=1 reuses nothing
 	@if ! curl -sf -o /dev/null $(KFP_HOST)/apis/v2beta1/healthz; then \
 	  $(KUBECTL) port-forward -n kubeflow svc/ml-pipeline-ui $(KFP_PORT):80 >/dev/null & trap "kill $$!" EXIT; \
 	  curl -sf -o /dev/null --retry 30 --retry-connrefused --retry-delay 1 $(KFP_HOST)/apis/v2beta1/healthz; \
 	fi; \
-	$(PY) pipeline.py submit --spec $(PIPELINE_SPEC) --host $(KFP_HOST) $(RUN_PARAMS) $(if $(WAIT),--wait)
+	$(PY) pipeline.py submit --spec $(PIPELINE_SPEC) --host $(KFP_HOST) $(RUN_PARAMS) $(if $(WAIT),--wait) \
+	  $(if $(NO_CACHE),--no-cache)
 
 test: venv checkov  ## Unit, compile, manifest and end-to-end tests (starts its own MLflow server)
 	$(PY) -m pytest

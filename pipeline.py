@@ -15,6 +15,7 @@ import inspect
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import uuid
@@ -22,9 +23,11 @@ import warnings
 from pathlib import Path
 from typing import NamedTuple
 
+import mlflow
 from kfp import compiler, dsl, kubernetes, local
 
 from components import data, steps, tracking
+from components.errors import StepError
 from components.model import ForestParams
 from images import catalog
 
@@ -43,7 +46,9 @@ def git_commit() -> str:
 
 
 # What the cluster gives each step (names match manifests/): env from the ConfigMap, the run id from the pod's
-# label, per-step resources, and retries for the steps whose work is a call to a service.
+# label, per-step resources. No task retries: a retry cannot tell bad input from a passing fault, so transient
+# failures are retried inside the step (MLflow's client: tracking.CLIENT_LIMITS; downloads: data.fetch) and bad
+# input fails once, at once, here as locally.
 PIPELINE_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "S3_ENDPOINT_URL")
 RESOURCES = {  # step: (cpu request, cpu limit, memory request, memory limit)
     "download": ("250m", "1", "512M", "1G"),
@@ -54,9 +59,8 @@ RESOURCES = {  # step: (cpu request, cpu limit, memory request, memory limit)
     "evaluate": ("500m", "1", "1G", "3G"),
     "register": ("250m", "1", "512M", "1G"),
 }
-RETRIED = {"download", "check", "evaluate", "register"}
 # Defaults of the box and the forest live with the code that uses them.
-BOX, FOREST = data.Box(), ForestParams()
+BOX, FOREST, DRIFT = data.Box(), ForestParams(), data.DriftLimits()
 # KFP's own bucket on the MinIO of manifests/minio/ (the kfp-launcher ConfigMap holds its endpoint).
 CLUSTER_PIPELINE_ROOT = "minio://mlpipeline/v2/artifacts"
 
@@ -71,19 +75,17 @@ def for_cluster(step: str, task: dsl.PipelineTask) -> None:
     cpu_request, cpu_limit, memory_request, memory_limit = RESOURCES[step]
     task.set_cpu_request(cpu_request).set_cpu_limit(cpu_limit)
     task.set_memory_request(memory_request).set_memory_limit(memory_limit)
-    if step in RETRIED:
-        task.set_retry(num_retries=2, backoff_duration="30s", backoff_factor=2)
 
 
 @functools.cache  # building the DAG runs git and hashes the image inputs: once per process is enough
 def build(cluster: bool = True):
-    """The DAG. `cluster` adds what only Kubernetes uses (for_cluster); kfp.local runs it without, so that a
-    bad input fails at once instead of after the retries meant for a flaky service."""
+    """The DAG. `cluster` adds what only Kubernetes uses (for_cluster)."""
 
     @dsl.pipeline(name=PIPELINE_NAME, description="NYC short-term rental price: data to a registered, promoted model.",
                   pipeline_root=CLUSTER_PIPELINE_ROOT if cluster else None)
     def rental_price_pipeline(
         source: str = data.CLUSTER_SOURCE if cluster else data.DEFAULT_SOURCE,
+        source_sha256: str = "",
         model_name: str = MODEL_NAME,
         min_price: float = 10.0,
         max_price: float = 350.0,
@@ -93,8 +95,11 @@ def build(cluster: bool = True):
         max_latitude: float = BOX.max_lat,
         min_rows: int = 1000,
         max_rows: int = 1_000_000,
-        kl_threshold: float = 0.2,
-        ks_alpha: float = 0.05,
+        max_category_psi: float = DRIFT.max_category_psi,
+        max_error_ratio: float = DRIFT.max_error_ratio,
+        warn_psi: float = DRIFT.warn_psi,
+        warn_ks: float = DRIFT.warn_ks,
+        warn_error_ratio: float = DRIFT.warn_error_ratio,
         test_size: float = 0.2,
         val_size: float = 0.2,
         seed: int = FOREST.seed,
@@ -109,11 +114,12 @@ def build(cluster: bool = True):
     ) -> NamedTuple("Outputs", version=int, promoted=bool, test_mae=float, reason=str):
         box = dict(min_longitude=min_longitude, max_longitude=max_longitude,
                    min_latitude=min_latitude, max_latitude=max_latitude)
-        download = steps.download(source=source)
+        download = steps.download(source=source, expected_sha256=source_sha256)
         clean = steps.clean(raw_data=download.outputs["raw_data"], min_price=min_price, max_price=max_price, **box)
         check = steps.check(
             clean_data=clean.outputs["clean_data"], model_name=model_name, min_price=min_price, max_price=max_price,
-            min_rows=min_rows, max_rows=max_rows, kl_threshold=kl_threshold, ks_alpha=ks_alpha, **box)
+            min_rows=min_rows, max_rows=max_rows, max_category_psi=max_category_psi, max_error_ratio=max_error_ratio,
+            warn_psi=warn_psi, warn_ks=warn_ks, warn_error_ratio=warn_error_ratio, **box)
         split = steps.split(clean_data=clean.outputs["clean_data"], test_size=test_size, seed=seed).after(check)
         train = steps.train(
             trainval_data=split.outputs["trainval_data"], n_estimators=n_estimators, max_depth=max_depth,
@@ -165,7 +171,7 @@ def compile_pipeline(output: str) -> None:
     print(f"wrote {output}")
 
 
-def submit(spec: str, host: str, params: dict, experiment: str, wait: bool, timeout: int) -> int:
+def submit(spec: str, host: str, params: dict, experiment: str, wait: bool, timeout: int, cache: bool = True) -> int:
     """Upload the compiled spec to KFP and start a run; with `wait`, fail unless the run succeeds."""
     import kfp
 
@@ -173,7 +179,8 @@ def submit(spec: str, host: str, params: dict, experiment: str, wait: bool, time
         sys.exit(f"pipeline.py submit: no pipeline spec at {spec}: run `make compile` first")
     try:
         client = kfp.Client(host=host)
-        run = client.create_run_from_pipeline_package(spec, arguments=params, experiment_name=experiment)
+        run = client.create_run_from_pipeline_package(spec, arguments=params, experiment_name=experiment,
+                                                      enable_caching=cache)
     except Exception as exc:  # kfp raises transport, API and auth errors of several libraries
         sys.exit(f"pipeline.py submit: KFP at {host} refused or did not answer ({type(exc).__name__}: "
                  f"{str(exc)[:300]}); is `make ui` or a port-forward to ml-pipeline-ui running?")
@@ -187,8 +194,6 @@ def submit(spec: str, host: str, params: dict, experiment: str, wait: bool, time
 
 def seed_data(source: str, to: str) -> int:
     """Copy the bytes of `source` as stored (the sample stays gzipped) to an s3:// location."""
-    from components.errors import StepError
-
     try:
         raw = data.read_source(source)
         data.upload_s3(raw, to)
@@ -238,14 +243,30 @@ def run_local(params: dict, pipeline_root: str, cache: bool, runner: str = "subp
     if not tracking_uri:
         sys.exit("pipeline.py run: MLFLOW_TRACKING_URI is not set; `make run` starts a local MLflow server and sets it")
     pipeline_root = os.path.abspath(pipeline_root)
-    # Steps group their MLflow runs by this id (in a cluster, KFP's own run id takes its place).
-    env = {"MLFLOW_TRACKING_URI": tracking_uri, "KFP_RUN_ID": f"local-{uuid.uuid4().hex[:12]}",
-           "MLFLOW_EXPERIMENT_NAME": tracking.experiment_name(),
+    try:
+        tracking.require_server("pipeline.py run")
+    except StepError as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        return 1
+    kfp_run = f"local-{uuid.uuid4().hex[:12]}"
+    # Steps group their MLflow runs by KFP_RUN_ID (in a cluster, KFP's own run id takes its place) and note who
+    # runs them, so that a later run can close what a killed one left RUNNING.
+    env = {"MLFLOW_TRACKING_URI": tracking_uri, "KFP_RUN_ID": kfp_run, "MLFLOW_EXPERIMENT_NAME": tracking.experiment_name(),
+           tracking.OWNER_ENV: f"{socket.gethostname()}:{os.getpid()}",
            # MLflow's usage telemetry would call a public endpoint from every step.
            "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true")}
-    # Cached outputs name MLflow runs and models: keep one cache per tracking server and experiment.
-    server_key = hashlib.sha256(f"{tracking_uri} {env['MLFLOW_EXPERIMENT_NAME']}".encode()).hexdigest()[:12]
-    cache_root = os.path.join(pipeline_root, ".kfp_cache", server_key)
+    for closed in tracking.close_abandoned_runs(socket.gethostname()):
+        print(f"closed the MLflow runs that pipeline run {closed} left RUNNING when its process ended")
+    # The data's content drives the cache: download is cached on the source and its sha256, read here first. A
+    # source that cannot be read is left to download, which says why.
+    try:
+        params["source_sha256"] = hashlib.sha256(data.fetch(params.get("source", data.DEFAULT_SOURCE))).hexdigest()
+    except StepError:
+        params["source_sha256"] = ""
+    # Cached outputs name MLflow runs: one cache per server and experiment; a reset server makes a new experiment.
+    experiment = mlflow.set_experiment(env["MLFLOW_EXPERIMENT_NAME"])
+    scope = f"{tracking_uri} {experiment.experiment_id} {experiment.creation_time}"
+    cache_root = os.path.join(pipeline_root, ".kfp_cache", hashlib.sha256(scope.encode()).hexdigest()[:12])
     if runner == "docker":
         env |= {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k.endswith("S3_ENDPOINT_URL")}
         chosen = docker_runner(pipeline_root, env)
@@ -258,13 +279,20 @@ def run_local(params: dict, pipeline_root: str, cache: bool, runner: str = "subp
         chosen = local.SubprocessRunner(use_venv=False)
     local.init(runner=chosen, pipeline_root=pipeline_root, enable_caching=cache, cache_root=cache_root,
                raise_on_error=True)
-    print(f"pipeline run {env['KFP_RUN_ID']} ({runner}): {json.dumps(params, sort_keys=True)}")
+    print(f"pipeline run {kfp_run} ({runner}): {json.dumps(params, sort_keys=True)}")
+    print(f"cache: {'on: a step is reused when its inputs (the data by its sha256), parameters and code are unchanged' if cache else 'off (--no-cache)'}")
     try:
         outputs = build(cluster=False)(**params).outputs
     except RuntimeError as exc:
         plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # kfp.local colours task names
         print(f"\nFAILED: {plain} (its error is printed above)", file=sys.stderr)
         return 1
+    finally:
+        tracking.close_runs(kfp_run, "FAILED")  # whatever a killed step left RUNNING
+    reused = sorted(set(steps.IMAGES) - tracking.steps_run(kfp_run))
+    if reused:
+        print(f"reused from the cache: {', '.join(reused)} (same data sha256 {params['source_sha256'][:12]}, "
+              "parameters and code)")
     print(f"\nregistered model {params.get('model_name', 'rental-price')!r} version {outputs['version']}: "
           f"{'now prod' if outputs['promoted'] else 'prod unchanged'}; test MAE {outputs['test_mae']:.2f}")
     print(f"why: {outputs['reason']}")
@@ -290,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     submit_cmd.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
     submit_cmd.add_argument("--wait", action="store_true", help="wait for the run; fail unless it succeeds")
     submit_cmd.add_argument("--timeout", type=int, default=3600)
+    submit_cmd.add_argument("--no-cache", action="store_true", help="re-run every step, reusing nothing")
     seed_cmd = commands.add_parser("seed-data", help="copy a data source (default: the shipped sample) to s3://")
     seed_cmd.add_argument("--source", default=data.DEFAULT_SOURCE)
     seed_cmd.add_argument("--to", default=data.CLUSTER_SOURCE, help="s3://bucket/key (endpoint: S3_ENDPOINT_URL)")
@@ -303,13 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         compile_pipeline(args.output)
         return 0
     if args.command == "submit":
-        return submit(args.spec, args.host, parse_params(args.param), args.experiment, args.wait, args.timeout)
+        return submit(args.spec, args.host, parse_params(args.param), args.experiment, args.wait, args.timeout,
+                      cache=not args.no_cache)
     if args.command == "seed-data":
         return seed_data(args.source, args.to)
     if args.command in ("promote", "rollback"):
-        from components import tracking
-        from components.errors import StepError
-
         try:
             tracking.require_server(args.command)
             print(tracking.promote(args.model_name, args.version) if args.command == "promote"

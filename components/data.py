@@ -6,11 +6,14 @@ import gzip
 import hashlib
 import io
 import os
+import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from scipy import stats
 from sklearn.model_selection import train_test_split
@@ -50,8 +53,8 @@ PUBLIC_SOURCE = (
 # In the cluster the default data enters through MinIO: `make deploy` puts the sample there.
 CLUSTER_SOURCE = "s3://data/" + SAMPLE_FILE
 NEIGHBOURHOOD_GROUPS = ("Bronx", "Brooklyn", "Manhattan", "Queens", "Staten Island")
-# Columns the KS test compares with the reference data.
-KS_COLUMNS = [
+# Numeric columns whose distribution is compared with prod's data.
+DRIFT_COLUMNS = [
     "price", "latitude", "longitude", "minimum_nights", "number_of_reviews",
     "reviews_per_month", "calculated_host_listings_count", "availability_365",
 ]
@@ -95,8 +98,7 @@ def read_source(source: str) -> bytes:
         if source.startswith(SAMPLE_SCHEME):
             return _sample_path(source).read_bytes()
         if scheme in ("http", "https"):
-            with urllib.request.urlopen(source, timeout=60) as response:
-                return response.read()
+            return _fetch_http(source)
         if scheme == "s3":
             bucket, key = _s3_location(source)
             return _s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -106,6 +108,22 @@ def read_source(source: str) -> bytes:
         raise
     except Exception as exc:  # every transport has its own error types; the message is what matters
         raise StepError("download", "source", f"cannot read {source!r}: {exc}") from exc
+
+
+def _fetch_http(url: str, tries: int = 3) -> bytes:
+    """GET with a retry for what may pass (no answer, 5xx, 429); any other answer (404, 403) fails at once."""
+    for attempt in range(1, tries + 1):
+        try:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                return response.read()
+        except urllib.error.HTTPError as exc:
+            if attempt == tries or (exc.code < 500 and exc.code != 429):
+                raise
+        except (urllib.error.URLError, TimeoutError, ConnectionError):
+            if attempt == tries:
+                raise
+        time.sleep(2 ** attempt)
+    raise AssertionError("unreachable")
 
 
 def _sample_path(source: str) -> Path:
@@ -255,35 +273,85 @@ def deterministic_checks(
     return failures
 
 
-def kl_divergence(sample: pd.Series, reference: pd.Series) -> float:
-    """KL(sample || reference) of two categorical columns, in bits; unseen categories get a small mass."""
-    categories = sorted(set(sample.dropna()) | set(reference.dropna()))
-    p = sample.value_counts().reindex(categories, fill_value=0).to_numpy(float) + 1e-6
-    q = reference.value_counts().reindex(categories, fill_value=0).to_numpy(float) + 1e-6
-    return float(stats.entropy(p, q, base=2))
+@dataclass(frozen=True)
+class DriftLimits:
+    """When new data differs from prod's too much to train on (fail) or enough to say so (warn).
 
-
-def statistical_checks(
-    df: pd.DataFrame, reference: pd.DataFrame, kl_threshold: float, ks_alpha: float
-) -> tuple[list[str], dict[str, float]]:
-    """KL divergence of neighbourhood_group and a KS test per numeric column against the reference.
-
-    The KS p-values are Bonferroni-corrected over the columns tested. Returns (failures, figures).
+    Calibrated on the shared sample (README): two random halves differ by PSI <= 0.005 and KS <= 0.016, and prod's
+    MAE on the other half is 1.01 x its own; a borough removed gives PSI 0.83 on neighbourhood_group, prices +30 %
+    an error ratio of 1.53, prices shuffled across listings 2.08. Real new listings of the same city move numeric
+    columns by KS up to 0.37 and stay fit to train on, so numeric shifts only warn: prod's error decides.
     """
-    failures = []
-    kl = kl_divergence(df["neighbourhood_group"], reference["neighbourhood_group"])
-    figures = {"kl_neighbourhood_group": kl}
-    if kl > kl_threshold:
-        failures.append(f"neighbourhood_group: KL divergence {kl:.3f} > threshold {kl_threshold}")
-    alpha = ks_alpha / len(KS_COLUMNS)
-    for column in KS_COLUMNS:
-        result = stats.ks_2samp(df[column].dropna(), reference[column].dropna())
-        figures[f"ks_pvalue_{column}"] = float(result.pvalue)
-        if result.pvalue < alpha:
-            failures.append(
-                f"{column}: KS test p-value {result.pvalue:.2e} < {alpha:.2e} (statistic {result.statistic:.3f})"
-            )
-    return failures, figures
+
+    max_category_psi: float = 0.25
+    max_error_ratio: float = 1.25
+    warn_psi: float = 0.1
+    warn_ks: float = 0.1
+    warn_error_ratio: float = 1.1
+
+
+CATEGORY_COLUMNS = ["neighbourhood_group", "room_type"]
+# A share below this counts as this, so that a category or bin missing on one side gives a large, finite PSI.
+PSI_FLOOR = 1e-4
+
+
+def _psi(current: np.ndarray, reference: np.ndarray) -> float:
+    current, reference = np.clip(current, PSI_FLOOR, None), np.clip(reference, PSI_FLOOR, None)
+    return float(np.sum((current - reference) * np.log(current / reference)))
+
+
+def category_psi(current: pd.Series, reference: pd.Series) -> float:
+    """Population stability index of a categorical column (shares of each value, missing ones included)."""
+    categories = sorted(set(current.dropna()) | set(reference.dropna()))
+    share = lambda s: s.value_counts(normalize=True).reindex(categories, fill_value=0).to_numpy()  # noqa: E731
+    return _psi(share(current), share(reference))
+
+
+def numeric_psi(current: pd.Series, reference: pd.Series, bins: int = 10) -> float:
+    """Population stability index of a numeric column over the reference's deciles."""
+    edges = np.unique(np.quantile(reference.dropna(), np.linspace(0, 1, bins + 1)))
+    edges[0], edges[-1] = -np.inf, np.inf
+    share = lambda s: np.histogram(s.dropna(), edges)[0] / max(s.notna().sum(), 1)  # noqa: E731
+    return _psi(share(current), share(reference))
+
+
+def drift_checks(
+    df: pd.DataFrame, reference: pd.DataFrame, limits: DriftLimits
+) -> tuple[list[str], list[str], dict[str, float]]:
+    """Distribution shift of each column against prod's data: (failures, warnings, figures)."""
+    failures, warnings, figures = [], [], {}
+    for column in CATEGORY_COLUMNS:
+        psi = figures[f"psi_{column}"] = category_psi(df[column], reference[column])
+        gone = sorted(set(reference[column].dropna()) - set(df[column].dropna()))
+        missing = f"; no rows of {gone}" if gone else ""
+        if psi > limits.max_category_psi:
+            failures.append(f"{column}: distribution shifted from prod's data (PSI {psi:.3f} > "
+                            f"{limits.max_category_psi}{missing})")
+        elif psi > limits.warn_psi:
+            warnings.append(f"{column}: distribution moved (PSI {psi:.3f} > {limits.warn_psi}{missing})")
+    for column in DRIFT_COLUMNS:
+        psi = figures[f"psi_{column}"] = numeric_psi(df[column], reference[column])
+        ks = figures[f"ks_{column}"] = float(stats.ks_2samp(df[column].dropna(), reference[column].dropna()).statistic)
+        if psi > limits.warn_psi or ks > limits.warn_ks:
+            warnings.append(f"{column}: distribution moved (PSI {psi:.3f}, KS statistic {ks:.3f}; warn above "
+                            f"{limits.warn_psi} / {limits.warn_ks})")
+    return failures, warnings, figures
+
+
+def error_check(mae_now: float, mae_registered: float, rows: int, version: str,
+                limits: DriftLimits) -> tuple[list[str], list[str], dict[str, float]]:
+    """prod's MAE on the new data (rows it was not trained on) against its test MAE at registration: the data
+    the model will learn from no longer relates price to the listing as before when this grows."""
+    ratio = mae_now / mae_registered
+    figures = {"prod_mae_now": mae_now, "prod_mae_registered": mae_registered, "prod_error_ratio": ratio}
+    text = (f"prod version {version}'s MAE on {rows} rows new to it is {mae_now:.2f}, {ratio:.2f} x its "
+            f"{mae_registered:.2f} at registration")
+    if ratio > limits.max_error_ratio:
+        return [f"price: {text} (> {limits.max_error_ratio}): prices no longer follow the listings as they did"], \
+            [], figures
+    if ratio > limits.warn_error_ratio:
+        return [], [f"price: {text} (> {limits.warn_error_ratio})"], figures
+    return [], [], figures
 
 
 # ---------------------------------------------------------------- split

@@ -19,11 +19,12 @@ def _component(step: str):
 
 
 @_component("download")
-def download(source: str, raw_data: Output[Dataset]):
-    """Fetch the raw listings CSV (https://, s3://, file:// or a local path)."""
+def download(source: str, expected_sha256: str, raw_data: Output[Dataset]):
+    """Fetch the raw listings CSV (sample://, https://, s3://, file:// or a local path), checking its sha256 when
+    the run names one."""
     from components import tasks
 
-    raw_data.metadata.update(tasks.download(source, raw_data.path))
+    raw_data.metadata.update(tasks.download(source, raw_data.path, expected_sha256))
 
 
 @_component("clean")
@@ -42,16 +43,18 @@ def clean(
 def check(
     clean_data: Input[Dataset], report: Output[Markdown], model_name: str, min_price: float, max_price: float,
     min_longitude: float, max_longitude: float, min_latitude: float, max_latitude: float,
-    min_rows: int, max_rows: int, kl_threshold: float, ks_alpha: float,
+    min_rows: int, max_rows: int, max_category_psi: float, max_error_ratio: float, warn_psi: float, warn_ks: float,
+    warn_error_ratio: float,
 ):
-    """Deterministic checks, and statistical checks against the data of the current prod model."""
+    """The data's own checks, then its drift from prod's data and prod's error on it."""
     from pathlib import Path
 
     from components import data, tasks
 
     box = data.Box(min_longitude, max_longitude, min_latitude, max_latitude)
+    limits = data.DriftLimits(max_category_psi, max_error_ratio, warn_psi, warn_ks, warn_error_ratio)
     Path(report.path).write_text(tasks.check(
-        clean_data.path, model_name, min_price, max_price, box, min_rows, max_rows, kl_threshold, ks_alpha))
+        clean_data.path, model_name, min_price, max_price, box, min_rows, max_rows, limits))
 
 
 @_component("split")

@@ -6,6 +6,7 @@ Each returns the metadata its output artifacts carry.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -29,15 +30,30 @@ FINGERPRINT_TAG = "fingerprint"
 MIN_COMPARE_ROWS = 200
 
 
-def download(source: str, out_path: str) -> dict:
-    with tracking.step_run("download", params={"source": source}):
+def download(source: str, out_path: str, expected_sha256: str = "") -> dict:
+    """Fetch and parse the data; keep its bytes in MLflow once per sha256 (MinIO in the cluster), so that every
+    model's lineage points at the exact data it came from."""
+    with tracking.step_run("download", params={"source": source}) as run:
         raw = data.fetch(source)
         df = data.parse_csv(raw)
-        Path(out_path).write_bytes(raw)
         meta = data.describe_download(source, raw, df)
+        if expected_sha256 and meta["sha256"] != expected_sha256:
+            raise StepError("download", "source", f"the data at {source!r} changed since this run started (sha256 "
+                                                  f"{expected_sha256[:12]} then, {meta['sha256'][:12]} now): run again")
+        Path(out_path).write_bytes(raw)
         mlflow.log_metrics({"rows": meta["rows"], "bytes": meta["bytes"]})
         mlflow.set_tag("sha256", meta["sha256"])
+        meta["data_uri"] = tracking.raw_data_uri(meta["sha256"]) or keep_raw_data(raw, meta["sha256"], run.info.run_id)
         return meta
+
+
+def keep_raw_data(raw: bytes, sha256: str, run_id: str) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp, f"{sha256}.csv.gz")
+        path.write_bytes(gzip.compress(raw, mtime=0))
+        mlflow.log_artifact(str(path), "raw")
+    mlflow.set_tag(tracking.RAW_DATA_TAG, sha256)
+    return f"runs:/{run_id}/raw/{path.name}"
 
 
 def clean(raw_path: str, out_path: str, min_price: float, max_price: float, box: data.Box) -> dict:
@@ -55,36 +71,89 @@ def clean(raw_path: str, out_path: str, min_price: float, max_price: float, box:
 
 def check(
     clean_path: str, model_name: str, min_price: float, max_price: float, box: data.Box,
-    min_rows: int, max_rows: int, kl_threshold: float, ks_alpha: float,
+    min_rows: int, max_rows: int, limits: data.DriftLimits,
 ) -> str:
-    """Run every check, log a report, and fail listing every failed check. Returns the report (Markdown)."""
-    params = {"kl_threshold": kl_threshold, "ks_alpha": ks_alpha, "min_rows": min_rows, "max_rows": max_rows}
+    """Every check: the data's own (schema, ranges) and, against prod, its drift and prod's error on it. Fails on
+    any failure, listing each; warnings are reported and the run goes on. Returns the report (Markdown)."""
+    params = {"min_rows": min_rows, "max_rows": max_rows, **vars(limits)}
     with tracking.step_run("check", params=params):
         df = data.read_listings(clean_path)
         failures = data.deterministic_checks(df, min_price, max_price, box, min_rows, max_rows)
-        lines = [f"# Data checks on {len(df)} rows", "", f"Deterministic checks: {len(failures)} failed."]
+        warnings, lines = [], [f"# Data checks on {len(df)} rows", "",
+                               f"Deterministic checks: {len(failures)} failed."]
         prod = tracking.prod_version(model_name)
-        reference_uri = prod.tags.get("reference_data") if prod else None
         if failures:
-            # The statistical tests assume the schema the deterministic checks just found broken.
-            lines.append("Statistical checks skipped: the deterministic checks failed.")
-        elif reference_uri:
-            with tempfile.TemporaryDirectory() as tmp:
-                reference = data.read_listings(mlflow.artifacts.download_artifacts(reference_uri, dst_path=tmp))
-            stat_failures, figures = data.statistical_checks(df, reference, kl_threshold, ks_alpha)
-            mlflow.log_metrics(figures)
-            failures += stat_failures
-            lines.append(f"Statistical checks against the data of prod version {prod.version} ({len(reference)} rows): "
-                         f"{len(stat_failures)} failed.")
+            # The comparisons with prod assume the schema the deterministic checks just found broken.
+            lines.append("Checks against prod skipped: the deterministic checks failed.")
+        elif prod is None:
+            lines.append(f"Checks against prod skipped: model {model_name!r} has no '{tracking.PROD_ALIAS}' version yet.")
         else:
-            lines.append(f"Statistical checks skipped: model {model_name!r} has no '{tracking.PROD_ALIAS}' version yet.")
-        lines += [f"- FAILED {f}" for f in failures]
+            found_failures, warnings, figures, notes = checks_against_prod(model_name, prod, df, limits)
+            failures += found_failures
+            mlflow.log_metrics(figures)
+            lines += notes
+        lines += [f"- FAILED {f}" for f in failures] + [f"- warning: {w}" for w in warnings]
         report = "\n".join(lines) + "\n"
         mlflow.log_text(report, "check_report.md")
+        for warning in warnings:
+            print(f"check: warning: {warning}")
         if failures:
             subjects = ", ".join(dict.fromkeys(f.split(":")[0] for f in failures))
             raise StepError("check", subjects, f"{len(failures)} check(s) failed:\n  - " + "\n  - ".join(failures))
         return report
+
+
+def checks_against_prod(model_name: str, prod, df, limits: data.DriftLimits):
+    """Drift from prod's clean data and prod's error on the new rows: (failures, warnings, figures, report lines)."""
+    failures, warnings, figures, notes = [], [], {}, []
+    reference_uri = prod.tags.get("reference_data")
+    if reference_uri:
+        with tempfile.TemporaryDirectory() as tmp:
+            reference = data.read_listings(mlflow.artifacts.download_artifacts(reference_uri, dst_path=tmp))
+        failures, warnings, figures = data.drift_checks(df, reference, limits)
+        notes.append(f"Drift against the data of prod version {prod.version} ({len(reference)} rows): "
+                     f"{len(failures)} failed, {len(warnings)} warning(s).")
+    else:
+        warnings.append(f"drift: prod version {prod.version} names no reference data (tag reference_data)")
+    rows, why = new_rows(prod, df)
+    if rows is None:
+        warnings.append(f"price: prod's error on this data is unknown: {why}")
+        return failures, warnings, figures, notes
+    try:
+        predicted = predict_with(model_name, prod, rows)
+    except Exception as exc:  # a prod that cannot score this data: report it, the candidate may still be fine
+        warnings.append(f"price: prod version {prod.version} cannot score this data ({type(exc).__name__}: "
+                        f"{str(exc)[:200]})")
+        return failures, warnings, figures, notes
+    mae_now = float((rows[model.TARGET] - predicted).abs().mean())
+    error = data.error_check(mae_now, float(prod.tags["test_mae"]), len(rows), prod.version, limits)
+    notes.append(f"prod version {prod.version}'s error on {len(rows)} rows new to it: MAE {mae_now:.2f} "
+                 f"({error[2]['prod_error_ratio']:.2f} x at registration).")
+    return failures + error[0], warnings + error[1], figures | error[2], notes
+
+
+def new_rows(prod, df) -> tuple[pd.DataFrame | None, str]:
+    """The rows of `df` that prod was not trained on, or None and why they cannot be known (or are too few)."""
+    ids_uri = prod.tags.get(TRAINING_IDS_TAG)
+    if not ids_uri:
+        return None, (f"prod version {prod.version} has no record of the rows it was trained on (tag "
+                      f"{TRAINING_IDS_TAG}), so no rows are known to be new to it")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            seen = pd.read_csv(mlflow.artifacts.download_artifacts(ids_uri, dst_path=tmp))["id"]
+    except (MlflowException, OSError, KeyError, ValueError) as exc:
+        return None, f"the training rows of prod version {prod.version} ({ids_uri}) cannot be read: {exc}"
+    rows = df[~df["id"].isin(seen)]
+    if len(rows) < MIN_COMPARE_ROWS:
+        return None, (f"only {len(rows)} of {len(df)} rows are new to prod version {prod.version} (at least "
+                      f"{MIN_COMPARE_ROWS} are needed)")
+    return rows, ""
+
+
+def predict_with(model_name: str, prod, rows: pd.DataFrame) -> pd.Series:
+    """prod's predictions through pyfunc, which enforces prod's own signature."""
+    predicted = mlflow.pyfunc.load_model(f"models:/{model_name}/{prod.version}").predict(rows[model.FEATURES])
+    return pd.Series(predicted, index=rows.index)
 
 
 def split(clean_path: str, trainval_path: str, test_path: str, test_size: float, seed: int) -> tuple[dict, dict]:
@@ -109,7 +178,7 @@ def train(trainval_path: str, model_path: str, params: model.ForestParams, val_s
 
         example = model.input_example(val_df)
         kwargs = tracking.model_kwargs(fitted, example)
-        with tracking.feature_code() as code:
+        with tracking.feature_code(fitted) as code:
             mlflow.sklearn.save_model(fitted, model_path, code_paths=[code], **kwargs)
             info = mlflow.sklearn.log_model(fitted, name="model", code_paths=[code], **kwargs)
         # Every row that shaped the model (fit and validation): a later candidate is compared with this one only
@@ -119,7 +188,8 @@ def train(trainval_path: str, model_path: str, params: model.ForestParams, val_s
             pd.concat([train_df["id"], val_df["id"]]).to_frame().to_csv(ids, index=False)
             mlflow.log_artifact(str(ids), "data")
         return {**metrics, "mlflow_model_uri": info.model_uri, "mlflow_run_id": run.info.run_id,
-                "training_ids_uri": f"runs:/{run.info.run_id}/data/{TRAINING_IDS_FILE}"}
+                "training_ids_uri": f"runs:/{run.info.run_id}/data/{TRAINING_IDS_FILE}",
+                "trainval_sha256": hashlib.sha256(Path(trainval_path).read_bytes()).hexdigest()}
 
 
 def evaluate(model_path: str, test_path: str, model_name: str) -> tuple[dict, dict]:
@@ -151,22 +221,11 @@ def compare_with_prod(model_name: str, prod, candidate, test) -> dict:
         return {"prod_version": None, "comparable": False, "why": "no prod model yet"}
     version = int(prod.version)
     found = {"prod_version": version, "comparable": False}
-    ids_uri = prod.tags.get(TRAINING_IDS_TAG)
-    if not ids_uri:
-        return found | {"why": f"prod version {version} has no record of the rows it was trained on (tag "
-                               f"{TRAINING_IDS_TAG}), so no rows are known to be new to it"}
+    fair, why = new_rows(prod, test)
+    if fair is None:
+        return found | {"why": why}
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            seen = pd.read_csv(mlflow.artifacts.download_artifacts(ids_uri, dst_path=tmp))["id"]
-    except (MlflowException, OSError, KeyError, ValueError) as exc:
-        return found | {"why": f"the training rows of prod version {version} ({ids_uri}) cannot be read: {exc}"}
-    fair = test[~test["id"].isin(seen)]
-    if len(fair) < MIN_COMPARE_ROWS:
-        return found | {"why": f"only {len(fair)} of {len(test)} test rows are new to prod version {version} "
-                               f"(at least {MIN_COMPARE_ROWS} are needed to compare)"}
-    try:
-        # pyfunc enforces prod's own signature: a prod that cannot take this data says so here.
-        prod_predictions = mlflow.pyfunc.load_model(f"models:/{model_name}/{version}").predict(fair[model.FEATURES])
+        prod_predictions = predict_with(model_name, prod, fair)
     except Exception as exc:  # any failure to load or score prod means: no comparison, no automatic promotion
         return found | {"why": f"prod version {version} cannot score this data ({type(exc).__name__}: "
                                f"{str(exc)[:300]})"}
@@ -188,8 +247,8 @@ def register(
         earlier = tracking.version_tagged(model_name, tracking.RUN_ID_TAG, pipeline_run) if pipeline_run else None
         twin = tracking.version_tagged(model_name, FINGERPRINT_TAG, tags[FINGERPRINT_TAG])
         if earlier is None and twin is not None:
-            reason = (f"identical to version {twin.version} (same data sha256 {tags['data_sha256'][:12]}, parameters "
-                      f"and code): nothing registered, prod unchanged")
+            reason = (f"identical to version {twin.version} (same training rows, parameters and code; data sha256 "
+                      f"{tags['data_sha256'][:12]}): nothing registered, prod unchanged")
             mlflow.log_metrics({"version": int(twin.version), "promoted": 0})
             mlflow.set_tag("promotion", reason)
             return {"version": int(twin.version), "promoted": False, "test_mae": test_mae, "reason": reason}
@@ -199,13 +258,14 @@ def register(
             version = mlflow.register_model(model_meta["mlflow_model_uri"], model_name, tags=tags).version
         else:
             version = earlier.version
+        def compare_again(prod):
+            candidate = mlflow.sklearn.load_model(model_path)
+            return compare_with_prod(model_name, prod, candidate, data.read_listings(test_path))
+
         holder = f"pipeline run {pipeline_run}"
         with tracking.promotion_lock(model_name, holder, "register"):
             promote, reason, final = decide_promotion(model_name, version, comparison, margin,
-                                                      tracking.pipeline_started(run.info.run_id),
-                                                      lambda prod: compare_with_prod(
-                                                          model_name, prod, mlflow.sklearn.load_model(model_path),
-                                                          data.read_listings(test_path)))
+                                                      tracking.pipeline_started(run.info.run_id), compare_again)
             if promote:
                 tracking.set_prod(model_name, version, by=holder)
         client = mlflow.tracking.MlflowClient()
@@ -260,12 +320,13 @@ def lineage(raw_meta: dict, clean_meta: dict, model_meta: dict, git_commit: str,
     tags = {
         "data_source": str(raw_meta.get("source", "")),
         "data_sha256": str(raw_meta.get("sha256", "")),
+        "data_uri": str(raw_meta.get("data_uri", "")),
         "reference_data": str(clean_meta.get("reference_uri", "")),
         TRAINING_IDS_TAG: str(model_meta.get("training_ids_uri", "")),
         "git_commit": git_commit,
         "images": images,
         "parameters": json.dumps(params, sort_keys=True),
     }
-    # The same data, parameters and code (the images' tags hash the code) make the same model.
-    same = json.dumps([tags["data_sha256"], tags["parameters"], images], sort_keys=True)
+    # The same training rows, parameters and code (the images' tags hash the code) make the same model.
+    same = json.dumps([model_meta.get("trainval_sha256", tags["data_sha256"]), tags["parameters"], images])
     return tags | {FINGERPRINT_TAG: hashlib.sha256(same.encode()).hexdigest()[:32]}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import contextmanager, suppress
@@ -33,6 +34,15 @@ HAND = "hand"
 # The promotion lock of model X is a registered model of this name: MLflow creates one atomically or refuses.
 LOCK_SUFFIX = ".promotion-lock"
 LOCK_LEASE_SECONDS = 120
+# Who runs a local pipeline run: "host:pid" of `pipeline.py run`, so that a later run can close what it left.
+# On a download run: the sha256 of the raw data it keeps under raw/<sha256>.csv.gz.
+RAW_DATA_TAG = "raw_data_sha256"
+OWNER_ENV = "PIPELINE_OWNER"
+OWNER_TAG = "pipeline_owner"
+# MLflow's own defaults (7 retries, 120 s timeouts) kept a step waiting ~17 minutes for a server that went away:
+# with these a call gives up within about 90 s (4 tries of at most 20 s), at once when the port is closed.
+CLIENT_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 
 def experiment_name() -> str:
@@ -54,7 +64,7 @@ def require_server(step: str) -> str:
     return uri
 
 
-def _pipeline_parent(client: MlflowClient, experiment_id: str) -> str | None:
+def _pipeline_parent(client: MlflowClient, experiment_id: str, tags: dict) -> str | None:
     """The parent run of this pipeline run (by KFP_RUN_ID), created by whichever step comes first."""
     pipeline_run = os.environ.get("KFP_RUN_ID")
     if not pipeline_run:
@@ -66,10 +76,35 @@ def _pipeline_parent(client: MlflowClient, experiment_id: str) -> str | None:
     )
     if found:
         return found[0].info.run_id
-    run = client.create_run(
-        experiment_id, run_name=f"pipeline {pipeline_run}", tags={RUN_ID_TAG: pipeline_run, STEP_TAG: "pipeline"}
-    )
+    run = client.create_run(experiment_id, run_name=f"pipeline {pipeline_run}", tags={**tags, STEP_TAG: "pipeline"})
     return run.info.run_id
+
+
+@contextmanager
+def quick_calls(timeout: int = 5) -> Iterator[None]:
+    """MLflow calls that give up at once: for bookkeeping after a failure, which must never hang the step."""
+    saved = {key: os.environ.get(key) for key in CLIENT_LIMITS}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT=str(timeout))
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
+def answers(uri: str) -> bool:
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        return requests.get(uri.rstrip("/") + "/health", timeout=5).ok
+    except requests.RequestException:
+        return False
+
+
+def server_gone(step: str, uri: str, exc: Exception) -> StepError:
+    return StepError(step, "MLFLOW_TRACKING_URI",
+                     f"the MLflow server at {uri} stopped answering during this step ({type(exc).__name__}: "
+                     f"{str(exc)[:200]}); nothing was registered and prod did not move: start it again and re-run")
 
 
 @contextmanager
@@ -79,69 +114,151 @@ def step_run(step: str, params: dict | None = None, last: bool = False) -> Itera
     In a cluster with KFP's MLflow plugin, KFP creates the parent run and a nested run per task and hands it to the
     step as MLFLOW_RUN_ID: the step logs into that one, and KFP ends both. Otherwise the step makes its own child
     run under one parent per KFP_RUN_ID; a failure marks the parent FAILED and the last step marks it FINISHED.
+    A server that stops answering ends the step within about 90 s (CLIENT_LIMITS), with a StepError.
     """
-    require_server(step)
+    for key, value in CLIENT_LIMITS.items():
+        os.environ.setdefault(key, value)
+    uri = require_server(step)
     client = MlflowClient()
     tags = {STEP_TAG: step, RUN_ID_TAG: os.environ.get("KFP_RUN_ID", "")}
+    if os.environ.get(OWNER_ENV):
+        tags[OWNER_TAG] = os.environ[OWNER_ENV]
     given = os.environ.get("MLFLOW_RUN_ID")
-    if given:
-        parent, owned = client.get_run(given).data.tags.get("mlflow.parentRunId"), False
-        started_run = mlflow.start_run(run_id=given, tags=tags)
-    else:
-        experiment_id = mlflow.set_experiment(experiment_name()).experiment_id
-        parent, owned = _pipeline_parent(client, experiment_id), True
-        started_run = mlflow.start_run(run_name=step, parent_run_id=parent, tags=tags)
+    try:
+        if given:
+            parent, owned = client.get_run(given).data.tags.get("mlflow.parentRunId"), False
+            run = mlflow.start_run(run_id=given, tags=tags)
+        else:
+            experiment_id = mlflow.set_experiment(experiment_name()).experiment_id
+            parent, owned = _pipeline_parent(client, experiment_id, tags), True
+            run = mlflow.start_run(run_name=step, parent_run_id=parent, tags=tags)
+    except (MlflowException, requests.RequestException) as exc:
+        raise (server_gone(step, uri, exc) if not answers(uri) else exc)
     started = time.perf_counter()
-    with started_run as run:
+    try:
         if params:
             mlflow.log_params(params)
-        try:
-            yield run
-        except Exception as exc:
-            mlflow.set_tag("error", str(exc)[:5000])
-            if parent:
-                client.set_tag(parent, "error", f"{step}: {exc}"[:5000])
-                if owned:
-                    client.set_terminated(parent, "FAILED")
-            raise
-        finally:
-            # Never let a failure to log this hide the step's own error.
-            with suppress(MlflowException, requests.RequestException):
+        yield run
+        mlflow.log_metric("step_seconds", time.perf_counter() - started)
+        mlflow.end_run()
+        if last and parent and owned:
+            client.set_terminated(parent, "FINISHED")
+    except Exception as exc:
+        gone = isinstance(exc, (MlflowException, requests.RequestException)) and not answers(uri)
+        with quick_calls(), suppress(MlflowException, requests.RequestException):
+            if not gone:  # tell the server what failed; with the server gone, only end the run here
+                mlflow.set_tag("error", str(exc)[:5000])
                 mlflow.log_metric("step_seconds", time.perf_counter() - started)
-    if last and parent and owned:
-        client.set_terminated(parent, "FINISHED")
+                if parent:
+                    client.set_tag(parent, "error", f"{step}: {exc}"[:5000])
+                    if owned:
+                        client.set_terminated(parent, "FAILED")
+            mlflow.end_run("FAILED")
+        if gone:
+            raise server_gone(step, uri, exc) from exc
+        raise
+
+
+def raw_data_uri(sha256: str) -> str | None:
+    """Where the data with this sha256 is kept (a download run's artifact), if any run of this experiment kept it."""
+    experiment = mlflow.get_experiment_by_name(experiment_name())
+    if experiment is None:
+        return None
+    for run in MlflowClient().search_runs([experiment.experiment_id], filter_string=f"tags.{RAW_DATA_TAG} = '{sha256}'",
+                                          max_results=5):
+        return f"runs:/{run.info.run_id}/raw/{sha256}.csv.gz"
+    return None
+
+
+def steps_run(pipeline_run: str) -> set[str]:
+    """The steps that ran (not reused from a cache) in a pipeline run: those with an MLflow run of their own."""
+    with quick_calls(), suppress(MlflowException, requests.RequestException):
+        experiment = mlflow.get_experiment_by_name(experiment_name())
+        runs = MlflowClient().search_runs([experiment.experiment_id], max_results=100,
+                                          filter_string=f"tags.{RUN_ID_TAG} = '{pipeline_run}'")
+        return {r.data.tags.get(STEP_TAG) for r in runs} - {"pipeline"}
+    return set()
+
+
+def close_runs(pipeline_run: str, status: str) -> int:
+    """End the MLflow runs of a pipeline run that are still RUNNING (a step killed, the server gone for a while):
+    quick calls only, and nothing raised. Returns how many were closed."""
+    with quick_calls(), suppress(MlflowException, requests.RequestException):
+        experiment = mlflow.get_experiment_by_name(experiment_name())
+        if experiment is None:
+            return 0
+        client = MlflowClient()
+        left = client.search_runs([experiment.experiment_id], max_results=1000,
+                                  filter_string=f"tags.{RUN_ID_TAG} = '{pipeline_run}' and attributes.status = 'RUNNING'")
+        for run in left:
+            client.set_terminated(run.info.run_id, status)
+        return len(left)
+    return 0
+
+
+def close_abandoned_runs(host: str) -> list[str]:
+    """End the RUNNING runs of pipeline runs on `host` whose process has ended (killed, machine restarted), so no
+    run stays RUNNING for ever. Returns the pipeline run ids closed."""
+    closed = set()
+    with quick_calls(), suppress(MlflowException, requests.RequestException):
+        experiment = mlflow.get_experiment_by_name(experiment_name())
+        if experiment is None:
+            return []
+        client = MlflowClient()
+        for run in client.search_runs([experiment.experiment_id], max_results=1000,
+                                      filter_string=f"attributes.status = 'RUNNING' and tags.{OWNER_TAG} LIKE "
+                                                    f"'{host}:%'"):
+            pid = int(run.data.tags[OWNER_TAG].rsplit(":", 1)[1])
+            if _alive(pid):
+                continue
+            client.set_tag(run.info.run_id, "error", f"closed by a later run: its pipeline process {pid} had ended")
+            client.set_terminated(run.info.run_id, "FAILED")
+            closed.add(run.data.tags.get(RUN_ID_TAG, ""))
+    return sorted(closed)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # ---------------------------------------------------------------- models
 
 @contextmanager
-def feature_code() -> Iterator[str]:
-    """A temporary `components` package holding only features.py, for MLflow `code_paths`.
-
-    The model refers to its feature functions as components.features.*, so the shipped code keeps
-    that package path but nothing else of the project.
-    """
-    import components.features
-
+def feature_code(model) -> Iterator[str]:
+    """The feature module `model` holds, as a file for MLflow `code_paths`: whatever loads the model imports it
+    under its own content-hashed name, so neither the project's code nor another model's can stand in for it."""
+    module = feature_module_of(model)
     with tempfile.TemporaryDirectory() as tmp:
-        package = Path(tmp, "components")
-        package.mkdir()
-        (package / "__init__.py").write_text('"""Feature code shipped with the model."""\n')
-        shutil.copy(components.features.__file__, package / "features.py")
-        yield str(package)
+        shipped = Path(tmp, f"{module.__name__}.py")
+        shutil.copy(module.__file__, shipped)
+        yield str(shipped)
+
+
+def feature_module_of(model):
+    from components.model import FEATURES_MODULE_PREFIX
+
+    [name] = {getattr(value, "__module__", None) for value in model.get_params(deep=True).values()
+              if callable(value) and str(getattr(value, "__module__", "")).startswith(FEATURES_MODULE_PREFIX)}
+    return sys.modules[name]
 
 
 def model_kwargs(model, example) -> dict:
     """Arguments shared by save_model and log_model: skops with exactly the trusted types the model holds."""
     from mlflow.models import infer_signature
 
-    from components.model import SKOPS_TRUSTED_TYPES
+    from components.model import skops_trusted_types
 
     return dict(
         signature=infer_signature(example, model.predict(example)),
         input_example=example,
         serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_SKOPS,
-        skops_trusted_types=SKOPS_TRUSTED_TYPES,
+        skops_trusted_types=skops_trusted_types(feature_module_of(model)),
     )
 
 

@@ -99,7 +99,7 @@ def registered_model(mlflow_server, listings) -> str:
     fitted = model.fit(listings.head(5000), model.ForestParams(n_estimators=10, criterion="squared_error", seed=3))
     mlflow.set_experiment("serving")
     for _ in range(2):
-        with mlflow.start_run(), tracking.feature_code() as code:
+        with mlflow.start_run(), tracking.feature_code(fitted) as code:
             mlflow.sklearn.log_model(fitted, name="model", code_paths=[code], registered_model_name=name,
                                      **tracking.model_kwargs(fitted, model.input_example(listings)))
     mlflow.tracking.MlflowClient().set_registered_model_alias(name, "prod", "1")

@@ -32,8 +32,8 @@ class FakeClient:
     def __init__(self, host):
         self.calls.append(("host", host))
 
-    def create_run_from_pipeline_package(self, spec, arguments, experiment_name):
-        self.calls.append(("create", spec, arguments, experiment_name))
+    def create_run_from_pipeline_package(self, spec, arguments, experiment_name, enable_caching=None):
+        self.calls.append(("create", spec, arguments, experiment_name, enable_caching))
         return types.SimpleNamespace(run_id="run-123")
 
     def wait_for_run_completion(self, run_id, timeout):
@@ -50,18 +50,19 @@ def test_submit_prints_the_dashboard_url_and_waits_on_request(monkeypatch, capsy
     assert pipeline.main(["submit", "--spec", str(spec), "--host", "http://127.0.0.1:8080/", "--param",
                           "n_estimators=3", "--wait", "--timeout", "60"]) == code
     assert FakeClient.calls == [("host", "http://127.0.0.1:8080/"), ("create", str(spec), {"n_estimators": 3},
-                                "rental-price"), ("wait", "run-123", 60)]
+                                "rental-price", True), ("wait", "run-123", 60)]
     out = capsys.readouterr().out
     assert "started run run-123: http://127.0.0.1:8080/#/runs/details/run-123" in out
     assert f"finished: {state}" in out
 
 
-def test_submit_without_wait_does_not_wait(monkeypatch, tmp_path):
+def test_submit_without_wait_does_not_wait_and_can_reuse_nothing(monkeypatch, tmp_path):
     FakeClient.calls = []
     monkeypatch.setattr(kfp, "Client", FakeClient)
     (tmp_path / "p.yaml").write_text("{}")
-    assert pipeline.main(["submit", "--spec", str(tmp_path / "p.yaml"), "--host", "http://h"]) == 0
+    assert pipeline.main(["submit", "--spec", str(tmp_path / "p.yaml"), "--host", "http://h", "--no-cache"]) == 0
     assert [c[0] for c in FakeClient.calls] == ["host", "create"]
+    assert FakeClient.calls[1][-1] is False  # enable_caching
 
 
 def test_submit_names_what_is_missing(monkeypatch, tmp_path):

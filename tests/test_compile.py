@@ -80,14 +80,14 @@ def test_cluster_config_of_each_step(spec):
         assert ("secretAsEnv" in config) == (step == "download")
         resources = containers[executor]["container"]["resources"]
         assert {"resourceCpuRequest", "resourceCpuLimit", "resourceMemoryRequest", "resourceMemoryLimit"} <= set(resources)
-        assert ("retryPolicy" in task) == (step in pipeline.RETRIED)
-    assert pipeline.RETRIED == {"download", "check", "evaluate", "register"}
+        assert "retryPolicy" not in task
 
 
-def test_local_runs_carry_no_retries():
-    """kfp.local honours retries; a bad input must fail at once there, not after two back-offs."""
-    local_dag = pipeline.build(cluster=False).pipeline_spec.root.dag.tasks
-    assert all(not task.HasField("retry_policy") for task in local_dag.values())
+def test_no_task_is_retried_anywhere():
+    """A task retry would run a bad input again; transient faults are retried inside the steps instead."""
+    for cluster in (True, False):
+        dag = pipeline.build(cluster=cluster).pipeline_spec.root.dag.tasks
+        assert all(not task.HasField("retry_policy") for task in dag.values())
 
 
 def normalized(text: str) -> str:

@@ -42,6 +42,36 @@ def test_fetch_reads_http(tmp_path):
         server.shutdown()
 
 
+def test_fetch_retries_what_may_pass_and_fails_at_once_on_what_will_not(monkeypatch):
+    """503 twice, then the file: read. 404: one request, then the error."""
+    monkeypatch.setattr(data.time, "sleep", lambda seconds: None)
+    seen = []
+
+    class Flaky(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.path)
+            code = 404 if self.path == "/gone.csv" else (503 if len(seen) < 3 else 200)
+            self.send_response(code)
+            self.end_headers()
+            if code == 200:
+                self.wfile.write(b"a,b\n1,2\n")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert data.fetch(f"http://127.0.0.1:{server.server_port}/x.csv") == b"a,b\n1,2\n"
+        assert seen == ["/x.csv"] * 3
+        seen.clear()
+        with pytest.raises(StepError, match="download: source: cannot read .*HTTP Error 404"):
+            data.fetch(f"http://127.0.0.1:{server.server_port}/gone.csv")
+        assert seen == ["/gone.csv"]
+    finally:
+        server.shutdown()
+
+
 def test_fetch_reads_s3_from_an_s3_compatible_endpoint(monkeypatch):
     # moto's server mode stands in for MinIO here: both speak the S3 API.
     from moto.server import ThreadedMotoServer
@@ -219,28 +249,59 @@ def test_deterministic_checks_catch_wrong_dtypes():
         "dtype of minimum_nights: expected int, got str"]
 
 
-def test_statistical_checks_pass_between_random_halves_of_real_data(sample):
+LIMITS = data.DriftLimits()
+
+
+@pytest.fixture(scope="module")
+def halves(sample):
     df, _ = data.clean_listings(sample, 10, 350, BOX)
-    first, second = data.split_listings(df, 0.5, seed=7)
-    failures, figures = data.statistical_checks(first, second, kl_threshold=0.2, ks_alpha=0.05)
-    assert failures == []
-    assert figures["kl_neighbourhood_group"] < 0.01
+    return data.split_listings(df, 0.5, seed=7)
 
 
-def test_statistical_checks_catch_a_shifted_data_set(sample):
-    df, _ = data.clean_listings(sample, 10, 350, BOX)
-    shifted = df[df["neighbourhood_group"] == "Manhattan"].assign(price=lambda d: d["price"] * 1.5)
-    failures, figures = data.statistical_checks(shifted, df, kl_threshold=0.2, ks_alpha=0.05)
-    assert figures["kl_neighbourhood_group"] > 0.2
-    assert failures[0].startswith("neighbourhood_group: KL divergence")
-    assert any(f.startswith("price: KS test p-value") for f in failures)
+def test_drift_checks_pass_between_disjoint_halves_of_real_data(halves):
+    first, second = halves
+    failures, warnings, figures = data.drift_checks(first, second, LIMITS)
+    assert failures == [] and warnings == []
+    assert max(figures.values()) < 0.03
 
 
-def test_kl_divergence_is_zero_for_equal_distributions_and_grows_with_shift():
+@pytest.mark.parametrize("shift, fails, warns", [
+    # A borough gone: the failure names the column, its PSI and what is missing.
+    (lambda d: d[d["neighbourhood_group"] != "Queens"], "neighbourhood_group: distribution shifted from prod's "
+                                                        "data (PSI 0.888 > 0.25; no rows of ['Queens'])",
+     "longitude: distribution moved"),
+    # Prices up 30 %: the price distribution moves (a warning); prod's error on it fails the run (below).
+    (lambda d: d.assign(price=d["price"] * 1.3), None, "price: distribution moved (PSI 0.1"),
+    # Prices shuffled across listings: every distribution is as before; only prod's error can tell (below).
+    (lambda d: d.assign(price=d["price"].sample(frac=1, random_state=1).to_numpy()), None, None),
+])
+def test_drift_checks_name_the_column_and_figure_of_a_real_shift(halves, shift, fails, warns):
+    first, second = halves
+    failures, warnings, _ = data.drift_checks(shift(first), second, LIMITS)
+    assert [f for f in failures if f.startswith(fails)] if fails else failures == []
+    assert [w for w in warnings if w.startswith(warns)] if warns else warnings == []
+
+
+@pytest.mark.parametrize("mae_now, failed, warned", [(33.4, False, False), (37.0, False, True), (50.9, True, False),
+                                                     (69.0, True, False)])
+def test_error_check_fails_when_prod_no_longer_fits_the_data(mae_now, failed, warned):
+    """Figures of prod (33.2 at registration) on the other half, +10 %, +30 % and shuffled prices (README)."""
+    failures, warnings, figures = data.error_check(mae_now, 33.2, 8000, "3", LIMITS)
+    assert bool(failures) is failed and bool(warnings) is warned
+    assert figures["prod_error_ratio"] == pytest.approx(mae_now / 33.2)
+    if failed:
+        assert failures[0].startswith(f"price: prod version 3's MAE on 8000 rows new to it is {mae_now:.2f}, "
+                                      f"{mae_now / 33.2:.2f} x its 33.20 at registration (> 1.25)")
+
+
+def test_psi_is_zero_for_equal_distributions_and_large_for_a_missing_category():
     same = pd.Series(["a", "b", "b"])
-    assert data.kl_divergence(same, same) == pytest.approx(0, abs=1e-9)
-    # KL(0.9, 0.1 || 1/3, 2/3) = 0.9 log2(2.7) + 0.1 log2(0.15) = 1.0160 bits
-    assert data.kl_divergence(pd.Series(["a"] * 9 + ["b"]), same) == pytest.approx(1.0160, abs=1e-3)
+    assert data.category_psi(same, same) == pytest.approx(0, abs=1e-12)
+    # a: 0 vs 1/3 (floored at 1e-4), b: 1 vs 2/3: (1e-4 - 1/3) ln(1e-4 * 3) + (1/3) ln(1.5) = 2.84
+    assert data.category_psi(pd.Series(["b", "b"]), same) == pytest.approx(2.8379, abs=1e-3)
+    numbers = pd.Series(range(1000), dtype=float)
+    assert data.numeric_psi(numbers, numbers) == pytest.approx(0, abs=1e-12)
+    assert data.numeric_psi(numbers + 500, numbers) > 1
 
 
 # ---------------------------------------------------------------- split

@@ -1,5 +1,7 @@
 """Model tests: features, the skops trust list, a model that loads without project code, behaviour."""
 
+import hashlib
+import json
 import subprocess
 import sys
 
@@ -37,7 +39,10 @@ def test_as_text_flattens_and_fills():
 
 
 def test_trusted_types_are_exactly_what_the_model_holds(fitted):
-    assert sorted(skops.io.get_untrusted_types(data=skops.io.dumps(fitted))) == sorted(model.SKOPS_TRUSTED_TYPES)
+    held = tracking.feature_module_of(fitted)
+    assert held.__name__ == f"rental_features_{hashlib.sha256(open(features.__file__, 'rb').read()).hexdigest()[:12]}"
+    assert sorted(skops.io.get_untrusted_types(data=skops.io.dumps(fitted))) == \
+        sorted(model.skops_trusted_types(held))
 
 
 def test_model_scores_near_the_reference_and_predicts_one_row_like_a_batch(fitted, splits):
@@ -68,7 +73,7 @@ def test_behaviour_price_moves_the_expected_way(fitted, splits, change, cheaper,
 
 def test_saved_model_loads_without_any_other_project_code(fitted, splits, tmp_path):
     example = model.input_example(splits[1])
-    with tracking.feature_code() as code:
+    with tracking.feature_code(fitted) as code:
         mlflow.sklearn.save_model(fitted, tmp_path / "m", code_paths=[code], **tracking.model_kwargs(fitted, example))
     example.to_json(tmp_path / "example.json", orient="split", date_format="iso")
     # Hide the project's own install of `components` from the loading process.
@@ -78,10 +83,8 @@ sys.meta_path = [f for f in sys.meta_path if "editable" not in repr(f)]
 sys.path = [p for p in sys.path if p not in ("", {str(tracking.__file__).rsplit('/components/', 1)[0]!r})]
 import mlflow, pandas as pd
 m = mlflow.pyfunc.load_model({str(tmp_path / 'm')!r})
-import components.features
-assert components.features.__file__.startswith({str(tmp_path / 'm')!r}), components.features.__file__
 try:
-    import components.data
+    import components
     raise SystemExit("project code leaked into the model")
 except ImportError:
     pass
@@ -91,3 +94,37 @@ print(len(m.predict(x)))
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("5")
+
+
+def test_a_model_scores_with_its_own_feature_code_beside_a_newer_one(splits, tmp_path):
+    """Model A is trained with today's features.py, model B with a changed one (days_since computes days modulo 97). Then,
+    in one process whose components.features is newer still (as_text renamed: the old name no longer exists),
+    each model scores exactly as when it was saved."""
+    changed = tmp_path / "features.py"
+    changed.write_text(open(features.__file__).read().replace("return days.fillna(-1)", "return (days % 97).fillna(-1)"))
+    train, test = splits[0].head(3000), splits[1].head(50)
+    small = model.ForestParams(n_estimators=5, criterion="squared_error", seed=1)
+    saved = {}
+    for name, feats in (("a", model.shipped_features()), ("b", model.shipped_features(str(changed)))):
+        fitted = model.fit(train, small, feats)
+        example = model.input_example(test)
+        with tracking.feature_code(fitted) as code:
+            mlflow.sklearn.save_model(fitted, tmp_path / name, code_paths=[code],
+                                      **tracking.model_kwargs(fitted, example))
+        saved[name] = fitted.predict(test[model.FEATURES]).tolist()
+    assert saved["a"] != saved["b"]
+    test[model.FEATURES].to_json(tmp_path / "rows.json", orient="split", date_format="iso")
+    script = f"""
+import json, sys, types
+import mlflow, pandas as pd
+renamed = types.ModuleType("components.features")
+renamed.text_of = lambda column: column
+sys.modules["components.features"] = renamed
+rows = pd.read_json({str(tmp_path / 'rows.json')!r}, orient="split", convert_dates=["last_review"])
+out = {{name: mlflow.pyfunc.load_model({str(tmp_path)!r} + "/" + name).predict(rows).tolist() for name in "ab"}}
+print(json.dumps(out))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded["a"] == pytest.approx(saved["a"]) and loaded["b"] == pytest.approx(saved["b"])

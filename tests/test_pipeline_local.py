@@ -119,7 +119,7 @@ BAD_INPUTS = {
                           "clean", "clean: price: 1 value(s) are not numbers, e.g. ['cheap']"),
     "every row filtered": (lambda s, t: write(t / "f.csv", csv_of(listing(price=5000), listing(id=2, price=1))),
                            "clean", "every row was filtered out"),
-    "fails a statistical check": (shifted_sample, "check", "neighbourhood_group: KL divergence"),
+    "fails a drift check": (shifted_sample, "check", "neighbourhood_group: distribution shifted from prod's data (PSI"),
 }
 
 
@@ -135,10 +135,11 @@ def test_bad_input_ends_at_its_step_and_changes_nothing(case, first_run, client,
     assert client.get_model_version_by_alias(MODEL, "prod").version == "1"
 
 
-def test_unreachable_mlflow_ends_at_download(first_run, client, sample_path, tmp_path):
+def test_unreachable_mlflow_stops_the_run_before_any_step(first_run, client, sample_path, tmp_path):
     before = versions(client)
     result = run_pipeline(f"http://127.0.0.1:{free_port()}", tmp_path, f"source={sample_path}")
     assert result.returncode == 1
-    assert "download: MLFLOW_TRACKING_URI: the MLflow tracking server at http://127.0.0.1:" in result.stdout
-    assert "Inner task failed: 'download'" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "FAILED: pipeline.py run: MLFLOW_TRACKING_URI: the MLflow tracking server at http://127.0.0.1:")
+    assert "Executing task" not in result.stdout + result.stderr
     assert versions(client) == before

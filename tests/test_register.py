@@ -85,11 +85,13 @@ def test_a_retry_reuses_its_version_and_an_identical_run_adds_none(tracking, mon
     # A new pipeline run on the same data, parameters and code.
     same = pipeline_run(tracking, monkeypatch, tmp_path, splits["a"], WEAK, "run-2")
     assert (same["version"], same["promoted"]) == (1, False)
-    assert same["reason"].startswith("identical to version 1 (same data sha256 h, parameters and code): nothing "
-                                     "registered")
+    assert same["reason"] == ("identical to version 1 (same training rows, parameters and code; data sha256 h): "
+                              "nothing registered, prod unchanged")
+    # Other bytes that clean and split to the same training rows make the same model: still nothing new.
+    assert pipeline_run(tracking, monkeypatch, tmp_path, splits["a"], WEAK, "run-3", "h2")["version"] == 1
     assert versions(name) == ["1"]
-    # New bytes (another sha256) are new data: a new version, compared with prod.
-    other = pipeline_run(tracking, monkeypatch, tmp_path, splits["a"], WEAK, "run-3", source_sha="h2")
+    # Other training rows: a new version, compared with prod.
+    other = pipeline_run(tracking, monkeypatch, tmp_path, splits["b"], WEAK, "run-4", source_sha="h3")
     assert other["version"] == 2 and versions(name) == ["1", "2"]
 
 
@@ -122,7 +124,7 @@ def test_a_hand_promotion_during_the_run_stands(tracking, monkeypatch, tmp_path,
     """`promote` after the run started (here: after evaluate, as register begins) wins over the run's decision."""
     name = tracking["model"]
     pipeline_run(tracking, monkeypatch, tmp_path, splits["a"], WEAK, "run-1")
-    pipeline_run(tracking, monkeypatch, tmp_path, splits["a"], WEAK, "run-2", source_sha="h2")
+    pipeline_run(tracking, monkeypatch, tmp_path, splits["b"], WEAK, "run-2", source_sha="h2")
     monkeypatch.setenv("KFP_RUN_ID", "run-3")
     path, meta = trained(splits["b"], GOOD, tmp_path)
     scores, comparison = tasks.evaluate(path, splits["b"]["test"], name)

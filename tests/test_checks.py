@@ -1,0 +1,73 @@
+"""The check step against a real prod (trained on one half of the shared sample) and a real MLflow server: the
+other half passes; a realistic shift fails, naming the column and the figure; a moderate one only warns."""
+
+import uuid
+
+import mlflow
+import pytest
+
+from components import data, model, tasks
+from components.errors import StepError
+
+LIMITS = data.DriftLimits()
+
+
+@pytest.fixture(scope="module")
+def prod(mlflow_server, sample, tmp_path_factory) -> dict:
+    """Prod version 1 of a fresh model, trained on half A; half B is new data of the same city."""
+    folder = tmp_path_factory.mktemp("checks")
+    names = {"MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_EXPERIMENT_NAME": f"checks-{uuid.uuid4().hex[:6]}",
+             "KFP_RUN_ID": f"run-{uuid.uuid4().hex[:6]}"}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in names.items():
+            patch.setenv(key, value)
+        mlflow.set_tracking_uri(mlflow_server)
+        half_a, half_b = data.split_listings(sample, 0.5, seed=7)
+        half_a.to_csv(folder / "a.csv", index=False)
+        clean_meta = tasks.clean(str(folder / "a.csv"), str(folder / "a-clean.csv"), 10, 350, data.Box())
+        trainval, test = data.split_listings(data.read_listings(str(folder / "a-clean.csv")), 0.2, 42)
+        data.write_listings(trainval, str(folder / "trainval.csv"))
+        data.write_listings(test, str(folder / "test.csv"))
+        name = f"checks-{uuid.uuid4().hex[:6]}"
+        meta = tasks.train(str(folder / "trainval.csv"), str(folder / "model"),
+                           model.ForestParams(n_estimators=30, seed=1), 0.2)
+        scores, comparison = tasks.evaluate(str(folder / "model"), str(folder / "test.csv"), name)
+        tasks.register(str(folder / "model"), meta, scores, comparison, str(folder / "test.csv"), name, 0.1,
+                       {"source": "a.csv", "sha256": "a"}, clean_meta, "abc", "{}")
+        clean_b, _ = data.clean_listings(half_b, 10, 350, data.Box())
+        yield {"name": name, "new": clean_b, "folder": folder, "env": names}
+
+
+def check(prod, df, monkeypatch) -> str:
+    for key, value in prod["env"].items():
+        monkeypatch.setenv(key, value)
+    path = prod["folder"] / f"{uuid.uuid4().hex[:6]}.csv"
+    data.write_listings(df, str(path))
+    return tasks.check(str(path), prod["name"], 10, 350, data.Box(), 100, 10 ** 6, LIMITS)
+
+
+def test_new_listings_of_the_same_city_pass(prod, monkeypatch, capsys):
+    report = check(prod, prod["new"], monkeypatch)
+    assert "Drift against the data of prod version 1" in report and "0 failed, 0 warning(s)" in report
+    assert "prod version 1's error on " in report and "FAILED" not in report
+
+
+@pytest.mark.parametrize("shift, message", [
+    (lambda d: d.assign(price=(d["price"] * 1.3).clip(upper=350)),
+     r"check: price: 1 check\(s\) failed:\n  - price: prod version 1's MAE on \d+ rows new to it is [\d.]+, 1\.[3-9]\d "
+     r"x its [\d.]+ at registration \(> 1.25\)"),
+    (lambda d: d.assign(price=d["price"].sample(frac=1, random_state=1).to_numpy()),
+     r"check: price: 1 check\(s\) failed:\n  - price: prod version 1's MAE .* [2-9]\.\d\d x its"),
+    (lambda d: d[d["neighbourhood_group"] != "Queens"],
+     r"check: neighbourhood_group: 1 check\(s\) failed:\n  - neighbourhood_group: distribution shifted from prod's "
+     r"data \(PSI 0\.\d+ > 0.25; no rows of \['Queens'\]\)"),
+])
+def test_a_realistic_shift_fails_naming_the_column_and_figure(prod, monkeypatch, shift, message):
+    with pytest.raises(StepError, match=message):
+        check(prod, shift(prod["new"]), monkeypatch)
+
+
+def test_a_moderate_shift_warns_and_the_run_goes_on(prod, monkeypatch, capsys):
+    report = check(prod, prod["new"].assign(price=(prod["new"]["price"] * 1.15).clip(upper=350)), monkeypatch)
+    assert "FAILED" not in report and "- warning: price: prod version 1's MAE on" in report
+    assert "check: warning: price: prod version 1's MAE" in capsys.readouterr().out

@@ -1,0 +1,184 @@
+"""Run it again: `pipeline.py run` end to end, repeated, raced and faulted, against real MLflow servers.
+
+New bytes behind an unchanged source reach training; identical re-runs reuse the cache and register nothing; two
+overlapping runs and a hand promotion never overwrite each other; a server that goes away ends the run within a
+bounded time, and the next run closes what it left RUNNING and reuses what finished; a reset server's old cache
+entries are never reused.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import mlflow
+import pandas as pd
+import pytest
+from conftest import ROOT, free_port, wait_until
+from mlflow.tracking import MlflowClient
+
+SMALL = ["n_estimators=10", "max_depth=10"]
+
+
+def start(uri: str, tmp_path, model: str, *params: str, experiment: str = "rerun") -> subprocess.Popen:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": experiment}
+    command = [sys.executable, "pipeline.py", "run", "--pipeline-root", str(tmp_path / "outputs"),
+               "--param", f"model_name={model}"]
+    for param in params:
+        command += ["--param", param]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run(uri: str, tmp_path, model: str, *params: str, experiment: str = "rerun") -> tuple[int, str]:
+    process = start(uri, tmp_path, model, *params, experiment=experiment)
+    out, _ = process.communicate(timeout=900)
+    return process.returncode, out
+
+
+def versions(model: str) -> list[str]:
+    return sorted((v.version for v in MlflowClient().search_model_versions(f"name = '{model}'")), key=int)
+
+
+def running(experiment: str) -> list[str]:
+    """The steps of `experiment` whose MLflow runs are RUNNING ("pipeline" for a parent run)."""
+    if mlflow.get_experiment_by_name(experiment) is None:
+        return []
+    found = MlflowClient().search_runs([mlflow.get_experiment_by_name(experiment).experiment_id],
+                                       filter_string="attributes.status = 'RUNNING'")
+    return sorted(r.data.tags.get("pipeline_step", "") for r in found)
+
+
+def wait_for_step(experiment: str, step: str, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        if step in running(experiment):
+            return
+        time.sleep(0.3)
+    raise TimeoutError(f"step {step} never ran")
+
+
+@pytest.fixture
+def own_server(tmp_path):
+    """An MLflow server of this test's own, which the test may kill, restart and reset."""
+    port, home = free_port(), tmp_path / "mlflow"
+    state = {"uri": f"http://127.0.0.1:{port}", "process": None}
+
+    def up(reset: bool = False):
+        if reset:
+            subprocess.run(["rm", "-rf", str(home)], check=True)
+        home.mkdir(exist_ok=True)
+        state["process"] = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{home}/mlflow.db", "--artifacts-destination", str(home / "art")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_until(f"{state['uri']}/health", process=state["process"])
+        mlflow.set_tracking_uri(state["uri"])
+
+    def down():
+        os.killpg(state["process"].pid, signal.SIGKILL)
+        state["process"].wait(timeout=30)
+
+    state |= {"up": up, "down": down}
+    up()
+    yield state
+    if state["process"].poll() is None:
+        down()
+
+
+def test_new_bytes_behind_the_same_source_reach_training_and_identical_ones_are_reused(
+        mlflow_server, sample_path, tmp_path):
+    mlflow.set_tracking_uri(mlflow_server)
+    model, source = f"rerun-{uuid.uuid4().hex[:6]}", tmp_path / "listings.csv"
+    sample = pd.read_csv(sample_path)
+    sample.iloc[:12000].to_csv(source, index=False)
+    code, out = run(mlflow_server, tmp_path, model, f"source={source}", *SMALL)
+    assert code == 0 and "version 1: now prod" in out, out[-3000:]
+    # Next month: new listings behind the same path.
+    sample.iloc[8000:].to_csv(source, index=False)
+    code, out = run(mlflow_server, tmp_path, model, f"source={source}", *SMALL)
+    assert code == 0, out[-3000:]
+    assert "reused from the cache" not in out
+    second = MlflowClient().get_model_version(model, "2")
+    assert second.tags["data_sha256"] != MlflowClient().get_model_version(model, "1").tags["data_sha256"]
+    assert second.tags["data_uri"].endswith(f"/raw/{second.tags['data_sha256']}.csv.gz")
+    # The same bytes again: every cacheable step reused, nothing registered, and the run says so.
+    code, out = run(mlflow_server, tmp_path, model, f"source={source}", *SMALL)
+    assert code == 0, out[-3000:]
+    assert f"reused from the cache: clean, download, split, train (same data sha256 " \
+           f"{second.tags['data_sha256'][:12]}, parameters and code)" in out
+    assert f"why: identical to version 2 (same training rows, parameters and code; data sha256 " \
+           f"{second.tags['data_sha256'][:12]})" in out
+    assert versions(model) == ["1", "2"]
+
+
+def test_overlapping_good_and_weak_runs_leave_the_good_one_prod(mlflow_server, tmp_path):
+    """Started together with no prod: whichever registers first, the good one ends as prod, and the other run
+    says why it did not promote."""
+    mlflow.set_tracking_uri(mlflow_server)
+    for attempt in range(2):
+        model = f"race-{attempt}-{uuid.uuid4().hex[:6]}"
+        good = start(mlflow_server, tmp_path, model, *SMALL)
+        weak = start(mlflow_server, tmp_path, model, "n_estimators=2", "max_depth=2")
+        (good_out, _), (weak_out, _) = good.communicate(timeout=900), weak.communicate(timeout=900)
+        assert good.returncode == weak.returncode == 0, good_out[-2000:] + weak_out[-2000:]
+        client = MlflowClient()
+        prod = client.get_model_version_by_alias(model, "prod")
+        maes = [float(v.tags["test_mae"]) for v in client.search_model_versions(f"name = '{model}'")]
+        assert len(maes) == 2 and float(prod.tags["test_mae"]) == min(maes)
+        assert "now prod" in good_out
+        if "now prod" in weak_out:  # the weak one registered first, when there was no prod to compare with
+            assert "why: no prod model yet" in weak_out
+            assert "why: prod moved to version" in good_out and "compared with it instead: better than prod" in good_out
+        else:  # compared with the good one, at evaluate or (prod moved meanwhile) at register
+            why = next(line for line in weak_out.splitlines() if line.startswith("why: "))
+            assert "worse than prod on " in why and "prod unchanged" in weak_out
+
+
+def test_a_hand_promotion_while_the_run_trains_stands(mlflow_server, tmp_path):
+    mlflow.set_tracking_uri(mlflow_server)
+    model, experiment = f"hand-{uuid.uuid4().hex[:6]}", f"hand-{uuid.uuid4().hex[:6]}"
+    for params in (["n_estimators=2", "max_depth=2"], ["n_estimators=3", "max_depth=2"]):
+        code, out = run(mlflow_server, tmp_path, model, *params, experiment=experiment)
+        assert code == 0, out[-3000:]
+    promote = [sys.executable, "pipeline.py", "promote", "--model-name", model, "--version"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
+    assert subprocess.run(promote + ["1"], cwd=ROOT, env=env, capture_output=True).returncode == 0  # before: fine
+    process = start(mlflow_server, tmp_path, model, *SMALL, experiment=experiment)
+    wait_for_step(experiment, "train", process)
+    promoted = subprocess.run(promote + ["2"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert promoted.returncode == 0 and f"{model}: prod 1 -> 2" in promoted.stdout
+    out, _ = process.communicate(timeout=900)
+    assert process.returncode == 0, out[-3000:]
+    assert "why: prod was set by hand to version 2 after this run started: a person's choice stands" in out
+    assert MlflowClient().get_model_version_by_alias(model, "prod").version == "2"
+
+
+def test_mlflow_gone_mid_train_fails_fast_and_the_next_run_cleans_up_and_reuses(own_server, tmp_path):
+    model, experiment = f"gone-{uuid.uuid4().hex[:6]}", "gone"
+    process = start(own_server["uri"], tmp_path, model, experiment=experiment)
+    wait_for_step(experiment, "train", process)
+    own_server["down"]()
+    killed_at = time.monotonic()
+    out, _ = process.communicate(timeout=600)
+    took = time.monotonic() - killed_at
+    assert process.returncode == 1
+    assert "train: MLFLOW_TRACKING_URI: the MLflow server at " in out and "stopped answering during this step" in out
+    assert "Inner task failed: 'train'" in out
+    print(f"the run ended {took:.0f} s after the server went away")
+    own_server["up"]()
+    assert versions(model) == []
+    assert running(experiment) == ["pipeline", "train"]  # left RUNNING while the server was gone
+    code, out = run(own_server["uri"], tmp_path, model, experiment=experiment)
+    assert code == 0, out[-3000:]
+    assert "closed the MLflow runs that pipeline run local-" in out
+    assert "reused from the cache: clean, download, split (same data sha256" in out
+    assert running(experiment) == [] and versions(model) == ["1"]
+    # The server reset (an empty database): cached outputs name runs that no longer exist, so none is reused.
+    own_server["down"]()
+    own_server["up"](reset=True)
+    code, out = run(own_server["uri"], tmp_path, model, experiment=experiment)
+    assert code == 0, out[-3000:]
+    assert "reused from the cache" not in out and versions(model) == ["1"]
