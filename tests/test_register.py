@@ -136,6 +136,23 @@ def test_a_hand_promotion_during_the_run_stands(tracking, monkeypatch, tmp_path,
     assert prod(name) == "2"
 
 
+def test_a_hand_promotion_before_evaluate_but_after_the_run_started_stands(tracking, monkeypatch, tmp_path, splits):
+    """Evaluate then compares with the hand-chosen version, and register still leaves the person's choice alone."""
+    name = tracking["model"]
+    pipeline_run(tracking, monkeypatch, tmp_path, splits["a"], WEAK, "run-1")
+    pipeline_run(tracking, monkeypatch, tmp_path, splits["b"], WEAK, "run-2", source_sha="h2")
+    monkeypatch.setenv("KFP_RUN_ID", "run-3")
+    path, meta = trained(splits["b"], GOOD, tmp_path)
+    with registry.step_run("split"):  # the run's first step: its parent run starts now
+        pass
+    promoted = registry.promote(name, "1" if prod(name) == "2" else "2")
+    scores, comparison = tasks.evaluate(path, splits["b"]["test"], name)
+    assert comparison["prod_version"] == int(prod(name))
+    result = register(tracking, path, meta, scores, comparison, splits["b"]["test"], "h3")
+    assert not result["promoted"] and result["reason"].startswith("prod was set by hand to version ")
+    assert promoted.endswith(f"-> {prod(name)}")
+
+
 def test_prod_moved_by_another_run_is_compared_with_instead(tracking, monkeypatch, tmp_path, splits):
     name = tracking["model"]
     monkeypatch.setenv("KFP_RUN_ID", "run-weak")
