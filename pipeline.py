@@ -204,11 +204,7 @@ def seed_data(source: str, to: str) -> int:
 
 
 def docker_runner(pipeline_root: str, env: dict[str, str]) -> local.DockerRunner:
-    """Every task in its own image, as in the cluster; checks the daemon and the images first."""
-    try:
-        catalog.check(sorted(set(catalog.config()["steps"].values())))
-    except catalog.ImageError as exc:
-        sys.exit(f"pipeline.py run --runner docker: {exc}")
+    """Every task in its own image, as in the cluster (run_local checked the daemon and the images)."""
     # Containers run as the image's user (uid 10001) or, for a non-root caller, as the caller, so the
     # outputs they write into the mounted pipeline root stay the caller's own.
     Path(pipeline_root).mkdir(parents=True, exist_ok=True)
@@ -243,6 +239,11 @@ def run_local(params: dict, pipeline_root: str, cache: bool, runner: str = "subp
     if not tracking_uri:
         sys.exit("pipeline.py run: MLFLOW_TRACKING_URI is not set; `make run` starts a local MLflow server and sets it")
     pipeline_root = os.path.abspath(pipeline_root)
+    if runner == "docker":
+        try:
+            catalog.check(sorted(set(catalog.config()["steps"].values())))
+        except catalog.ImageError as exc:
+            sys.exit(f"pipeline.py run --runner docker: {exc}")
     try:
         tracking.require_server("pipeline.py run")
     except StepError as exc:
