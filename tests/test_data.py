@@ -72,25 +72,28 @@ def test_fetch_retries_what_may_pass_and_fails_at_once_on_what_will_not(monkeypa
         server.shutdown()
 
 
-def test_fetch_reads_s3_from_an_s3_compatible_endpoint(monkeypatch):
-    # moto's server mode stands in for MinIO here: both speak the S3 API.
+@pytest.fixture
+def s3_endpoint(monkeypatch):
+    """moto's S3 server, standing in for MinIO (both speak the S3 API), with the environment pointing at it."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
-    try:
-        endpoint = f"http://127.0.0.1:{server._server.server_port}"
-        for name, value in {"S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test",
-                            "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            monkeypatch.setenv(name, value)
-        s3 = boto3.client("s3", endpoint_url=endpoint)
-        s3.create_bucket(Bucket="raw")
-        s3.put_object(Bucket="raw", Key="nyc/listings.csv", Body=b"a,b\n1,2\n")
-        assert data.fetch("s3://raw/nyc/listings.csv") == b"a,b\n1,2\n"
-        with pytest.raises(StepError, match="download: source: cannot read 's3://raw/nope.csv'"):
-            data.fetch("s3://raw/nope.csv")
-    finally:
-        server.stop()
+    endpoint = f"http://127.0.0.1:{server._server.server_port}"
+    for name, value in {"S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test",
+                        "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    yield endpoint
+    server.stop()
+
+
+def test_fetch_reads_s3_from_an_s3_compatible_endpoint(s3_endpoint):
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="raw")
+    s3.put_object(Bucket="raw", Key="nyc/listings.csv", Body=b"a,b\n1,2\n")
+    assert data.fetch("s3://raw/nyc/listings.csv") == b"a,b\n1,2\n"
+    with pytest.raises(StepError, match="download: source: cannot read 's3://raw/nope.csv'"):
+        data.fetch("s3://raw/nope.csv")
 
 
 def test_the_default_source_is_the_shipped_sample_byte_for_byte(sample_path):
@@ -118,30 +121,20 @@ def test_an_unknown_sample_is_named_with_the_shipped_ones():
         data.fetch("sample://paris.csv")
 
 
-def test_seed_data_copies_the_sample_to_s3_as_stored(monkeypatch, capsys):
+def test_seed_data_copies_the_sample_to_s3_as_stored(s3_endpoint, capsys):
     import pipeline
-    from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    try:
-        endpoint = f"http://127.0.0.1:{server._server.server_port}"
-        for name, value in {"S3_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test",
-                            "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-            monkeypatch.setenv(name, value)
-        with pytest.raises(SystemExit, match="seed-data: --to: cannot write s3://data/nyc_airbnb_sample1.csv.gz: "
-                                             ".*NoSuchBucket"):
-            pipeline.main(["seed-data"])
-        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="data")
-        assert pipeline.main(["seed-data"]) == 0
-        assert "copied sample://nyc_airbnb_sample1.csv.gz to s3://data/nyc_airbnb_sample1.csv.gz" in \
-            capsys.readouterr().out
-        assert data.read_source(data.CLUSTER_SOURCE) == data.read_source(data.DEFAULT_SOURCE)
-        assert data.fetch(data.CLUSTER_SOURCE) == data.fetch(data.DEFAULT_SOURCE)
-        with pytest.raises(SystemExit, match="seed-data: --to: expected s3://bucket/key, got 'data/x.csv'"):
-            pipeline.main(["seed-data", "--to", "data/x.csv"])
-    finally:
-        server.stop()
+    with pytest.raises(SystemExit, match="seed-data: --to: cannot write s3://data/nyc_airbnb_sample1.csv.gz: "
+                                         ".*NoSuchBucket"):
+        pipeline.main(["seed-data"])
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="data")
+    assert pipeline.main(["seed-data"]) == 0
+    assert "copied sample://nyc_airbnb_sample1.csv.gz to s3://data/nyc_airbnb_sample1.csv.gz" in \
+        capsys.readouterr().out
+    assert data.read_source(data.CLUSTER_SOURCE) == data.read_source(data.DEFAULT_SOURCE)
+    assert data.fetch(data.CLUSTER_SOURCE) == data.fetch(data.DEFAULT_SOURCE)
+    with pytest.raises(SystemExit, match="seed-data: --to: expected s3://bucket/key, got 'data/x.csv'"):
+        pipeline.main(["seed-data", "--to", "data/x.csv"])
 
 
 def test_fetch_names_a_missing_source(tmp_path):
