@@ -128,13 +128,14 @@ def test_overlapping_good_and_weak_runs_leave_the_good_one_prod(mlflow_server, t
         prod = client.get_model_version_by_alias(model, "prod")
         maes = [float(v.tags["test_mae"]) for v in client.search_model_versions(f"name = '{model}'")]
         assert len(maes) == 2 and float(prod.tags["test_mae"]) == min(maes)
+        good_why, weak_why = (next(line for line in out.splitlines() if line.startswith("why: "))
+                              for out in (good_out, weak_out))
         assert "now prod" in good_out
+        # Each compared with the other either at evaluate or, when prod moved meanwhile, at register.
         if "now prod" in weak_out:  # the weak one registered first, when there was no prod to compare with
-            assert "why: no prod model yet" in weak_out
-            assert "why: prod moved to version" in good_out and "compared with it instead: better than prod" in good_out
-        else:  # compared with the good one, at evaluate or (prod moved meanwhile) at register
-            why = next(line for line in weak_out.splitlines() if line.startswith("why: "))
-            assert "worse than prod on " in why and "prod unchanged" in weak_out
+            assert weak_why == "why: no prod model yet" and "better than prod on " in good_why
+        else:
+            assert "worse than prod on " in weak_why and "prod unchanged" in weak_out
 
 
 def test_a_hand_promotion_while_the_run_trains_stands(mlflow_server, tmp_path):
