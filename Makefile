@@ -1,5 +1,5 @@
 # NYC rental-price pipeline. `make help` lists the targets; every ?= variable can be overridden:
-#   make run DATA_URL=/path/to/listings.csv PARAMS="n_estimators=50 max_depth=10"
+#   make run DATA_URL=/path/to/listings.csv PARAMS="learning_rate=0.05" SWEEP="max_leaf_nodes=15,31,63"
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
 .DEFAULT_GOAL := help
@@ -24,6 +24,8 @@ export MLFLOW_DISABLE_TELEMETRY = true
 
 DATA_URL ?=
 PARAMS ?=
+# A grid of sweep trials, e.g. SWEEP="learning_rate=0.05,0.1 max_leaf_nodes=31,63" (4 trials); empty: one trial.
+SWEEP ?=
 PIPELINE_SPEC ?= pipeline.yaml
 # KFP API through a port-forward of the dashboard (make ui, or make submit opens one for itself).
 KFP_PORT ?= 8081
@@ -49,7 +51,7 @@ IMAGE_NAMES ?=
 # The kind cluster's targets (cluster, deploy, load-images, serve, ui, predict-cluster, down, checkov).
 include manifests/cluster.mk
 
-.PHONY: help venv mlflow mlflow-stop run run-docker compile submit test test-core serve-local predict promote rollback bench-serve \
+.PHONY: help venv mlflow mlflow-stop run run-docker compile submit test test-core serve-local predict promote rollback bench bench-serve \
         base-image images test-images clean
 
 help:  ## List the targets
@@ -87,9 +89,10 @@ mlflow-stop:  ## Stop the local MLflow server started by `make mlflow` (its data
 	  kill -- -$$(cat $(MLFLOW_DIR)/server.pid) 2>/dev/null || true; rm -f $(MLFLOW_DIR)/server.pid; echo "stopped"; \
 	else echo "no local MLflow server started here"; fi
 
-RUN_PARAMS = $(if $(DATA_URL),--param source=$(DATA_URL)) $(foreach p,$(PARAMS),--param $(p))
+RUN_PARAMS = $(if $(DATA_URL),--param source=$(DATA_URL)) $(foreach p,$(PARAMS),--param $(p)) \
+  $(if $(SWEEP),--sweep "$(SWEEP)")
 
-run: venv mlflow  ## Run the whole pipeline locally (kfp.local, no cluster, no Docker); DATA_URL=, PARAMS=, NO_CACHE=1
+run: venv mlflow  ## Run the whole pipeline locally (kfp.local, no cluster, no Docker); DATA_URL=, PARAMS=, SWEEP=, NO_CACHE=1
 	$(PY) pipeline.py run $(RUN_PARAMS) $(if $(NO_CACHE),--no-cache)
 
 run-docker: venv mlflow  ## Run the whole pipeline locally with every task in its image (make images first)
@@ -127,6 +130,10 @@ promote: venv  ## Move alias prod to VERSION= of MODEL_NAME
 
 rollback: venv  ## Move alias prod back to the version it replaced (previous-prod)
 	$(PY) pipeline.py rollback --model-name $(MODEL_NAME)
+
+BENCH_SIZES ?= 20000,100000,500000
+bench: venv  ## Pipeline benchmark: per-step wall/compute/start-up/memory, cached re-run, 20k/100k/500k rows, model MAE
+	$(PY) tests/bench_pipeline.py --sizes $(BENCH_SIZES)
 
 bench-serve: venv mlflow  ## Serving benchmark on the prod model: latency, throughput, in-process floor (prints figures)
 	$(PY) tests/bench_serve.py --model $(MODEL_URI) --workers $(SERVE_WORKERS) $(DATA_ARG)

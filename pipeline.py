@@ -12,6 +12,7 @@ import argparse
 import functools
 import hashlib
 import inspect
+import itertools
 import json
 import os
 import re
@@ -28,7 +29,7 @@ from kfp import compiler, dsl, kubernetes, local
 
 from components import data, steps, tracking
 from components.errors import StepError
-from components.model import ForestParams
+from components.model import ModelParams
 from images import catalog
 
 ROOT = Path(__file__).resolve().parent
@@ -56,11 +57,14 @@ RESOURCES = {  # step: (cpu request, cpu limit, memory request, memory limit)
     "check": ("250m", "1", "512M", "1G"),
     "split": ("250m", "1", "512M", "1G"),
     "train": ("1", "2", "2G", "4G"),
+    "select": ("250m", "1", "512M", "1G"),
     "evaluate": ("500m", "1", "1G", "3G"),
     "register": ("250m", "1", "512M", "1G"),
 }
-# Defaults of the box and the forest live with the code that uses them.
-BOX, FOREST, DRIFT = data.Box(), ForestParams(), data.DriftLimits()
+# Defaults of the box and the model live with the code that uses them.
+BOX, MODEL, DRIFT = data.Box(), ModelParams(), data.DriftLimits()
+# Sweep trials at once on the cluster (kfp.local runs two at a time whatever this says).
+SWEEP_PARALLELISM = 4
 # KFP's own bucket on the MinIO of manifests/minio/ (the kfp-launcher ConfigMap holds its endpoint).
 CLUSTER_PIPELINE_ROOT = "minio://mlpipeline/v2/artifacts"
 
@@ -102,14 +106,22 @@ def build(cluster: bool = True):
         warn_error_ratio: float = DRIFT.warn_error_ratio,
         test_size: float = 0.2,
         val_size: float = 0.2,
-        seed: int = FOREST.seed,
-        n_estimators: int = FOREST.n_estimators,
-        max_depth: int = FOREST.max_depth,
-        min_samples_split: int = FOREST.min_samples_split,
-        min_samples_leaf: int = FOREST.min_samples_leaf,
-        max_features: float = FOREST.max_features,
-        criterion: str = FOREST.criterion,
-        tfidf_max_features: int = FOREST.tfidf_max_features,
+        seed: int = MODEL.seed,
+        learner: str = MODEL.learner,
+        sweep: list = [{}],
+        n_estimators: int = MODEL.n_estimators,
+        max_depth: int = MODEL.max_depth,
+        min_samples_split: int = MODEL.min_samples_split,
+        min_samples_leaf: int = MODEL.min_samples_leaf,
+        max_features: float = MODEL.max_features,
+        criterion: str = MODEL.criterion,
+        tfidf_max_features: int = MODEL.tfidf_max_features,
+        learning_rate: float = MODEL.learning_rate,
+        max_iter: int = MODEL.max_iter,
+        max_leaf_nodes: int = MODEL.max_leaf_nodes,
+        l2_regularization: float = MODEL.l2_regularization,
+        ridge_alpha: float = MODEL.ridge_alpha,
+        bins: int = MODEL.bins,
         margin: float = 0.1,
     ) -> NamedTuple("Outputs", version=int, promoted=bool, test_mae=float, reason=str):
         box = dict(min_longitude=min_longitude, max_longitude=max_longitude,
@@ -121,13 +133,21 @@ def build(cluster: bool = True):
             min_rows=min_rows, max_rows=max_rows, max_category_psi=max_category_psi, max_error_ratio=max_error_ratio,
             warn_psi=warn_psi, warn_ks=warn_ks, warn_error_ratio=warn_error_ratio, **box)
         split = steps.split(clean_data=clean.outputs["clean_data"], test_size=test_size, seed=seed).after(check)
-        train = steps.train(
-            trainval_data=split.outputs["trainval_data"], n_estimators=n_estimators, max_depth=max_depth,
-            min_samples_split=min_samples_split, min_samples_leaf=min_samples_leaf, max_features=max_features,
-            criterion=criterion, tfidf_max_features=tfidf_max_features, val_size=val_size, seed=seed)
-        evaluate = steps.evaluate(model=train.outputs["model"], test_data=split.outputs["test_data"], model_name=model_name)
+        # The sweep: each item of `sweep` changes the parameters above for one trial ({} changes nothing).
+        with dsl.ParallelFor(sweep, parallelism=SWEEP_PARALLELISM) as trial:
+            train = steps.train(
+                trainval_data=split.outputs["trainval_data"], trial=trial, learner=learner,
+                n_estimators=n_estimators, max_depth=max_depth, min_samples_split=min_samples_split,
+                min_samples_leaf=min_samples_leaf, max_features=max_features, criterion=criterion,
+                tfidf_max_features=tfidf_max_features, learning_rate=learning_rate, max_iter=max_iter,
+                max_leaf_nodes=max_leaf_nodes, l2_regularization=l2_regularization, ridge_alpha=ridge_alpha,
+                bins=bins,
+                val_size=val_size, seed=seed)
+        select = steps.select(trials=dsl.Collected(train.outputs["model"]))
+        evaluate = steps.evaluate(model=select.outputs["model"], test_data=split.outputs["test_data"],
+                                  model_name=model_name)
         register = steps.register(
-            model=train.outputs["model"], evaluation=evaluate.outputs["metrics"], test_data=split.outputs["test_data"],
+            model=select.outputs["model"], evaluation=evaluate.outputs["metrics"], test_data=split.outputs["test_data"],
             raw_data=download.outputs["raw_data"], clean_data=clean.outputs["clean_data"],
             comparison=evaluate.outputs["comparison"], model_name=model_name, margin=margin,
             git_commit=git_commit(), images=json.dumps(steps.IMAGES, sort_keys=True))
@@ -135,8 +155,8 @@ def build(cluster: bool = True):
         for task in (check, evaluate, register):
             task.set_caching_options(False)
         if cluster:
-            tasks = dict(download=download, clean=clean, check=check, split=split, train=train, evaluate=evaluate,
-                         register=register)
+            tasks = dict(download=download, clean=clean, check=check, split=split, train=train, select=select,
+                         evaluate=evaluate, register=register)
             for step, task in tasks.items():
                 for_cluster(step, task)
         return register.outputs
@@ -160,10 +180,36 @@ def parse_params(pairs: list[str]) -> dict:
             sys.exit(f"pipeline.py: --param {pair!r}: expected key=value with key one of {sorted(known)}")
         kind = known[key].annotation
         try:
-            params[key] = kind(value)
-        except ValueError:
-            sys.exit(f"pipeline.py: --param {key}: {value!r} is not a valid {kind.__name__}")
+            params[key] = sweep_trials(json.loads(value)) if kind is list else kind(value)
+        except ValueError as exc:
+            sys.exit(f"pipeline.py: --param {key}: {value!r} is not a valid {kind.__name__}"
+                     + (f" of trials: {exc}" if kind is list else ""))
+    try:
+        ModelParams(**{k: v for k, v in params.items() if k in ModelParams.__dataclass_fields__})
+    except ValueError as exc:
+        sys.exit(f"pipeline.py: --param {exc}")
     return params
+
+
+def sweep_trials(trials) -> list[dict]:
+    """A sweep as the pipeline takes it: a non-empty list of trials, each a dict of parameters to change, checked
+    here so that a typo fails before anything runs."""
+    if not isinstance(trials, list) or not trials or not all(isinstance(t, dict) for t in trials):
+        raise ValueError("expected a non-empty JSON list of objects, e.g. [{}, {\"learning_rate\": 0.05}]")
+    for trial in trials:
+        ModelParams().with_overrides(trial)
+    return trials
+
+
+def sweep_grid(spec: str) -> list[dict]:
+    """`learning_rate=0.05,0.1 max_leaf_nodes=31,63` -> every combination, in order, as a list of trials."""
+    axes = []
+    for part in spec.split():
+        key, sep, values = part.partition("=")
+        if not sep or not values:
+            raise ValueError(f"{part!r}: expected name=value[,value...]")
+        axes.append([(key, json.loads(v) if re.fullmatch(r"-?[\d.e+-]+", v) else v) for v in values.split(",")])
+    return sweep_trials([dict(combo) for combo in itertools.product(*axes)])
 
 
 def compile_pipeline(output: str) -> None:
@@ -309,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     compile_cmd.add_argument("--output", default="pipeline.yaml")
     run_cmd = commands.add_parser("run", help="run the pipeline locally with kfp.local")
     run_cmd.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    run_cmd.add_argument("--sweep", default="", metavar="GRID",
+                         help="a grid of trials, e.g. 'learning_rate=0.05,0.1 max_leaf_nodes=31,63'")
     run_cmd.add_argument("--pipeline-root", default=str(ROOT / "local_outputs"))
     run_cmd.add_argument("--no-cache", action="store_true", help="re-run every step")
     run_cmd.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
@@ -318,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     submit_cmd.add_argument("--host", default=os.environ.get("KFP_HOST", "http://127.0.0.1:8081"))
     submit_cmd.add_argument("--experiment", default="rental-price")
     submit_cmd.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    submit_cmd.add_argument("--sweep", default="", metavar="GRID", help="a grid of trials (as for run)")
     submit_cmd.add_argument("--wait", action="store_true", help="wait for the run; fail unless it succeeds")
     submit_cmd.add_argument("--timeout", type=int, default=3600)
     submit_cmd.add_argument("--no-cache", action="store_true", help="re-run every step, reusing nothing")
@@ -330,6 +379,11 @@ def main(argv: list[str] | None = None) -> int:
         if name == "promote":
             registry_cmd.add_argument("--version", required=True)
     args = parser.parse_args(argv)
+    if getattr(args, "sweep", ""):
+        try:
+            args.param.append("sweep=" + json.dumps(sweep_grid(args.sweep)))
+        except ValueError as exc:
+            sys.exit(f"pipeline.py: --sweep {args.sweep!r}: {exc}")
     if args.command == "compile":
         compile_pipeline(args.output)
         return 0

@@ -15,8 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
-from sklearn.model_selection import train_test_split
 
 from components.errors import StepError
 
@@ -319,6 +317,8 @@ def drift_checks(
     df: pd.DataFrame, reference: pd.DataFrame, limits: DriftLimits
 ) -> tuple[list[str], list[str], dict[str, float]]:
     """Distribution shift of each column against prod's data: (failures, warnings, figures)."""
+    from scipy.stats import ks_2samp  # here, not at the top: every step imports this module, only check needs it
+
     failures, warnings, figures = [], [], {}
     for column in CATEGORY_COLUMNS:
         psi = figures[f"psi_{column}"] = category_psi(df[column], reference[column])
@@ -331,7 +331,7 @@ def drift_checks(
             warnings.append(f"{column}: distribution moved (PSI {psi:.3f} > {limits.warn_psi}{missing})")
     for column in DRIFT_COLUMNS:
         psi = figures[f"psi_{column}"] = numeric_psi(df[column], reference[column])
-        ks = figures[f"ks_{column}"] = float(stats.ks_2samp(df[column].dropna(), reference[column].dropna()).statistic)
+        ks = figures[f"ks_{column}"] = float(ks_2samp(df[column].dropna(), reference[column].dropna()).statistic)
         if psi > limits.warn_psi or ks > limits.warn_ks:
             warnings.append(f"{column}: distribution moved (PSI {psi:.3f}, KS statistic {ks:.3f}; warn above "
                             f"{limits.warn_psi} / {limits.warn_ks})")
@@ -360,6 +360,8 @@ def split_listings(
     df: pd.DataFrame, size: float, seed: int, step: str = "split", field: str = "test_size"
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Split off a `size` fraction, stratified by neighbourhood_group (train+validation / test, train / validation)."""
+    from sklearn.model_selection import train_test_split
+
     if not 0 < size < 1:
         raise StepError(step, field, f"must be between 0 and 1, got {size}")
     try:

@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy import stats
 
 CONFIDENCE = 0.95
 RESAMPLES = 2000
@@ -29,6 +28,8 @@ class Comparison:
 
 
 def compare(actual, candidate: np.ndarray, prod: np.ndarray, seed: int = 0) -> Comparison:
+    from scipy import stats  # here: every step imports this module, only evaluate and register compare
+
     actual = np.asarray(actual, dtype=float)
     candidate_errors = np.abs(actual - np.asarray(candidate, dtype=float))
     prod_errors = np.abs(actual - np.asarray(prod, dtype=float))

@@ -1,24 +1,27 @@
-"""Model logic of the train and evaluate steps: the scikit-learn pipeline, its metrics and its plot."""
+"""Model logic of the train and evaluate steps: the scikit-learn pipeline, its metrics and its plot.
+
+scikit-learn is imported inside the functions that use it: every step imports this module (for its column names),
+and most never fit or score a model; importing it costs each of them about a second.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-import pandas as pd
-from sklearn.compose import ColumnTransformer
-from sklearn.ensemble import RandomForestRegressor
-from sklearn.feature_extraction.text import TfidfVectorizer
-from sklearn.impute import SimpleImputer
-from sklearn.metrics import mean_absolute_error, r2_score
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, OrdinalEncoder
+from typing import TYPE_CHECKING
 
-from components import features
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:
+    from sklearn.pipeline import Pipeline
 
 TARGET = "price"
 ORDINAL = ["room_type"]
@@ -27,9 +30,11 @@ NUMERIC = [
     "minimum_nights", "number_of_reviews", "reviews_per_month",
     "calculated_host_listings_count", "availability_365", "longitude", "latitude",
 ]
+AREA = "neighbourhood"
 DATE = "last_review"
 TEXT = "name"
-FEATURES = ORDINAL + ONE_HOT + NUMERIC + [DATE, TEXT]
+ID, HOST = "id", "host_id"  # ids grow with time, and a host's listings share a price level
+FEATURES = ORDINAL + ONE_HOT + [AREA] + NUMERIC + [DATE, TEXT, ID, HOST]
 
 # The feature functions a model holds live in a module named after the content of features.py, shipped with the
 # model: a model scores with the code it was trained with, beside newer models in the same process.
@@ -38,7 +43,7 @@ FEATURES_MODULE_PREFIX = "rental_features_"
 
 def shipped_features(path: str | None = None) -> ModuleType:
     """components/features.py (or the file at `path`) as module rental_features_<sha256 of its content>."""
-    path = path or features.__file__
+    path = path or str(Path(__file__).with_name("features.py"))
     name = FEATURES_MODULE_PREFIX + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, path)
@@ -48,14 +53,25 @@ def shipped_features(path: str | None = None) -> ModuleType:
     return sys.modules[name]
 
 
-def skops_trusted_types(module: ModuleType) -> list[str]:
-    """Types the skops file of a model built with `module` holds beyond skops' defaults: exactly these, no pickle
-    fallback. tests/test_model.py compares them with what skops reports for a freshly trained model."""
-    return [f"{module.__name__}.as_text", f"{module.__name__}.days_since", "numpy.dtype", "sklearn.tree._tree.Tree"]
+def skops_trusted_types(module: ModuleType, learner: str) -> list[str]:
+    """Types the skops file of a `learner` model built with `module` holds beyond skops' defaults: exactly these, no
+    pickle fallback. tests/test_model.py compares them with what skops reports for a freshly trained model."""
+    if learner == "random_forest":
+        return [f"{module.__name__}.as_text", f"{module.__name__}.days_since", "numpy.dtype", "sklearn.tree._tree.Tree"]
+    # The booster's own categorical preprocessing holds functools.partial(check_array).
+    return [f"{module.__name__}.OutOfFold", f"{module.__name__}.listing_features", "functools.partial", "numpy.dtype",
+            "sklearn.utils.validation.check_array", "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"]
+
+
+LEARNERS = ("hist_gbm", "random_forest")
 
 
 @dataclass(frozen=True)
-class ForestParams:
+class ModelParams:
+    """Every parameter of both learners; each learner reads its own (used()), the rest are not logged."""
+
+    learner: str = "hist_gbm"
+    # random_forest: the reference forest and its name TF-IDF
     n_estimators: int = 100
     max_depth: int = 15
     min_samples_split: int = 4
@@ -63,13 +79,64 @@ class ForestParams:
     max_features: float = 0.5
     criterion: str = "absolute_error"
     tfidf_max_features: int = 15
+    # hist_gbm: gradient-boosted trees on absolute error, with a stacked ridge model of the name (build_gbm)
+    learning_rate: float = 0.05
+    max_iter: int = 300
+    max_leaf_nodes: int = 31
+    l2_regularization: float = 10.0
+    ridge_alpha: float = 10.0
+    bins: int = 20
     n_jobs: int = -1
     seed: int = 42
 
+    def __post_init__(self):
+        if self.learner not in LEARNERS:
+            raise ValueError(f"learner: {self.learner!r} is not one of {list(LEARNERS)}")
 
-def build_model(params: ForestParams, reference_date: str, feats: ModuleType | None = None) -> Pipeline:
-    """Preprocessing + random forest, taking the raw listing columns in FEATURES."""
+    def used(self) -> dict:
+        """The parameters the chosen learner reads."""
+        own = FOREST_FIELDS if self.learner == "random_forest" else GBM_FIELDS
+        return {"learner": self.learner, **{k: getattr(self, k) for k in own}, "seed": self.seed}
+
+    def with_overrides(self, overrides: dict) -> "ModelParams":
+        """These parameters with a sweep trial's changes, typed as the fields are (KFP hands numbers over as floats)."""
+        fields = {f.name: f.type for f in dataclasses.fields(self)}
+        changes = {}
+        for key, value in overrides.items():
+            if key not in SWEEPABLE:
+                raise ValueError(f"{key}: not a parameter a trial can change (one of {sorted(SWEEPABLE)})")
+            kind = {"int": int, "float": float, "str": str}[fields[key]]
+            if kind is int and float(value) != int(float(value)):
+                raise ValueError(f"{key}: {value!r} is not a whole number")
+            changes[key] = kind(float(value)) if kind is int else kind(value)
+        return dataclasses.replace(self, **changes)
+
+
+FOREST_FIELDS = ("n_estimators", "max_depth", "min_samples_split", "min_samples_leaf", "max_features", "criterion",
+                 "tfidf_max_features")
+GBM_FIELDS = ("learning_rate", "max_iter", "max_leaf_nodes", "l2_regularization", "ridge_alpha", "bins")
+# What a sweep trial may change: the learner and its parameters, never the seed (every trial is scored on the same
+# validation rows, which the seed draws).
+SWEEPABLE = ("learner",) + FOREST_FIELDS + GBM_FIELDS
+
+
+def build_model(params: ModelParams, reference_date: str, feats: ModuleType | None = None) -> Pipeline:
+    """Preprocessing + the learner, taking the raw listing columns in FEATURES."""
     feats = feats or shipped_features()
+    if params.learner == "random_forest":
+        return build_forest(params, feats, reference_date)
+    return build_gbm(params, feats, reference_date)
+
+
+def build_forest(params: ModelParams, feats: ModuleType, reference_date: str) -> Pipeline:
+    """The reference: a random forest on absolute error, over encoded columns and a small TF-IDF of the name."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.ensemble import RandomForestRegressor
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.impute import SimpleImputer
+    from sklearn.pipeline import Pipeline, make_pipeline
+    from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, OrdinalEncoder
+
     preprocessing = ColumnTransformer(
         [
             ("ordinal", OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=-1), ORDINAL),
@@ -93,35 +160,87 @@ def build_model(params: ForestParams, reference_date: str, feats: ModuleType | N
     return Pipeline([("preprocessing", preprocessing), ("random_forest", forest)])
 
 
+# Columns of features.listing_features that the booster reads as numbers, besides NUMERIC.
+DERIVED = ["days_since_review", "months_reviewed", "name_length", "name_words", "name_capitals",
+           "name_exclamations", "bedrooms", "baths", "sleeps", ID, HOST]
+CATEGORIES = ORDINAL + ONE_HOT + [AREA]
+# What the stacked linear model reads: words of the name, alone and by room type, binned numbers, categories.
+BINNED = NUMERIC
+
+
+def build_gbm(params: ModelParams, feats: ModuleType, reference_date: str) -> Pipeline:
+    """Histogram gradient boosting on absolute error over the listing's own columns, row-wise features of them,
+    cross-fitted target encodings of the neighbourhood and the host, and (stacked) the out-of-fold prices of a
+    ridge model that reads the words of the name. Chosen on validation rows: README, "The model"."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.ensemble import HistGradientBoostingRegressor
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import (FunctionTransformer, KBinsDiscretizer, OneHotEncoder, OrdinalEncoder,
+                                       TargetEncoder)
+
+    linear_inputs = ColumnTransformer([
+        ("words", TfidfVectorizer(min_df=2, sublinear_tf=True), TEXT),
+        ("words_by_room", TfidfVectorizer(min_df=2, sublinear_tf=True, token_pattern=r"\S+"), "name_by_room"),
+        ("bins", KBinsDiscretizer(n_bins=params.bins, encode="onehot", strategy="quantile",
+                                  quantile_method="averaged_inverted_cdf"), BINNED),
+        ("one_hot", OneHotEncoder(handle_unknown="ignore"), ORDINAL + [AREA, HOST]),
+    ])
+    stacked = Pipeline([("inputs", linear_inputs),
+                        ("ridge", feats.OutOfFold(Ridge(alpha=params.ridge_alpha), seed=params.seed))])
+    columns = ColumnTransformer([
+        ("numeric", "passthrough", NUMERIC + DERIVED),
+        ("categories", OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=np.nan,
+                                      encoded_missing_value=np.nan), CATEGORIES),
+        # Cross-fitted on 5 folds of rows the split already shuffled.
+        ("target_encoded", TargetEncoder(target_type="continuous", cv=5), [AREA, HOST]),
+        ("stacked", stacked, [TEXT, "name_by_room", AREA, HOST] + ORDINAL + BINNED),
+    ])
+    first_category = len(NUMERIC + DERIVED)
+    gbm = HistGradientBoostingRegressor(
+        loss="absolute_error", learning_rate=params.learning_rate, max_iter=params.max_iter,
+        max_leaf_nodes=params.max_leaf_nodes, min_samples_leaf=40, l2_regularization=params.l2_regularization,
+        max_features=0.5, early_stopping=False, random_state=params.seed,
+        categorical_features=list(range(first_category, first_category + len(CATEGORIES))))
+    rows = FunctionTransformer(feats.listing_features, kw_args={"reference_date": reference_date})
+    return Pipeline([("listing_features", rows), ("columns", columns), ("hist_gbm", gbm)])
+
+
 def newest_review(df: pd.DataFrame) -> str:
     newest = df[DATE].max()
     return (newest if pd.notna(newest) else pd.Timestamp("2019-07-08")).strftime("%Y-%m-%d")
 
 
-def fit(train: pd.DataFrame, params: ForestParams, feats: ModuleType | None = None) -> Pipeline:
-    model = build_model(params, newest_review(train), feats).fit(train[FEATURES], train[TARGET])
-    # Train on every core, predict on one: thread start-up costs a one-row call more than it saves
-    # (measured in-process: 1 row 34 -> 12 ms, 1,000 rows 47 -> 30 ms; make bench-serve).
-    return model.set_params(random_forest__n_jobs=1)
+def fit(train: pd.DataFrame, params: ModelParams, feats: ModuleType | None = None) -> Pipeline:
+    with warnings.catch_warnings():
+        # Counts have many ties, so some quantile bins are empty and dropped: expected, not worth a warning.
+        warnings.filterwarnings("ignore", message="Bins whose width are too small", category=UserWarning)
+        model = build_model(params, newest_review(train), feats).fit(train[FEATURES], train[TARGET])
+    if params.learner == "random_forest":
+        # Train on every core, predict on one: thread start-up costs a one-row call more than it saves
+        # (measured in-process: 1 row 34 -> 12 ms, 1,000 rows 47 -> 30 ms; make bench-serve).
+        model.set_params(random_forest__n_jobs=1)
+    return model
 
 
 def score(model: Pipeline, df: pd.DataFrame) -> dict[str, float]:
+    from sklearn.metrics import mean_absolute_error, r2_score
+
     predicted = model.predict(df[FEATURES])
     return {"mae": float(mean_absolute_error(df[TARGET], predicted)), "r2": float(r2_score(df[TARGET], predicted))}
 
 
-def feature_importances(model: Pipeline) -> pd.Series:
-    """Forest importances summed back onto the input columns (all TF-IDF terms count as `name`)."""
-    preprocessing = model.named_steps["preprocessing"]
-    owners = []
-    for name, transformer, columns in preprocessing.transformers_:
-        if name == "remainder":
-            continue
-        span = preprocessing.output_indices_[name]
-        width = span.stop - span.start
-        owners += list(columns) if width == len(columns) else [columns[0]] * width
-    importances = model.named_steps["random_forest"].feature_importances_
-    return pd.Series(importances, index=owners).groupby(level=0).sum().sort_values()
+def feature_importances(model: Pipeline, df: pd.DataFrame, rows: int = 2000, repeats: int = 1,
+                        seed: int = 0) -> pd.Series:
+    """Permutation importance of each input column on held-out rows (up to `rows` of them): how much the MAE grows
+    when that column is shuffled. The same for both learners, and named by the raw columns a person knows."""
+    from sklearn.inspection import permutation_importance
+
+    rows = df.sample(min(rows, len(df)), random_state=seed)
+    found = permutation_importance(model, rows[FEATURES], rows[TARGET], scoring="neg_mean_absolute_error",
+                                   n_repeats=repeats, random_state=seed)
+    return pd.Series(found.importances_mean, index=FEATURES).sort_values()
 
 
 def importance_figure(importances: pd.Series):
@@ -131,8 +250,8 @@ def importance_figure(importances: pd.Series):
     fig = Figure(figsize=(7, 4), layout="tight")
     ax = fig.subplots()
     ax.barh(importances.index, importances.to_numpy())
-    ax.set_xlabel("importance (sum over encoded features)")
-    ax.set_title("Random forest feature importance")
+    ax.set_xlabel("MAE increase when the column is shuffled ($)")
+    ax.set_title("Feature importance (permutation, test rows)")
     return fig
 
 

@@ -4,7 +4,7 @@ The bodies run inside the step's image (or the local interpreter), where the `co
 installed, so they import it at run time; kfp itself is baked into the images (install_kfp_package=False).
 """
 
-from typing import NamedTuple
+from typing import List, NamedTuple
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
@@ -72,23 +72,35 @@ def split(
 
 @_component("train")
 def train(
-    trainval_data: Input[Dataset], model: Output[Model], metrics: Output[Metrics],
-    n_estimators: int, max_depth: int, min_samples_split: int, min_samples_leaf: int,
-    max_features: float, criterion: str, tfidf_max_features: int, val_size: float, seed: int,
+    trainval_data: Input[Dataset], model: Output[Model], trial: dict, learner: str,
+    n_estimators: int, max_depth: int, min_samples_split: int, min_samples_leaf: int, max_features: float,
+    criterion: str, tfidf_max_features: int, learning_rate: float, max_iter: int, max_leaf_nodes: int,
+    l2_regularization: float, ridge_alpha: float, bins: int, val_size: float, seed: int,
 ):
-    """Fit the preprocessing + random forest pipeline; log it to MLflow with its validation metrics."""
+    """One trial of the sweep: the base parameters changed by `trial`, fitted on train and scored on validation."""
     from components import tasks
-    from components.model import ForestParams
 
-    params = ForestParams(n_estimators, max_depth, min_samples_split, min_samples_leaf, max_features,
-                          criterion, tfidf_max_features, seed=seed)
+    params = dict(learner=learner, n_estimators=n_estimators, max_depth=max_depth,
+                  min_samples_split=min_samples_split, min_samples_leaf=min_samples_leaf, max_features=max_features,
+                  criterion=criterion, tfidf_max_features=tfidf_max_features, learning_rate=learning_rate,
+                  max_iter=max_iter, max_leaf_nodes=max_leaf_nodes, l2_regularization=l2_regularization,
+                  ridge_alpha=ridge_alpha, bins=bins, seed=seed)
+    model.metadata.update(tasks.train(trainval_data.path, model.path, params, val_size, trial))
+
+
+@_component("select")
+def select(trials: Input[List[Model]], model: Output[Model], metrics: Output[Metrics]):
+    """The trial with the lowest validation MAE goes on; its version will record the whole sweep."""
     import json
     from pathlib import Path
 
-    result = tasks.train(trainval_data.path, model.path, params, val_size)
+    from components import tasks
+
+    result = tasks.select([(trial.path, trial.metadata) for trial in trials], model.path)
     model.metadata.update(result)
     for name in ("val_mae", "val_r2"):
         metrics.log_metric(name, result[name])
+    metrics.log_metric("trials", len(trials))
     # kfp.local's cache treats an output without a file as missing, so the metrics get a file too.
     Path(metrics.path).write_text(json.dumps(metrics.metadata))
 

@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -165,31 +166,66 @@ def split(clean_path: str, trainval_path: str, test_path: str, test_size: float,
         return {"rows": len(trainval)}, {"rows": len(test)}
 
 
-def train(trainval_path: str, model_path: str, params: model.ForestParams, val_size: float) -> dict:
-    """Fit on train, score on validation, save the model to `model_path` and log it to MLflow."""
-    with tracking.step_run("train", params={**vars(params), "val_size": val_size}) as run:
+def train(trainval_path: str, model_path: str, base: dict, val_size: float, trial: dict | None = None) -> dict:
+    """One trial: fit the parameters `base` changed by `trial` on train, score on validation (the same rows for
+    every trial), save the model to `model_path` and keep it in the trial's MLflow run."""
+    trial = trial or {}
+    try:
+        params = model.ModelParams(**base)
+    except ValueError as exc:
+        raise StepError("train", *str(exc).split(": ", 1)) from exc
+    try:
+        params = params.with_overrides(trial)
+    except ValueError as exc:
+        field, _, problem = str(exc).partition(": ")
+        raise StepError("train", f"sweep {json.dumps(trial)}: {field}", problem) from exc
+    trial = {key: getattr(params, key) for key in sorted(trial)}  # typed: KFP hands whole numbers over as floats
+    with tracking.step_run("train", params={**params.used(), "val_size": val_size},
+                           tags={"trial": json.dumps(trial)}, name=f"train {json.dumps(trial)}" if trial else "train"
+                           ) as run:
         train_df, val_df = data.split_listings(data.read_listings(trainval_path), val_size, params.seed,
                                                step="train", field="val_size")
         started = time.perf_counter()
         fitted = model.fit(train_df, params)
         metrics = {f"val_{k}": v for k, v in model.score(fitted, val_df).items()}
         mlflow.log_metrics({**metrics, "fit_seconds": time.perf_counter() - started})
-        mlflow.log_figure(model.importance_figure(model.feature_importances(fitted)), "feature_importance.png")
-
-        example = model.input_example(val_df)
-        kwargs = tracking.model_kwargs(fitted, example)
+        # Saved once, as the step's output; the same files go to MLflow, where register names them.
         with tracking.feature_code(fitted) as code:
-            mlflow.sklearn.save_model(fitted, model_path, code_paths=[code], **kwargs)
-            info = mlflow.sklearn.log_model(fitted, name="model", code_paths=[code], **kwargs)
+            mlflow.sklearn.save_model(fitted, model_path, code_paths=[code],
+                                      **tracking.model_kwargs(fitted, model.input_example(val_df)))
+        mlflow.log_artifacts(model_path, "model")
         # Every row that shaped the model (fit and validation): a later candidate is compared with this one only
         # on rows outside them.
         with tempfile.TemporaryDirectory() as tmp:
             ids = Path(tmp, TRAINING_IDS_FILE)
             pd.concat([train_df["id"], val_df["id"]]).to_frame().to_csv(ids, index=False)
             mlflow.log_artifact(str(ids), "data")
-        return {**metrics, "mlflow_model_uri": info.model_uri, "mlflow_run_id": run.info.run_id,
+        return {**metrics, "trial": json.dumps(trial), "learner": params.learner,
+                "mlflow_model_uri": f"runs:/{run.info.run_id}/model", "mlflow_run_id": run.info.run_id,
                 "training_ids_uri": f"runs:/{run.info.run_id}/data/{TRAINING_IDS_FILE}",
                 "trainval_sha256": hashlib.sha256(Path(trainval_path).read_bytes()).hexdigest()}
+
+
+def select(trials: list[tuple[str, dict]], model_path: str) -> dict:
+    """The sweep's winner: the trial with the lowest validation MAE (ties go to the earlier trial), copied to
+    `model_path`. Returns its metadata with the whole sweep (each trial's changes, scores and run) under `sweep`."""
+    with tracking.step_run("select", params={"trials": len(trials)}) as run:
+        board = [{"trial": json.loads(meta["trial"]), "val_mae": meta["val_mae"], "val_r2": meta["val_r2"],
+                  "mlflow_run_id": meta["mlflow_run_id"]} for _, meta in trials]
+        best = min(range(len(trials)), key=lambda i: (trials[i][1]["val_mae"], i))
+        path, meta = trials[best]
+        shutil.copytree(path, model_path)
+        mlflow.log_dict(board, "sweep.json")
+        mlflow.log_metrics({"best_val_mae": meta["val_mae"], "best_trial": best})
+        choice = (f"trial {best + 1} of {len(trials)} {json.dumps(board[best]['trial'], sort_keys=True)}: "
+                  f"lowest validation MAE {meta['val_mae']:.3f}")
+        if len(trials) > 1:
+            others = ", ".join(f"{t['val_mae']:.3f}" for i, t in enumerate(board) if i != best)
+            choice += f" (others: {others})"
+        mlflow.set_tag("choice", choice)
+        print(f"select: {choice}")
+        return {**meta, "sweep": json.dumps(board, sort_keys=True), "sweep_choice": choice,
+                "select_run_id": run.info.run_id}
 
 
 def evaluate(model_path: str, test_path: str, model_name: str) -> tuple[dict, dict]:
@@ -199,6 +235,7 @@ def evaluate(model_path: str, test_path: str, model_name: str) -> tuple[dict, di
         test = data.read_listings(test_path)
         candidate = mlflow.sklearn.load_model(model_path)
         scores = {f"candidate_{k}": v for k, v in model.score(candidate, test).items()}
+        mlflow.log_figure(model.importance_figure(model.feature_importances(candidate, test)), "feature_importance.png")
         comparison = compare_with_prod(model_name, tracking.prod_version(model_name), candidate, test)
         mlflow.log_metrics({**scores, **{k: v for k, v in comparison.items()
                                          if isinstance(v, (int, float)) and not isinstance(v, bool)}})
@@ -305,6 +342,14 @@ def decide_promotion(name: str, version: str, comparison: dict, margin: float, r
     return promote, moved + reason, comparison
 
 
+def sweep_tag(model_meta: dict, limit: int = 4000) -> str:
+    """The sweep's trials and scores, or where they are when too many for a tag."""
+    board = model_meta.get("sweep", "")
+    if len(board) <= limit:
+        return board
+    return f"{len(json.loads(board))} trials: runs:/{model_meta.get('select_run_id')}/sweep.json"
+
+
 def lineage(raw_meta: dict, clean_meta: dict, model_meta: dict, git_commit: str, images: str) -> dict[str, str]:
     """Version tags that say where a model came from: data, code, images and every parameter used."""
     client = mlflow.tracking.MlflowClient()
@@ -326,6 +371,8 @@ def lineage(raw_meta: dict, clean_meta: dict, model_meta: dict, git_commit: str,
         "git_commit": git_commit,
         "images": images,
         "parameters": json.dumps(params, sort_keys=True),
+        "sweep_choice": str(model_meta.get("sweep_choice", "")),
+        "sweep": sweep_tag(model_meta),
     }
     # The same training rows, parameters and code (the images' tags hash the code) make the same model.
     same = json.dumps([model_meta.get("trainval_sha256", tags["data_sha256"]), tags["parameters"], images])

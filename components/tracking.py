@@ -107,20 +107,43 @@ def server_gone(step: str, uri: str, exc: Exception) -> StepError:
                      f"{str(exc)[:200]}); nothing was registered and prod did not move: start it again and re-run")
 
 
+def process_seconds() -> float | None:
+    """Seconds since this process started (Linux /proc), or None where that cannot be read."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        return time.time() - boot - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def cost_figures(started: float, entered: float | None) -> dict[str, float]:
+    """What a step cost its process: compute inside the step, the start-up (imports) before it, peak memory."""
+    import resource
+
+    figures = {"step_seconds": time.perf_counter() - started,
+               "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if entered is not None:
+        figures["startup_seconds"] = entered
+    return figures
+
+
 @contextmanager
-def step_run(step: str, params: dict | None = None, last: bool = False) -> Iterator[mlflow.ActiveRun]:
-    """The step's MLflow run, nested under the pipeline run's parent; logs the step's own compute time.
+def step_run(step: str, params: dict | None = None, last: bool = False, tags: dict | None = None,
+             name: str = "") -> Iterator[mlflow.ActiveRun]:
+    """The step's MLflow run, nested under the pipeline run's parent; logs what the step cost (cost_figures).
 
     In a cluster with KFP's MLflow plugin, KFP creates the parent run and a nested run per task and hands it to the
     step as MLFLOW_RUN_ID: the step logs into that one, and KFP ends both. Otherwise the step makes its own child
     run under one parent per KFP_RUN_ID; a failure marks the parent FAILED and the last step marks it FINISHED.
     A server that stops answering ends the step within about 90 s (CLIENT_LIMITS), with a StepError.
     """
+    entered = process_seconds()
     for key, value in CLIENT_LIMITS.items():
         os.environ.setdefault(key, value)
     uri = require_server(step)
     client = MlflowClient()
-    tags = {STEP_TAG: step, RUN_ID_TAG: os.environ.get("KFP_RUN_ID", "")}
+    tags = {**(tags or {}), STEP_TAG: step, RUN_ID_TAG: os.environ.get("KFP_RUN_ID", "")}
     if os.environ.get(OWNER_ENV):
         tags[OWNER_TAG] = os.environ[OWNER_ENV]
     given = os.environ.get("MLFLOW_RUN_ID")
@@ -131,7 +154,7 @@ def step_run(step: str, params: dict | None = None, last: bool = False) -> Itera
         else:
             experiment_id = mlflow.set_experiment(experiment_name()).experiment_id
             parent, owned = _pipeline_parent(client, experiment_id, tags), True
-            run = mlflow.start_run(run_name=step, parent_run_id=parent, tags=tags)
+            run = mlflow.start_run(run_name=name or step, parent_run_id=parent, tags=tags)
     except (MlflowException, requests.RequestException) as exc:
         raise (server_gone(step, uri, exc) if not answers(uri) else exc)
     started = time.perf_counter()
@@ -139,7 +162,7 @@ def step_run(step: str, params: dict | None = None, last: bool = False) -> Itera
         if params:
             mlflow.log_params(params)
         yield run
-        mlflow.log_metric("step_seconds", time.perf_counter() - started)
+        mlflow.log_metrics(cost_figures(started, entered))
         mlflow.end_run()
         if last and parent and owned:
             client.set_terminated(parent, "FINISHED")
@@ -148,7 +171,7 @@ def step_run(step: str, params: dict | None = None, last: bool = False) -> Itera
         with quick_calls(), suppress(MlflowException, requests.RequestException):
             if not gone:  # tell the server what failed; with the server gone, only end the run here
                 mlflow.set_tag("error", str(exc)[:5000])
-                mlflow.log_metric("step_seconds", time.perf_counter() - started)
+                mlflow.log_metrics(cost_figures(started, entered))
                 if parent:
                     client.set_tag(parent, "error", f"{step}: {exc}"[:5000])
                     if owned:
@@ -248,8 +271,15 @@ def feature_module_of(model):
     return sys.modules[name]
 
 
+# What a saved model needs to load and score: said, not inferred (MLflow's inference loads the model in a
+# subprocess, which took 4 s of the train step).
+MODEL_REQUIREMENTS = ("scikit-learn", "skops", "numpy", "pandas", "scipy")
+
+
 def model_kwargs(model, example) -> dict:
     """Arguments shared by save_model and log_model: skops with exactly the trusted types the model holds."""
+    from importlib.metadata import version
+
     from mlflow.models import infer_signature
 
     from components.model import skops_trusted_types
@@ -257,8 +287,9 @@ def model_kwargs(model, example) -> dict:
     return dict(
         signature=infer_signature(example, model.predict(example)),
         input_example=example,
+        pip_requirements=[f"{name}=={version(name)}" for name in MODEL_REQUIREMENTS],
         serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_SKOPS,
-        skops_trusted_types=skops_trusted_types(feature_module_of(model)),
+        skops_trusted_types=skops_trusted_types(feature_module_of(model), learner=model.steps[-1][0]),
     )
 
 

@@ -96,7 +96,7 @@ def registered_model(mlflow_server, listings) -> str:
 
     mlflow.set_tracking_uri(mlflow_server)
     name = f"serve-{uuid.uuid4().hex[:6]}"
-    fitted = model.fit(listings.head(5000), model.ForestParams(n_estimators=10, criterion="squared_error", seed=3))
+    fitted = model.fit(listings.head(5000), model.ModelParams(learner="random_forest", n_estimators=10, criterion="squared_error", seed=3))
     mlflow.set_experiment("serving")
     for _ in range(2):
         with mlflow.start_run(), tracking.feature_code(fitted) as code:

@@ -30,7 +30,7 @@ def prod(mlflow_server, sample, tmp_path_factory) -> dict:
         data.write_listings(test, str(folder / "test.csv"))
         name = f"checks-{uuid.uuid4().hex[:6]}"
         meta = tasks.train(str(folder / "trainval.csv"), str(folder / "model"),
-                           model.ForestParams(n_estimators=30, seed=1), 0.2)
+                           dict(learner="random_forest", n_estimators=30, seed=1), 0.2)
         scores, comparison = tasks.evaluate(str(folder / "model"), str(folder / "test.csv"), name)
         tasks.register(str(folder / "model"), meta, scores, comparison, str(folder / "test.csv"), name, 0.1,
                        {"source": "a.csv", "sha256": "a"}, clean_meta, "abc", "{}")

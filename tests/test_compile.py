@@ -1,4 +1,5 @@
-"""The compiled spec: seven tasks, their dependencies and images, and a golden file that shows any DAG change.
+"""The compiled spec: eight steps (train inside the sweep's loop), their dependencies and images, and a golden
+file that shows any DAG change.
 
 After an intended change to the DAG: UPDATE_GOLDEN=1 pytest tests/test_compile.py
 """
@@ -19,9 +20,10 @@ DEPENDENCIES = {
     "clean": {"download"},
     "check": {"clean"},
     "split": {"clean", "check"},
-    "train": {"split"},
-    "evaluate": {"train", "split"},
-    "register": {"train", "evaluate", "split", "download", "clean"},
+    "for-loop-1": {"split"},  # the sweep: one train task per trial
+    "select": {"for-loop-1"},
+    "evaluate": {"select", "split"},
+    "register": {"select", "evaluate", "split", "download", "clean"},
 }
 
 
@@ -39,14 +41,34 @@ def spec(spec_text) -> dict:
     return {**pipeline_spec, **platform_spec}
 
 
-def test_seven_tasks_with_their_dependencies(spec):
+def step_tasks(spec) -> dict:
+    """Every task that runs a step, the one inside the sweep's loop included."""
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    loop = tasks.pop("for-loop-1")
+    return tasks | spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+
+
+def test_the_steps_with_their_dependencies(spec):
     tasks = spec["root"]["dag"]["tasks"]
     assert {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()} == DEPENDENCIES
+    assert set(step_tasks(spec)) == set(catalog.step_images())
+
+
+def test_the_sweep_is_a_parallel_for_over_the_sweep_parameter_gathered_by_select(spec):
+    loop = spec["root"]["dag"]["tasks"]["for-loop-1"]
+    assert loop["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--sweep"}
+    assert loop["iteratorPolicy"] == {"parallelismLimit": pipeline.SWEEP_PARALLELISM}
+    assert spec["root"]["inputDefinitions"]["parameters"]["sweep"]["defaultValue"] == [{}]
+    trials = spec["root"]["dag"]["tasks"]["select"]["inputs"]["artifacts"]["trials"]
+    assert trials == {"taskOutputArtifact": {"outputArtifactKey": "pipelinechannel--train-model",
+                                             "producerTask": "for-loop-1"}}
+    inner = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]["train"]["inputs"]["parameters"]
+    assert inner["trial"] == {"componentInputParameter": "pipelinechannel--sweep-loop-item"}
 
 
 def test_each_task_runs_in_its_image(spec):
     images = catalog.step_images()
-    tasks = spec["root"]["dag"]["tasks"]
+    tasks = step_tasks(spec)
     executors = spec["deploymentSpec"]["executors"]
     for name, task in tasks.items():
         executor = spec["components"][task["componentRef"]["name"]]["executorLabel"]
@@ -58,7 +80,7 @@ def test_each_task_runs_in_its_image(spec):
 
 
 def test_registry_reading_steps_are_never_cached(spec):
-    tasks = spec["root"]["dag"]["tasks"]
+    tasks = step_tasks(spec)
     uncached = {name for name, task in tasks.items() if not task.get("cachingOptions", {}).get("enableCache")}
     assert uncached == {"check", "evaluate", "register"}
 
@@ -67,7 +89,7 @@ def test_cluster_config_of_each_step(spec):
     """Env from the pipeline-env ConfigMap, run id from the pod label, IfNotPresent, resources, retries."""
     executors = spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     containers = spec["deploymentSpec"]["executors"]
-    tasks = spec["root"]["dag"]["tasks"]
+    tasks = step_tasks(spec)
     assert spec["defaultPipelineRoot"] == "minio://mlpipeline/v2/artifacts"
     for step, task in tasks.items():
         executor = spec["components"][task["componentRef"]["name"]]["executorLabel"]

@@ -13,7 +13,8 @@ import skops.io
 
 from components import data, features, model, tracking
 
-FAST = model.ForestParams(n_estimators=20, criterion="squared_error", seed=1)
+FAST = model.ModelParams(learner="random_forest", n_estimators=20, criterion="squared_error", seed=1)
+GBM = model.ModelParams()  # the default learner, as the pipeline trains it
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +28,11 @@ def fitted(splits):
     return model.fit(splits[0], FAST)
 
 
+@pytest.fixture(scope="module")
+def boosted(splits):
+    return model.fit(splits[0], GBM)
+
+
 def test_days_since_uses_a_fixed_reference_date():
     dates = pd.DataFrame({"last_review": pd.to_datetime(["2019-07-01", None, "2019-07-08"])})
     assert features.days_since(dates, "2019-07-08").ravel().tolist() == [7, -1, 0]
@@ -38,36 +44,90 @@ def test_as_text_flattens_and_fills():
     assert features.as_text(pd.DataFrame({"name": ["a b", None]})).tolist() == ["a b", ""]
 
 
-def test_trusted_types_are_exactly_what_the_model_holds(fitted):
+@pytest.mark.parametrize("learner", ["random_forest", "hist_gbm"])
+def test_trusted_types_are_exactly_what_the_model_holds(learner, request):
+    fitted = request.getfixturevalue({"random_forest": "fitted", "hist_gbm": "boosted"}[learner])
     held = tracking.feature_module_of(fitted)
     assert held.__name__ == f"rental_features_{hashlib.sha256(open(features.__file__, 'rb').read()).hexdigest()[:12]}"
     assert sorted(skops.io.get_untrusted_types(data=skops.io.dumps(fitted))) == \
-        sorted(model.skops_trusted_types(held))
+        sorted(model.skops_trusted_types(held, learner))
 
 
-def test_model_scores_near_the_reference_and_predicts_one_row_like_a_batch(fitted, splits):
+def test_the_boosted_model_beats_the_reference_forest_on_validation(boosted, splits):
+    """The default learner against the reference forest with its own parameters, on the same rows."""
+    forest = model.fit(splits[0], model.ModelParams(learner="random_forest"))
+    gbm, reference = model.score(boosted, splits[1]), model.score(forest, splits[1])
+    print(f"validation MAE: hist_gbm {gbm['mae']:.2f}, random_forest {reference['mae']:.2f}")
+    assert gbm["mae"] < reference["mae"] - 0.5 and gbm["r2"] > reference["r2"]
+
+
+def test_the_stacked_prices_are_out_of_fold_on_training_rows(boosted, splits):
+    """On the rows it learned from, the stacked ridge model's price is each row's out-of-fold prediction, so it is
+    no more accurate there than on rows it never saw: the trees downstream are not taught to trust an overfit."""
+    train, val = splits[0], splits[1]
+    rows, columns = boosted.named_steps["listing_features"], boosted.named_steps["columns"]
+    stacked = columns.named_transformers_["stacked"]
+    [inputs] = [used for name, _, used in columns.transformers_ if name == "stacked"]
+    refit = model.shipped_features().OutOfFold(stacked.named_steps["ridge"].estimator, seed=3)
+    encoded = stacked.named_steps["inputs"]
+    on_train = refit.fit_transform(encoded.transform(rows.transform(train)[inputs]), train["price"])[:, 1]
+    in_sample = refit.transform(encoded.transform(rows.transform(train)[inputs]))[:, 1]
+    on_val = refit.transform(encoded.transform(rows.transform(val)[inputs]))[:, 1]
+    error = lambda predicted, df: np.mean(np.abs(predicted - df["price"]))  # noqa: E731
+    assert error(on_train, train) > error(in_sample, train) * 1.1  # in-sample predictions would flatter it
+    assert error(on_train, train) == pytest.approx(error(on_val, val), rel=0.1)
+
+
+def test_trial_overrides_are_typed_and_checked():
+    changed = model.ModelParams().with_overrides({"max_iter": 50.0, "learning_rate": 0.05, "learner": "random_forest"})
+    assert (changed.max_iter, type(changed.max_iter), changed.learning_rate, changed.learner) == \
+        (50, int, 0.05, "random_forest")
+    for bad, message in [({"seed": 1}, "seed: not a parameter a trial can change"),
+                         ({"max_iter": 2.5}, "max_iter: 2.5 is not a whole number"),
+                         ({"learner": "svm"}, "learner: 'svm' is not one of")]:
+        with pytest.raises(ValueError, match=message):
+            model.ModelParams().with_overrides(bad)
+    assert set(model.ModelParams().used()) == {"learner", "seed", *model.GBM_FIELDS}
+
+
+@pytest.mark.parametrize("learner", ["random_forest", "hist_gbm"])
+def test_model_scores_near_the_reference_and_predicts_one_row_like_a_batch(learner, request, splits):
+    fitted = request.getfixturevalue({"random_forest": "fitted", "hist_gbm": "boosted"}[learner])
     scores = model.score(fitted, splits[1])
     assert scores["mae"] < 36 and scores["r2"] > 0.5
     batch = fitted.predict(splits[1][model.FEATURES].head(50))
     assert fitted.predict(splits[1][model.FEATURES].iloc[[7]])[0] == pytest.approx(batch[7])
 
 
-def test_feature_importances_are_per_input_column(fitted):
-    importances = model.feature_importances(fitted)
+@pytest.mark.parametrize("learner", ["random_forest", "hist_gbm"])
+def test_feature_importances_are_per_input_column(learner, request, splits):
+    fitted = request.getfixturevalue({"random_forest": "fitted", "hist_gbm": "boosted"}[learner])
+    importances = model.feature_importances(fitted, splits[1])
     assert set(importances.index) == set(model.FEATURES)
-    assert importances.sum() == pytest.approx(1.0)
-    assert importances.idxmax() == "room_type"
+    assert importances.idxmax() == "room_type" and importances["room_type"] > 10  # dollars of MAE
 
 
-@pytest.mark.parametrize("change, cheaper, dearer, factor", [
-    ("room_type", "Private room", "Entire home/apt", 1.5),
-    # Latitude and longitude carry most of the location, so the group label alone moves less.
-    ("neighbourhood_group", "Bronx", "Manhattan", 1.05),
-])
-def test_behaviour_price_moves_the_expected_way(fitted, splits, change, cheaper, dearer, factor):
+def place(df: pd.DataFrame, group: str) -> dict:
+    """The busiest neighbourhood of `group` in `df`: its name, group and median coordinates."""
+    rows = df[df["neighbourhood_group"] == group]
+    name = rows["neighbourhood"].mode()[0]
+    here = rows[rows["neighbourhood"] == name]
+    return {"neighbourhood_group": group, "neighbourhood": name, "latitude": here["latitude"].median(),
+            "longitude": here["longitude"].median()}
+
+
+@pytest.mark.parametrize("change, factor", [
+    (lambda df: ({"room_type": "Private room"}, {"room_type": "Entire home/apt"}), 1.5),
+    # The whole location moves (group, neighbourhood, coordinates), not a label alone: Kingsbridge to Harlem, whose
+    # median prices in the sample differ by 1.3x for listings of every kind.
+    (lambda df: (place(df, "Bronx"), place(df, "Manhattan")), 1.1),
+], ids=["room_type", "location"])
+@pytest.mark.parametrize("learner", ["random_forest", "hist_gbm"])
+def test_behaviour_price_moves_the_expected_way(learner, request, splits, change, factor):
+    fitted = request.getfixturevalue({"random_forest": "fitted", "hist_gbm": "boosted"}[learner])
     rows = splits[1][model.FEATURES].head(200)
-    low = fitted.predict(rows.assign(**{change: cheaper}))
-    high = fitted.predict(rows.assign(**{change: dearer}))
+    cheaper, dearer = change(splits[0])
+    low, high = fitted.predict(rows.assign(**cheaper)), fitted.predict(rows.assign(**dearer))
     assert np.mean(high) > np.mean(low) * factor
 
 
@@ -103,7 +163,7 @@ def test_a_model_scores_with_its_own_feature_code_beside_a_newer_one(splits, tmp
     changed = tmp_path / "features.py"
     changed.write_text(open(features.__file__).read().replace("return days.fillna(-1)", "return (days % 97).fillna(-1)"))
     train, test = splits[0].head(3000), splits[1].head(50)
-    small = model.ForestParams(n_estimators=5, criterion="squared_error", seed=1)
+    small = model.ModelParams(learner="random_forest", n_estimators=5, criterion="squared_error", seed=1)
     saved = {}
     for name, feats in (("a", model.shipped_features()), ("b", model.shipped_features(str(changed)))):
         fitted = model.fit(train, small, feats)

@@ -13,8 +13,8 @@ from components import data, model, tasks
 from components import tracking as registry
 from components.errors import StepError
 
-WEAK = model.ForestParams(n_estimators=2, max_depth=2, criterion="squared_error", seed=1)
-GOOD = model.ForestParams(n_estimators=15, max_depth=12, criterion="squared_error", seed=1)
+WEAK = model.ModelParams(learner="random_forest", n_estimators=2, max_depth=2, criterion="squared_error", seed=1)
+GOOD = model.ModelParams(learner="random_forest", n_estimators=15, max_depth=12, criterion="squared_error", seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -33,15 +33,15 @@ def splits(listings, tmp_path_factory) -> dict:
 TRAINED = {}  # (trainval path, params) -> (model path, train metadata): each model is trained once per session
 
 
-def trained(split: dict, params: model.ForestParams, tmp_path) -> tuple[str, dict]:
+def trained(split: dict, params: model.ModelParams, tmp_path) -> tuple[str, dict]:
     key = (split["trainval"], params)
     if key not in TRAINED:
         path = str(tmp_path / f"model-{len(TRAINED)}")
-        TRAINED[key] = path, tasks.train(split["trainval"], path, params, 0.2)
+        TRAINED[key] = path, tasks.train(split["trainval"], path, vars(params), 0.2)
     return TRAINED[key]
 
 
-def pipeline_run(tracking, monkeypatch, tmp_path, split: dict, params: model.ForestParams, run: str,
+def pipeline_run(tracking, monkeypatch, tmp_path, split: dict, params: model.ModelParams, run: str,
                  source_sha: str = "h") -> dict:
     """train, evaluate and register as the pipeline runs them, under pipeline run id `run`."""
     monkeypatch.setenv("KFP_RUN_ID", run)
@@ -120,13 +120,17 @@ def test_a_worse_candidate_is_registered_and_told_why_prod_stays(tracking, monke
     assert worse["reason"].startswith("worse than prod on ") and prod(tracking["model"]) == "1"
 
 
-def test_a_hand_promotion_during_the_run_stands(tracking, monkeypatch, tmp_path, splits):
-    """`promote` after the run started (here: after evaluate, as register begins) wins over the run's decision."""
-    name = tracking["model"]
+def versions_1_and_2_then_run_3(tracking, monkeypatch, tmp_path, splits) -> tuple[str, str, dict]:
+    """Two weak versions registered, then pipeline run 3 with a good model trained: (model name, path, metadata)."""
     pipeline_run(tracking, monkeypatch, tmp_path, splits["a"], WEAK, "run-1")
     pipeline_run(tracking, monkeypatch, tmp_path, splits["b"], WEAK, "run-2", source_sha="h2")
     monkeypatch.setenv("KFP_RUN_ID", "run-3")
-    path, meta = trained(splits["b"], GOOD, tmp_path)
+    return tracking["model"], *trained(splits["b"], GOOD, tmp_path)
+
+
+def test_a_hand_promotion_during_the_run_stands(tracking, monkeypatch, tmp_path, splits):
+    """`promote` after the run started (here: after evaluate, as register begins) wins over the run's decision."""
+    name, path, meta = versions_1_and_2_then_run_3(tracking, monkeypatch, tmp_path, splits)
     scores, comparison = tasks.evaluate(path, splits["b"]["test"], name)
     assert registry.promote(name, "2") == f"{name}: prod 1 -> 2"
     result = register(tracking, path, meta, scores, comparison, splits["b"]["test"], "h3")
@@ -138,11 +142,7 @@ def test_a_hand_promotion_during_the_run_stands(tracking, monkeypatch, tmp_path,
 
 def test_a_hand_promotion_before_evaluate_but_after_the_run_started_stands(tracking, monkeypatch, tmp_path, splits):
     """Evaluate then compares with the hand-chosen version, and register still leaves the person's choice alone."""
-    name = tracking["model"]
-    pipeline_run(tracking, monkeypatch, tmp_path, splits["a"], WEAK, "run-1")
-    pipeline_run(tracking, monkeypatch, tmp_path, splits["b"], WEAK, "run-2", source_sha="h2")
-    monkeypatch.setenv("KFP_RUN_ID", "run-3")
-    path, meta = trained(splits["b"], GOOD, tmp_path)
+    name, path, meta = versions_1_and_2_then_run_3(tracking, monkeypatch, tmp_path, splits)
     with registry.step_run("split"):  # the run's first step: its parent run starts now
         pass
     promoted = registry.promote(name, "1" if prod(name) == "2" else "2")

@@ -19,7 +19,8 @@ import pytest
 from conftest import ROOT, free_port, wait_until
 from mlflow.tracking import MlflowClient
 
-SMALL = ["n_estimators=10", "max_depth=10"]
+SMALL = ["learner=random_forest", "n_estimators=10", "max_depth=10"]
+WEAK = ["learner=random_forest", "n_estimators=2", "max_depth=2"]
 
 
 def start(uri: str, tmp_path, model: str, *params: str, experiment: str = "rerun") -> subprocess.Popen:
@@ -107,7 +108,7 @@ def test_new_bytes_behind_the_same_source_reach_training_and_identical_ones_are_
     # The same bytes again: every cacheable step reused, nothing registered, and the run says so.
     code, out = run(mlflow_server, tmp_path, model, f"source={source}", *SMALL)
     assert code == 0, out[-3000:]
-    assert f"reused from the cache: clean, download, split, train (same data sha256 " \
+    assert f"reused from the cache: clean, download, select, split, train (same data sha256 " \
            f"{second.tags['data_sha256'][:12]}, parameters and code)" in out
     assert f"why: identical to version 2 (same training rows, parameters and code; data sha256 " \
            f"{second.tags['data_sha256'][:12]})" in out
@@ -121,7 +122,7 @@ def test_overlapping_good_and_weak_runs_leave_the_good_one_prod(mlflow_server, t
     for attempt in range(2):
         model = f"race-{attempt}-{uuid.uuid4().hex[:6]}"
         good = start(mlflow_server, tmp_path, model, *SMALL)
-        weak = start(mlflow_server, tmp_path, model, "n_estimators=2", "max_depth=2")
+        weak = start(mlflow_server, tmp_path, model, *WEAK)
         (good_out, _), (weak_out, _) = good.communicate(timeout=900), weak.communicate(timeout=900)
         assert good.returncode == weak.returncode == 0, good_out[-2000:] + weak_out[-2000:]
         client = MlflowClient()
@@ -141,7 +142,7 @@ def test_overlapping_good_and_weak_runs_leave_the_good_one_prod(mlflow_server, t
 def test_a_hand_promotion_while_the_run_trains_stands(mlflow_server, tmp_path):
     mlflow.set_tracking_uri(mlflow_server)
     model, experiment = f"hand-{uuid.uuid4().hex[:6]}", f"hand-{uuid.uuid4().hex[:6]}"
-    for params in (["n_estimators=2", "max_depth=2"], ["n_estimators=3", "max_depth=2"]):
+    for params in (WEAK, WEAK[:1] + ["n_estimators=3", "max_depth=2"]):
         code, out = run(mlflow_server, tmp_path, model, *params, experiment=experiment)
         assert code == 0, out[-3000:]
     promote = [sys.executable, "pipeline.py", "promote", "--model-name", model, "--version"]
@@ -159,7 +160,8 @@ def test_a_hand_promotion_while_the_run_trains_stands(mlflow_server, tmp_path):
 
 def test_mlflow_gone_mid_train_fails_fast_and_the_next_run_cleans_up_and_reuses(own_server, tmp_path):
     model, experiment = f"gone-{uuid.uuid4().hex[:6]}", "gone"
-    process = start(own_server["uri"], tmp_path, model, experiment=experiment)
+    # The reference forest: a fit long enough to stop the server in the middle of it.
+    process = start(own_server["uri"], tmp_path, model, "learner=random_forest", experiment=experiment)
     wait_for_step(experiment, "train", process)
     own_server["down"]()
     killed_at = time.monotonic()
@@ -172,7 +174,7 @@ def test_mlflow_gone_mid_train_fails_fast_and_the_next_run_cleans_up_and_reuses(
     own_server["up"]()
     assert versions(model) == []
     assert running(experiment) == ["pipeline", "train"]  # left RUNNING while the server was gone
-    code, out = run(own_server["uri"], tmp_path, model, experiment=experiment)
+    code, out = run(own_server["uri"], tmp_path, model, "learner=random_forest", experiment=experiment)
     assert code == 0, out[-3000:]
     assert "closed the MLflow runs that pipeline run local-" in out
     assert "reused from the cache: clean, download, split (same data sha256" in out
@@ -180,6 +182,6 @@ def test_mlflow_gone_mid_train_fails_fast_and_the_next_run_cleans_up_and_reuses(
     # The server reset (an empty database): cached outputs name runs that no longer exist, so none is reused.
     own_server["down"]()
     own_server["up"](reset=True)
-    code, out = run(own_server["uri"], tmp_path, model, experiment=experiment)
+    code, out = run(own_server["uri"], tmp_path, model, "learner=random_forest", experiment=experiment)
     assert code == 0, out[-3000:]
     assert "reused from the cache" not in out and versions(model) == ["1"]
