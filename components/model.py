@@ -60,7 +60,8 @@ def skops_trusted_types(module: ModuleType, learner: str) -> list[str]:
         return [f"{module.__name__}.as_text", f"{module.__name__}.days_since", "numpy.dtype", "sklearn.tree._tree.Tree"]
     # The booster's own categorical preprocessing holds functools.partial(check_array).
     return [f"{module.__name__}.OutOfFold", f"{module.__name__}.listing_features", "functools.partial", "numpy.dtype",
-            "sklearn.utils.validation.check_array", "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"]
+            "sklearn.utils.validation.check_array", "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+            "sklearn.model_selection._split.KFold"]
 
 
 LEARNERS = ("hist_gbm", "random_forest")
@@ -106,9 +107,17 @@ class ModelParams:
             if key not in SWEEPABLE:
                 raise ValueError(f"{key}: not a parameter a trial can change (one of {sorted(SWEEPABLE)})")
             kind = {"int": int, "float": float, "str": str}[fields[key]]
-            if kind is int and float(value) != int(float(value)):
+            try:
+                number = float(value) if kind is not str and not isinstance(value, bool) else None
+            except (TypeError, ValueError):
+                number = None
+            if kind is not str and number is None:
+                raise ValueError(f"{key}: {value!r} is not a number")
+            if kind is int and number != int(number):
                 raise ValueError(f"{key}: {value!r} is not a whole number")
-            changes[key] = kind(float(value)) if kind is int else kind(value)
+            if kind is str and not isinstance(value, str):
+                raise ValueError(f"{key}: {value!r} is not a string")
+            changes[key] = value if kind is str else kind(int(number) if kind is int else number)
         return dataclasses.replace(self, **changes)
 
 
@@ -176,6 +185,7 @@ def build_gbm(params: ModelParams, feats: ModuleType, reference_date: str) -> Pi
     from sklearn.ensemble import HistGradientBoostingRegressor
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import Ridge
+    from sklearn.model_selection import KFold
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import (FunctionTransformer, KBinsDiscretizer, OneHotEncoder, OrdinalEncoder,
                                        TargetEncoder)
@@ -187,14 +197,17 @@ def build_gbm(params: ModelParams, feats: ModuleType, reference_date: str) -> Pi
                                   quantile_method="averaged_inverted_cdf"), BINNED),
         ("one_hot", OneHotEncoder(handle_unknown="ignore"), ORDINAL + [AREA, HOST]),
     ])
+    # 3 folds, not 5: a third less ridge fitting (10 s of 50 at 500k rows) for validation MAE 29.94 against 29.90
+    # (mean of 3 seeds; seed to seed noise is 0.1).
     stacked = Pipeline([("inputs", linear_inputs),
-                        ("ridge", feats.OutOfFold(Ridge(alpha=params.ridge_alpha), seed=params.seed))])
+                        ("ridge", feats.OutOfFold(Ridge(alpha=params.ridge_alpha, random_state=params.seed), folds=3,
+                                                  seed=params.seed))])
     columns = ColumnTransformer([
         ("numeric", "passthrough", NUMERIC + DERIVED),
         ("categories", OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=np.nan,
                                       encoded_missing_value=np.nan), CATEGORIES),
-        # Cross-fitted on 5 folds of rows the split already shuffled.
-        ("target_encoded", TargetEncoder(target_type="continuous", cv=5), [AREA, HOST]),
+        # Cross-fitted on 5 folds of rows the split already shuffled (an int would shuffle them again, unseeded).
+        ("target_encoded", TargetEncoder(target_type="continuous", cv=KFold(5)), [AREA, HOST]),
         ("stacked", stacked, [TEXT, "name_by_room", AREA, HOST] + ORDINAL + BINNED),
     ])
     first_category = len(NUMERIC + DERIVED)
@@ -225,10 +238,13 @@ def fit(train: pd.DataFrame, params: ModelParams, feats: ModuleType | None = Non
 
 
 def score(model: Pipeline, df: pd.DataFrame) -> dict[str, float]:
+    return errors(df[TARGET], model.predict(df[FEATURES]))
+
+
+def errors(actual, predicted) -> dict[str, float]:
     from sklearn.metrics import mean_absolute_error, r2_score
 
-    predicted = model.predict(df[FEATURES])
-    return {"mae": float(mean_absolute_error(df[TARGET], predicted)), "r2": float(r2_score(df[TARGET], predicted))}
+    return {"mae": float(mean_absolute_error(actual, predicted)), "r2": float(r2_score(actual, predicted))}
 
 
 def feature_importances(model: Pipeline, df: pd.DataFrame, rows: int = 2000, repeats: int = 1,

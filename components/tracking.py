@@ -108,12 +108,11 @@ def server_gone(step: str, uri: str, exc: Exception) -> StepError:
 
 
 def process_seconds() -> float | None:
-    """Seconds since this process started (Linux /proc), or None where that cannot be read."""
+    """Seconds since this process started (Linux: its start in clock ticks since boot), or None elsewhere."""
     try:
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(float(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
-        return time.time() - boot - ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
         return None
 
 

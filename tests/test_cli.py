@@ -13,6 +13,31 @@ def test_params_are_typed_by_the_pipeline_signature():
         "n_estimators": 5, "margin": 0.5, "source": "s3://b/k.csv"}
 
 
+def test_a_sweep_is_a_json_list_of_trials_or_a_grid():
+    assert pipeline.parse_params(['sweep=[{}, {"learner": "random_forest", "n_estimators": 50}]']) == {
+        "sweep": [{}, {"learner": "random_forest", "n_estimators": 50}]}
+    assert pipeline.sweep_grid("learning_rate=0.05,0.1 max_leaf_nodes=31,63 learner=hist_gbm") == [
+        {"learning_rate": 0.05, "max_leaf_nodes": 31, "learner": "hist_gbm"},
+        {"learning_rate": 0.05, "max_leaf_nodes": 63, "learner": "hist_gbm"},
+        {"learning_rate": 0.1, "max_leaf_nodes": 31, "learner": "hist_gbm"},
+        {"learning_rate": 0.1, "max_leaf_nodes": 63, "learner": "hist_gbm"}]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sweep", "max_itr=3"], "--sweep 'max_itr=3': max_itr: not a parameter a trial can change"),
+    (["--sweep", "max_iter"], "--sweep 'max_iter': 'max_iter': expected name=value"),
+    (["--sweep", "seed=1,2"], "seed: not a parameter a trial can change"),
+    (["--param", 'sweep=[{"max_iter": 1.5}]'], "is not a valid list of trials: max_iter: 1.5 is not a whole number"),
+    (["--param", "sweep=[]"], "expected a non-empty JSON list of objects"),
+    (["--param", "learner=svm"], "--param learner: 'svm' is not one of ['hist_gbm', 'random_forest']"),
+])
+def test_a_bad_sweep_or_learner_stops_the_command_before_anything_runs(argv, message, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # would it run, it would say so first
+    with pytest.raises(SystemExit) as stopped:
+        pipeline.main(["run", *argv])
+    assert message in str(stopped.value)
+
+
 @pytest.mark.parametrize("pair, message", [
     ("trees=5", "expected key=value with key one of"),
     ("n_estimators", "expected key=value"),

@@ -6,6 +6,7 @@ import threading
 import time
 
 import mlflow
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -183,7 +184,8 @@ def test_a_prod_without_lineage_or_that_cannot_score_is_not_replaced_automatical
     # A prod whose signature the new data does not fit (here: the data lacks a column prod needs).
     test = data.read_listings(splits["b"]["test"]).drop(columns=["availability_365"])
     candidate = mlflow.sklearn.load_model(trained(splits["b"], GOOD, tmp_path)[0])
-    found = tasks.compare_with_prod(name, registry.prod_version(name), candidate, test)
+    predicted = pd.Series(candidate.predict(data.read_listings(splits["b"]["test"])[model.FEATURES]), index=test.index)
+    found = tasks.compare_with_prod(name, registry.prod_version(name), predicted, test)
     assert not found["comparable"] and found["why"].startswith("prod version 1 cannot score this data")
     assert prod(name) == "1"
 
@@ -221,3 +223,31 @@ def test_a_stale_lock_is_taken_over_and_a_live_one_waited_for(tracking, monkeypa
                 pass
     with pytest.raises(mlflow.exceptions.MlflowException):
         client.get_registered_model(name + registry.LOCK_SUFFIX)  # released
+
+
+def test_select_keeps_the_trial_with_the_lowest_validation_mae_and_records_the_sweep(tracking, tmp_path, splits):
+    """Three trials, the best in the middle; a tie would go to the earlier trial."""
+    trials = [({"n_estimators": 2, "max_depth": 2}), ({"n_estimators": 15, "max_depth": 12}), ({"n_estimators": 3})]
+    outputs = []
+    for i, trial in enumerate(trials):
+        path = str(tmp_path / f"trial-{i}")
+        outputs.append((path, tasks.train(splits["a"]["trainval"], path, vars(WEAK), 0.2, trial)))
+    chosen = tasks.select(outputs, str(tmp_path / "chosen"))
+    maes = [meta["val_mae"] for _, meta in outputs]
+    assert maes.index(min(maes)) == 1 and chosen["mlflow_run_id"] == outputs[1][1]["mlflow_run_id"]
+    assert chosen["sweep_choice"].startswith('trial 2 of 3 {"max_depth": 12, "n_estimators": 15}: lowest validation')
+    assert [t["trial"] for t in json.loads(chosen["sweep"])] == [json.loads(m["trial"]) for _, m in outputs]
+    assert (tmp_path / "chosen" / "MLmodel").read_text() == (tmp_path / "trial-1" / "MLmodel").read_text()
+    twice = tasks.select([outputs[1], (outputs[1][0], outputs[1][1])], str(tmp_path / "tie"))
+    assert twice["sweep_choice"].startswith("trial 1 of 2")
+
+
+@pytest.mark.parametrize("base, trial, message", [
+    ({}, {"learning_rate": -1}, "train: sweep trial {\"learning_rate\": -1.0}: The 'learning_rate' parameter"),
+    ({"learner": "svm"}, {}, "train: learner: 'svm' is not one of"),
+    ({}, {"seed": 3}, "train: sweep {\"seed\": 3}: seed: not a parameter a trial can change"),
+])
+def test_a_bad_parameter_fails_at_train_naming_it(tracking, tmp_path, splits, base, trial, message):
+    with pytest.raises(StepError) as failed:
+        tasks.train(splits["a"]["trainval"], str(tmp_path / "m"), vars(model.ModelParams()) | base, 0.2, trial)
+    assert str(failed.value).startswith(message)
