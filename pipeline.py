@@ -141,8 +141,7 @@ def build(cluster: bool = True):
                 min_samples_leaf=min_samples_leaf, max_features=max_features, criterion=criterion,
                 tfidf_max_features=tfidf_max_features, learning_rate=learning_rate, max_iter=max_iter,
                 max_leaf_nodes=max_leaf_nodes, l2_regularization=l2_regularization, ridge_alpha=ridge_alpha,
-                bins=bins,
-                val_size=val_size, seed=seed)
+                bins=bins, val_size=val_size, seed=seed)
         select = steps.select(trials=dsl.Collected(train.outputs["model"]))
         evaluate = steps.evaluate(model=select.outputs["model"], test_data=split.outputs["test_data"],
                                   model_name=model_name)
@@ -208,8 +207,15 @@ def sweep_grid(spec: str) -> list[dict]:
         key, sep, values = part.partition("=")
         if not sep or not values:
             raise ValueError(f"{part!r}: expected name=value[,value...]")
-        axes.append([(key, json.loads(v) if re.fullmatch(r"-?[\d.e+-]+", v) else v) for v in values.split(",")])
+        axes.append([(key, number_or_text(value)) for value in values.split(",")])
     return sweep_trials([dict(combo) for combo in itertools.product(*axes)])
+
+
+def number_or_text(value: str):
+    try:
+        return json.loads(value) if re.fullmatch(r"[-+\d.eE]+", value) else value
+    except ValueError:
+        return value
 
 
 def compile_pipeline(output: str) -> None:

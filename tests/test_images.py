@@ -127,6 +127,6 @@ def test_whole_pipeline_with_every_task_in_its_image(mlflow_server, tmp_path):
     for ref in set(catalog.step_images().values()):
         assert f"Found image {ref!r}" in result.stdout
     prod = MlflowClient(mlflow_server).get_model_version_by_alias(model, "prod")
-    assert prod.version == "1" and float(prod.tags["test_mae"]) <= 35
+    assert prod.version == "1" and float(prod.tags["test_mae"]) <= 30.5  # the default learner, as locally
     assert prod.tags["data_source"] == "sample://nyc_airbnb_sample1.csv.gz"
     assert json.loads(prod.tags["images"]) == catalog.step_images()
