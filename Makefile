@@ -89,7 +89,7 @@ mlflow-stop:  ## Stop the local MLflow server started by `make mlflow` (its data
 	  kill -- -$$(cat $(MLFLOW_DIR)/server.pid) 2>/dev/null || true; rm -f $(MLFLOW_DIR)/server.pid; echo "stopped"; \
 	else echo "no local MLflow server started here"; fi
 
-RUN_PARAMS = $(if $(DATA_URL),--param source=$(DATA_URL)) $(foreach p,$(PARAMS),--param $(p)) \
+RUN_PARAMS = $(if $(DATA_URL),--param source=$(DATA_URL)) $(foreach p,$(PARAMS),--param '$(p)') \
   $(if $(SWEEP),--sweep "$(SWEEP)")
 
 run: venv mlflow  ## Run the whole pipeline locally (kfp.local, no cluster, no Docker); DATA_URL=, PARAMS=, SWEEP=, NO_CACHE=1

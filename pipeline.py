@@ -386,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
             registry_cmd.add_argument("--version", required=True)
     args = parser.parse_args(argv)
     if getattr(args, "sweep", ""):
+        if any(pair.startswith("sweep=") for pair in args.param):
+            sys.exit("pipeline.py: give the sweep once: --sweep GRID or --param sweep=JSON, not both")
         try:
             args.param.append("sweep=" + json.dumps(sweep_grid(args.sweep)))
         except ValueError as exc:

@@ -1,5 +1,7 @@
 """pipeline.py's command line: parameters, and submit against a fake kfp.Client (no KFP runs here)."""
 
+import shlex
+import subprocess
 import types
 
 import kfp
@@ -101,3 +103,26 @@ def test_submit_names_what_is_missing(monkeypatch, tmp_path):
     (tmp_path / "p.yaml").write_text("{}")
     with pytest.raises(SystemExit, match=r"KFP at http://127.0.0.1:9 refused or did not answer \(ConnectionError"):
         pipeline.main(["submit", "--spec", str(tmp_path / "p.yaml"), "--host", "http://127.0.0.1:9"])
+
+
+@pytest.mark.parametrize("variables, expected", [
+    (['PARAMS=sweep=[{},{"learner":"random_forest"}] margin=0.5'],
+     {"margin": 0.5, "sweep": [{}, {"learner": "random_forest"}]}),
+    (["SWEEP=learning_rate=0.03,0.05 max_leaf_nodes=31"],
+     {"sweep": [{"learning_rate": 0.03, "max_leaf_nodes": 31}, {"learning_rate": 0.05, "max_leaf_nodes": 31}]}),
+])
+def test_make_run_hands_json_params_and_a_sweep_grid_to_pipeline_py_intact(variables, expected, monkeypatch):
+    """The README's `make run PARAMS='sweep=[...]'` and `make run SWEEP="..."`: what make runs parses as meant."""
+    printed = subprocess.run(["make", "-n", "run", *variables], cwd=pipeline.ROOT, capture_output=True, text=True,
+                             check=True).stdout
+    [command] = [line for line in printed.splitlines() if "pipeline.py run" in line]
+    argv = shlex.split(command)[command.split().index("pipeline.py") + 1:]
+    seen = {}
+    monkeypatch.setattr(pipeline, "run_local", lambda params, *args, **kwargs: seen.update(params) or 0)
+    assert pipeline.main(argv) == 0
+    assert seen == expected
+
+
+def test_a_sweep_given_twice_is_refused():
+    with pytest.raises(SystemExit, match="give the sweep once"):
+        pipeline.main(["run", "--param", "sweep=[{}]", "--sweep", "max_iter=100,200"])
