@@ -8,7 +8,6 @@ Then the reference forest and the default learner on the sample's split protocol
 """
 
 import argparse
-import json
 import os
 import platform
 import re

@@ -6,7 +6,7 @@ import uuid
 import mlflow
 import pytest
 
-from components import data, model, tasks
+from components import data, tasks
 from components.errors import StepError
 
 LIMITS = data.DriftLimits()
