@@ -179,7 +179,8 @@ def train(trainval_path: str, model_path: str, base: dict, val_size: float, tria
     try:
         params = model.ModelParams(**base)
     except ValueError as exc:
-        raise StepError("train", *str(exc).split(": ", 1)) from exc
+        field, _, problem = str(exc).partition(": ")
+        raise StepError("train", field, problem) from exc
     try:
         params = params.with_overrides(trial)
     except ValueError as exc:
@@ -245,7 +246,7 @@ def evaluate(model_path: str, test_path: str, model_name: str) -> tuple[dict, di
     with tracking.step_run("evaluate", params={"model_name": model_name}):
         test = data.read_listings(test_path)
         candidate = mlflow.sklearn.load_model(model_path)
-        predicted = pd.Series(candidate.predict(test[model.FEATURES]), index=test.index)
+        predicted = model.predictions(candidate, test)
         scores = {f"candidate_{k}": v for k, v in model.errors(test[model.TARGET], predicted).items()}
         mlflow.log_figure(model.importance_figure(model.feature_importances(candidate, test)), "feature_importance.png")
         comparison = compare_with_prod(model_name, tracking.prod_version(model_name), predicted, test)
@@ -309,8 +310,8 @@ def register(
             version = earlier.version
         def compare_again(prod):
             test = data.read_listings(test_path)
-            predicted = pd.Series(mlflow.sklearn.load_model(model_path).predict(test[model.FEATURES]), index=test.index)
-            return compare_with_prod(model_name, prod, predicted, test)
+            candidate = mlflow.sklearn.load_model(model_path)
+            return compare_with_prod(model_name, prod, model.predictions(candidate, test), test)
 
         holder = f"pipeline run {pipeline_run}"
         with tracking.promotion_lock(model_name, holder, "register"):

@@ -6,7 +6,6 @@ import threading
 import time
 
 import mlflow
-import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -184,7 +183,7 @@ def test_a_prod_without_lineage_or_that_cannot_score_is_not_replaced_automatical
     # A prod whose signature the new data does not fit (here: the data lacks a column prod needs).
     test = data.read_listings(splits["b"]["test"]).drop(columns=["availability_365"])
     candidate = mlflow.sklearn.load_model(trained(splits["b"], GOOD, tmp_path)[0])
-    predicted = pd.Series(candidate.predict(data.read_listings(splits["b"]["test"])[model.FEATURES]), index=test.index)
+    predicted = model.predictions(candidate, data.read_listings(splits["b"]["test"]))
     found = tasks.compare_with_prod(name, registry.prod_version(name), predicted, test)
     assert not found["comparable"] and found["why"].startswith("prod version 1 cannot score this data")
     assert prod(name) == "1"
