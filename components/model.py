@@ -7,8 +7,10 @@ and most never fit or score a model; importing it costs each of them about a sec
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import importlib.util
+import math
 import sys
 import warnings
 from dataclasses import dataclass
@@ -277,3 +279,95 @@ def importance_figure(importances: pd.Series):
 def input_example(df: pd.DataFrame, rows: int = 5) -> pd.DataFrame:
     # Counts stay integers: MLflow's schema refuses int64 input for a double column.
     return df[FEATURES].head(rows).reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- inputs the model can price
+# One rule for every scorer (the model server, and any batch scorer): a row with a `broken` problem (a field
+# missing, null where training had no nulls, or of the wrong type) is never priced; a row that is only `unfamiliar`
+# (a category or a number outside what the model was trained on) is refused too, unless the caller asks to have
+# such rows priced and flagged.
+
+NUMBER_FIELDS = NUMERIC + [ID, HOST]
+
+
+@dataclass(frozen=True)
+class Problem:
+    row: int
+    field: str
+    problem: str
+    broken: bool  # True: the row cannot be priced at all
+
+    def as_dict(self) -> dict:
+        return {"row": self.row, "field": self.field, "problem": self.problem}
+
+
+def input_profile(train: pd.DataFrame) -> dict:
+    """What the model was trained on, kept with it: each category's values, each number's range (ids excepted: new
+    listings have new ids), and the fields that were never null."""
+    return {
+        "categories": {c: sorted(train[c].dropna().astype(str).unique().tolist()) for c in ORDINAL + ONE_HOT + [AREA]},
+        "ranges": {c: [float(train[c].min()), float(train[c].max())] for c in NUMERIC},
+        "required": [c for c in FEATURES if train[c].notna().all()],
+    }
+
+
+def check_inputs(rows: pd.DataFrame, profile: dict | None) -> tuple[pd.DataFrame, list[Problem]]:
+    """The rows as the model takes them (FEATURES, typed), and every problem found, row by row (0-based).
+
+    Cell by cell in plain Python: a request of one row is checked in well under a millisecond."""
+    missing = [c for c in FEATURES if c not in rows.columns]
+    if missing:
+        return rows, [Problem(-1, c, "missing from the input", True) for c in missing]
+    profile = profile or {}
+    required, categories, ranges = (set(profile.get("required", [])), profile.get("categories", {}),
+                                    profile.get("ranges", {}))
+    problems: list[Problem] = []
+    typed = {}
+    for column in FEATURES:
+        values = rows[column].tolist()
+        null = [v is None or (isinstance(v, float) and v != v) or v is pd.NaT for v in values]
+        if column in NUMBER_FIELDS:
+            good = [not n and isinstance(v, (int, float, np.number)) and not isinstance(v, (bool, np.bool_))
+                    and math.isfinite(v) for v, n in zip(values, null)]
+            typed[column] = np.array([float(v) if g else np.nan for v, g in zip(values, good)])
+            kind = "a finite number"
+        elif column == DATE:
+            good = [not n and isinstance(v, (str, datetime.date)) for v, n in zip(values, null)]
+            dates = pd.to_datetime(pd.Series([v if g else None for v, g in zip(values, good)], dtype=object),
+                                   format="ISO8601", errors="coerce")
+            good = [g and d is not pd.NaT for g, d in zip(good, dates)]
+            typed[column], kind = dates.to_numpy(), "a date (YYYY-MM-DD)"
+        else:
+            good = [not n and isinstance(v, str) for v, n in zip(values, null)]
+            typed[column] = np.array([v if g else None for v, g in zip(values, good)], dtype=object)
+            kind = "text"
+        known, low_high = categories.get(column), ranges.get(column)
+        if known is not None:
+            known, shown = set(known), (sorted(known) if len(known) <= 10 else f"{len(known)} values")
+        if low_high is not None:
+            slack = 1e-9 * max(1.0, *map(abs, low_high))  # the bounds survive a trip through JSON's decimals
+            low, high = low_high[0] - slack, low_high[1] + slack
+        for row, (value, n, g) in enumerate(zip(values, null, good)):
+            if n:
+                if column in required:
+                    problems.append(Problem(row, column, "is null; the model was trained on no nulls here", True))
+            elif not g:
+                problems.append(Problem(row, column, f"{_shown(value)} is not {kind}", True))
+            elif known is not None and value not in known:
+                problems.append(Problem(row, column, f"{_shown(value)} is not among the values the model was trained "
+                                                     f"on ({shown})", False))
+            elif low_high is not None and not low <= value <= high:
+                problems.append(Problem(row, column, f"{value:g} is outside the range the model was trained on "
+                                                     f"({low_high[0]:g} to {low_high[1]:g})", False))
+    order = {c: i for i, c in enumerate(FEATURES)}
+    return pd.DataFrame(typed, columns=FEATURES), sorted(problems, key=lambda p: (p.row, order[p.field]))
+
+
+def refused(problems: list[Problem], flag: bool) -> list[Problem]:
+    """The problems that stop rows from being priced: all of them, or with `flag` only the broken ones."""
+    return [p for p in problems if p.broken or not flag]
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

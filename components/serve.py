@@ -1,12 +1,16 @@
-"""Serve a registered model over REST with MLflow's scoring server: /ping, /health, /version, /invocations.
+"""Serve a registered model over REST: GET /ping, /health, /version; POST /invocations (MLflow's JSON protocol).
 
-    python -m components.serve --model models:/rental-price@prod --port 8080
+    python -m components.serve --model models:/rental-price@prod --port 8080 [--version 3]
 
-The alias is resolved to a concrete version at start; every answer carries it in `X-Model-Version` (and
-`X-Model-Uri`). The HTTP server answers at once and loads the model in the background: until it is loaded every
-route answers 503 with a message, so Kubernetes probes and callers can tell "loading" from "broken".
-Around MLflow's app this adds only what a public endpoint needs: a body-size limit (413) and error bodies with a
-message but no stack trace.
+Which version: `--version` (in the cluster, the Deployment's annotation rental-price/model-version, which the
+pipeline patches when prod moves), else the alias as it is at start. Every answer names it (`X-Model-Version`).
+
+The server answers at once and gets the model in the background: from its cache folder when it is there (so a
+restart needs no MLflow), else from MLflow, retrying while MLflow does not answer. Until the model is loaded every
+route answers 503 saying why. Requests are checked against what the model was trained on (model.check_inputs): a
+row that is broken or unfamiliar gets a 400 naming the row and field; with `?flag=true` unfamiliar rows are priced
+and listed under "flags". At most `--max-queue` requests are admitted at once; the rest get 429 with Retry-After
+at once, and a request whose client has gone is not computed.
 """
 
 import argparse
@@ -15,56 +19,133 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 import threading
-
-import mlflow
-from mlflow.tracking import MlflowClient
+import time
+from pathlib import Path
+from urllib.parse import parse_qs
 
 log = logging.getLogger("serve")
 
+ERROR_CODES = {400: "BAD_REQUEST", 404: "ENDPOINT_NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "REQUEST_TOO_LARGE",
+               415: "UNSUPPORTED_MEDIA_TYPE", 429: "TOO_MANY_REQUESTS", 500: "INTERNAL_ERROR",
+               503: "MODEL_NOT_READY"}
+ROUTES = {"/ping": "GET", "/health": "GET", "/version": "GET", "/invocations": "POST"}
+MAX_PROBLEMS_SHOWN = 100
 
-def resolve(model_uri: str) -> tuple[str, str]:
-    """models:/name@alias -> (models:/name/<version>, version); other URIs are served as given."""
-    match = re.fullmatch(r"models:/([^/@]+)@([^/]+)", model_uri)
-    if match:
-        from components import tracking
-        from components.errors import StepError
 
-        try:
-            tracking.require_server("serve")
-        except StepError as exc:
-            raise SystemExit(str(exc))
-        name, alias = match.groups()
-        try:
-            version = MlflowClient().get_model_version_by_alias(name, alias).version
-        except mlflow.exceptions.MlflowException as exc:
-            raise SystemExit(f"serve: model {name!r} has no version with alias {alias!r} at "
-                             f"{mlflow.get_tracking_uri()}: run the pipeline first ({exc.message[:200]})")
-        return f"models:/{name}/{version}", version
-    match = re.fullmatch(r"models:/([^/@]+)/(\d+)", model_uri)
-    return model_uri, match.group(2) if match else ""
+class Unready(Exception):
+    """The model cannot be served (yet): the message says why; `final` when retrying cannot help."""
+
+    def __init__(self, message: str, final: bool = False):
+        super().__init__(message)
+        self.final = final
+
+
+def parse_model_uri(uri: str) -> tuple[str, str, str]:
+    """models:/name@alias -> (name, alias, ""); models:/name/3 -> (name, "", "3"); anything else: ("", "", "")."""
+    if match := re.fullmatch(r"models:/([^/@]+)@([^/]+)", uri):
+        return match.group(1), match.group(2), ""
+    if match := re.fullmatch(r"models:/([^/@]+)/(\d+)", uri):
+        return match.group(1), "", match.group(2)
+    return "", "", ""
+
+
+def fetch_model(uri: str, version: str, cache: Path) -> str:
+    """The local folder of the model to serve: the cached copy of models:/name/<version>, else downloaded into
+    the cache (whole, or not at all). Raises Unready while MLflow does not answer or has no such model."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from components import tracking
+
+    name, alias, pinned = parse_model_uri(uri)
+    version = version or pinned
+    if not name:
+        return uri if Path(uri).is_dir() else mlflow.artifacts.download_artifacts(artifact_uri=uri)
+    if version and (cached := cache / name / version).is_dir():
+        return str(cached)
+    server = mlflow.get_tracking_uri()
+    if not tracking.answers(server):
+        what = f"version {version} of {name!r}" if version else f"{name!r}@{alias}"
+        raise Unready(f"{what} is not in the cache ({cache}) and the MLflow server at {server} does not answer: "
+                      "retrying until it does")
+    try:
+        if not version:
+            version = mlflow.tracking.MlflowClient().get_model_version_by_alias(name, alias).version
+        target = cache / name / version
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent, ignore_cleanup_errors=True) as tmp:
+            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp)
+            try:
+                Path(tmp).rename(target)  # atomic: another worker's copy or ours, never half of one
+            except OSError:
+                if not target.is_dir():
+                    raise
+    except MlflowException as exc:
+        if tracking.answers(server):
+            raise Unready(f"cannot serve {uri}{f' version {version}' if version else ''}: {exc.message[:300]}",
+                          final=exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"))
+        raise Unready(f"the MLflow server at {server} stopped answering while the model was fetched: retrying")
+    return str(cache / name / version)
 
 
 class ServingApp:
-    """ASGI app: 503 while the model loads, then MLflow's scoring app behind a size limit and clean errors."""
+    """The ASGI app: 503 until the model is loaded, then predictions behind a bounded queue."""
 
-    def __init__(self, model_uri: str, version: str, max_body_bytes: int, concurrency: int = 1):
-        self.model_uri, self.version, self.max_body_bytes = model_uri, version, max_body_bytes
-        # Predictions hold the GIL; running several at once in threads only makes each slower.
-        self.predicting = asyncio.Semaphore(concurrency)
-        self.app = None
+    def __init__(self, model_uri: str, version: str = "", cache: str = "", max_body_bytes: int = 5_000_000,
+                 max_queue: int = 8, retry_seconds: float = 10.0):
+        self.model_uri, self.version, self.max_body_bytes, self.max_queue = model_uri, version, max_body_bytes, max_queue
+        self.cache = Path(cache or Path(tempfile.gettempdir(), "rental-price-models"))
+        self.retry_seconds = retry_seconds
+        self.model = self.profile = None
         self.problem = f"model {model_uri} is loading"
-        self.headers = [(b"x-model-version", version.encode()), (b"x-model-uri", model_uri.encode())]
+        self.admitted = 0  # requests between admission and answer
+        # One prediction at a time: predictions hold the GIL, so threads would only make each one slower.
+        self.predicting = threading.Lock()
+        self.headers = [(b"x-model-uri", model_uri.encode())]
+
+    # ------------------------------------------------------------ loading
 
     def load(self) -> None:
-        from mlflow.pyfunc import scoring_server
+        """Fetch and load the model, retrying while MLflow does not answer; on a final refusal, keep saying why."""
+        from components import tracking
+        from components.errors import StepError
 
-        try:
-            self.app = scoring_server.init(mlflow.pyfunc.load_model(self.model_uri))
-            log.info("serving %s (version %s)", self.model_uri, self.version)
-        except Exception as exc:  # keep answering, and say why, rather than die silently
-            self.problem = f"model {self.model_uri} failed to load: {exc}"
-            log.exception("model failed to load")
+        self.cache.mkdir(parents=True, exist_ok=True)
+        attempt, delay = 0, 1.0
+        while True:
+            attempt += 1
+            try:
+                path = fetch_model(self.model_uri, self.version, self.cache)
+                self.model, self.profile = tracking.read_model(path, "serve")
+                break
+            except Unready as exc:
+                if exc.final:
+                    self.problem = str(exc)
+                    log.error("%s", exc)
+                    return
+                self.problem = f"{exc} (attempt {attempt}, next in {delay:.0f} s)"
+                log.warning("%s", self.problem)
+            except StepError as exc:
+                self.problem = str(exc)
+                log.error("%s", exc)
+                return
+            except Exception as exc:  # a download cut short, a full disk: say so and try again
+                self.problem = f"model {self.model_uri} failed to load ({type(exc).__name__}: {str(exc)[:300]})"
+                log.exception("model failed to load")
+            time.sleep(delay)
+            delay = min(delay * 2, self.retry_seconds)
+        name = parse_model_uri(self.model_uri)[0]
+        self.version = version = self.version or parse_model_uri(self.model_uri)[2] or (Path(path).name if name else "")
+        served = f"models:/{name}/{version}" if name else self.model_uri
+        self.headers = [(b"x-model-version", version.encode()), (b"x-model-uri", served.encode())]
+        if self.profile is None:
+            log.warning("the model has no input profile (saved before profiles): only fields and types are checked")
+        log.info("serving %s version %s from %s", self.model_uri, version, path)
+
+    # ------------------------------------------------------------ requests
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -74,16 +155,63 @@ class ServingApp:
                     await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
             return
-        if self.app is None:
-            return await self.reply(send, 503, "MODEL_NOT_READY", self.problem)
-        if scope["type"] == "http" and scope["method"] == "POST":
+        if scope["type"] != "http":
+            return
+        path, method = scope["path"], scope["method"]
+        if path not in ROUTES:
+            return await self.reply(send, 404, f"no route {path}: the routes are {sorted(ROUTES)}")
+        if method != ROUTES[path]:
+            return await self.reply(send, 405, f"{path} takes {ROUTES[path]}, not {method}",
+                                    [(b"allow", ROUTES[path].encode())])
+        if self.model is None:
+            return await self.reply(send, 503, self.problem, [(b"retry-after", b"5")])
+        if path == "/version":
+            return await self.reply(send, 200, {"model_uri": self.model_uri, "version": self.version,
+                                                "served": dict(self.headers)[b"x-model-uri"].decode()})
+        if path != "/invocations":
+            return await self.reply(send, 200, {"status": "ready", "version": self.version})
+        content_type = dict(scope["headers"]).get(b"content-type", b"").split(b";")[0].strip().lower()
+        if content_type != b"application/json":
+            return await self.reply(send, 415, f"content type {content_type.decode(errors='replace') or '(none)'!r}"
+                                               " is not served: send application/json")
+        if self.admitted >= self.max_queue:
+            return await self.reply(send, 429, f"{self.admitted} requests are queued, the most this server takes: "
+                                               "retry shortly", [(b"retry-after", b"1")])
+        self.admitted += 1
+        try:
             body = await self.read_body(receive)
             if body is None:
-                return await self.reply(send, 413, "REQUEST_TOO_LARGE",
-                                        f"request body over {self.max_body_bytes} bytes: send smaller batches")
-            async with self.predicting:
-                return await self.app(scope, self.replay(body), self.cleaning(send))
-        await self.app(scope, receive, self.cleaning(send))
+                return await self.reply(send, 413, f"request body over {self.max_body_bytes} bytes: send smaller "
+                                                   "batches")
+            gone = asyncio.ensure_future(receive())  # resolves with http.disconnect if the client leaves
+            flag = parse_qs(scope.get("query_string", b"").decode()).get("flag", ["false"])[0].lower() == "true"
+            status, answer = await asyncio.to_thread(self.answer, body, flag, gone)
+            if status:
+                await self.reply(send, status, answer)
+        finally:
+            self.admitted -= 1
+            if "gone" in locals():
+                gone.cancel()
+
+    def answer(self, body: bytes, flag: bool, gone) -> tuple[int, object]:
+        """(status, payload) for one /invocations body; (0, None) when its client left before its turn."""
+        from components import model
+
+        try:
+            rows = parse_rows(body)
+        except ValueError as exc:
+            return 400, str(exc)
+        typed, problems = model.check_inputs(rows, self.profile)
+        refused = model.refused(problems, flag)
+        if refused:
+            return 400, {"message": describe(refused, flag), "problems": [p.as_dict() for p in refused[:MAX_PROBLEMS_SHOWN]]}
+        with self.predicting:
+            if gone.done():
+                log.info("client left before its turn: %d rows not priced", len(typed))
+                return 0, None
+            prices = self.model.predict(typed).tolist()
+        flags = [p.as_dict() for p in problems]
+        return 200, {"predictions": prices, **({"flags": flags} if flags else {})}
 
     async def read_body(self, receive) -> bytes | None:
         chunks, size, more = [], 0, True
@@ -97,66 +225,71 @@ class ServingApp:
             more = message.get("more_body", False)
         return b"".join(chunks)
 
-    @staticmethod
-    def replay(body: bytes):
-        sent = False
-
-        async def receive():
-            nonlocal sent
-            if sent:
-                return {"type": "http.disconnect"}
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        return receive
-
-    def cleaning(self, send):
-        """Add the version headers; give error answers a short message and no stack trace."""
-        error = {}
-
-        async def wrapped(message):
-            if message["type"] == "http.response.start":
-                if message["status"] < 400:
-                    message["headers"] = list(message.get("headers", [])) + self.headers
-                    return await send(message)
-                error.update(status=message["status"], body=b"")
-                return None
-            if not error:
-                return await send(message)
-            error["body"] += message.get("body", b"")
-            if not message.get("more_body"):
-                await self.reply(send, error["status"], *error_of(error["body"]))
-
-        return wrapped
-
-    async def reply(self, send, status: int, error_code: str, message: str) -> None:
-        body = json.dumps({"error_code": error_code, "message": message}).encode()
-        headers = self.headers + [(b"content-type", b"application/json"),
-                                                     (b"content-length", str(len(body)).encode())]
+    async def reply(self, send, status: int, payload, extra: list | None = None) -> None:
+        """A JSON answer; an error carries the code of its status and a message (a str, or a dict with one)."""
+        if status >= 400:
+            payload = {"error_code": ERROR_CODES[status], **(payload if isinstance(payload, dict) else
+                                                              {"message": payload})}
+        body = json.dumps(payload).encode()
+        headers = self.headers + (extra or []) + [(b"content-type", b"application/json"),
+                                                  (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
 
-def error_of(body: bytes) -> tuple[str, str]:
-    """The error code and a short message from an MLflow error answer, without the echoed data or stack trace."""
+def parse_rows(body: bytes):
+    """The rows of an MLflow scoring request: {"dataframe_split": {"columns", "data"[, "index"]}} or
+    {"dataframe_records": [{...}, ...]}. A ValueError says what is wrong with the request's shape."""
+    import pandas as pd
+
     try:
         payload = json.loads(body)
-        code, text = payload.get("error_code", "BAD_REQUEST"), str(payload.get("message", ""))
-    except (ValueError, AttributeError):
-        code, text = "BAD_REQUEST", body.decode(errors="replace")
-    # MLflow repeats the whole input (and the schema) in its messages; the error after them is what matters.
-    text = re.sub(r"^Failed to predict data .*?\nError: ", "", text, flags=re.S)
-    text = re.sub(r"^Failed to enforce schema of data .*? with schema .*?\. Error: ",
-                  "input does not match the model signature: ", text, flags=re.S)
-    text = re.sub(r"\nInput: .*", "", text, flags=re.S)
-    return code, text.strip()[:1000]
+    except RecursionError:
+        raise ValueError("the JSON is nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"the body is not valid JSON ({exc})") from None
+    formats = ("dataframe_split", "dataframe_records")
+    if not isinstance(payload, dict) or len([f for f in formats if f in payload]) != 1:
+        raise ValueError(f"the body must be a JSON object with exactly one of {list(formats)}")
+    if "dataframe_records" in payload:
+        records = payload["dataframe_records"]
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise ValueError("dataframe_records must be a list of objects, one per row")
+        rows = pd.DataFrame.from_records(records) if records else pd.DataFrame()
+    else:
+        split = payload["dataframe_split"]
+        if not isinstance(split, dict) or not isinstance(split.get("columns"), list) \
+                or not isinstance(split.get("data"), list):
+            raise ValueError("dataframe_split must be an object with lists 'columns' and 'data'")
+        columns, data = split["columns"], split["data"]
+        if not all(isinstance(c, str) for c in columns) or len(set(columns)) != len(columns):
+            raise ValueError("dataframe_split.columns must be distinct names")
+        for i, row in enumerate(data):
+            if not isinstance(row, list) or len(row) != len(columns):
+                raise ValueError(f"dataframe_split.data row {i} must be a list of {len(columns)} values, one per column")
+        if "index" in split and (not isinstance(split["index"], list) or len(split["index"]) != len(data)):
+            raise ValueError(f"dataframe_split.index must have one label per data row ({len(data)})")
+        rows = pd.DataFrame(data, columns=columns, dtype=object)
+    if rows.empty:
+        raise ValueError("the request has no rows")
+    return rows
+
+
+def describe(problems, flag: bool) -> str:
+    rows = sorted({p.row for p in problems})
+    shown = "; ".join(f"row {p.row}, field {p.field}: {p.problem}" if p.row >= 0 else f"field {p.field}: {p.problem}"
+                      for p in problems[:5])
+    more = f" (and {len(problems) - 5} more problems)" if len(problems) > 5 else ""
+    hint = "" if flag or all(p.broken for p in problems) else \
+        " Rows outside what the model was trained on can be priced and flagged instead: POST /invocations?flag=true."
+    return f"{len(rows)} row(s) cannot be priced: {shown}{more}.{hint}"
 
 
 def build_app() -> ServingApp:
     """App factory for uvicorn (one per worker), configured by the environment that main() sets."""
-    return ServingApp(os.environ["SERVE_MODEL_URI"], os.environ.get("SERVE_MODEL_VERSION", ""),
-                      int(os.environ.get("SERVE_MAX_BODY_BYTES", 5_000_000)),
-                      int(os.environ.get("SERVE_CONCURRENCY", 1)))
+    env = os.environ
+    return ServingApp(env["SERVE_MODEL_URI"], env.get("SERVE_MODEL_VERSION", ""), env.get("SERVE_MODEL_CACHE", ""),
+                      int(env.get("SERVE_MAX_BODY_BYTES", 5_000_000)), int(env.get("SERVE_MAX_QUEUE", 8)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -164,21 +297,45 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=os.environ.get("MODEL_URI", "models:/rental-price@prod"))
+    parser.add_argument("--version", default=os.environ.get("MODEL_VERSION", ""),
+                        help="serve this version of the model (not what the alias names); 'none' or empty: the alias")
+    parser.add_argument("--cache", default=os.environ.get("SERVE_MODEL_CACHE", ""),
+                        help="folder of fetched models (default: rental-price-models in the temp folder)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 8080)))
     parser.add_argument("--workers", type=int, default=int(os.environ.get("SERVE_WORKERS", 1)))
-    parser.add_argument("--concurrency", type=int, default=int(os.environ.get("SERVE_CONCURRENCY", 1)),
-                        help="predictions at once per worker (1: measured best, make bench-serve)")
+    parser.add_argument("--max-queue", type=int, default=int(os.environ.get("SERVE_MAX_QUEUE", 8)),
+                        help="requests admitted at once per worker; more get 429 (make bench-serve)")
     parser.add_argument("--max-body-mb", type=float, default=5.0,
                         help="larger requests get 413 (5 MB is about 15,000 listings)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    uri, version = resolve(args.model)
-    log.info("%s resolves to %s", args.model, uri)
-    os.environ.update(SERVE_MODEL_URI=uri, SERVE_MODEL_VERSION=version, SERVE_CONCURRENCY=str(args.concurrency),
-                      SERVE_MAX_BODY_BYTES=str(int(args.max_body_mb * 1e6)))
+    version = "" if args.version in ("", "none") else args.version
+    if version and not version.isdigit():
+        raise SystemExit(f"serve: --version: {version!r} is not a version number")
+    name, alias, _ = parse_model_uri(args.model)
+    if alias and not version:
+        refuse_missing_alias(name, alias)
+    os.environ.update(SERVE_MODEL_URI=args.model, SERVE_MODEL_VERSION=version, SERVE_MODEL_CACHE=args.cache,
+                      SERVE_MAX_QUEUE=str(args.max_queue), SERVE_MAX_BODY_BYTES=str(int(args.max_body_mb * 1e6)))
     uvicorn.run("components.serve:build_app", factory=True, host=args.host, port=args.port,
                 workers=args.workers, log_level="info")
+
+
+def refuse_missing_alias(name: str, alias: str) -> None:
+    """Exit at once when MLflow answers and has no such alias; when MLflow is down, the server waits for it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from components import tracking
+
+    if not tracking.answers(mlflow.get_tracking_uri()):
+        return
+    try:
+        mlflow.tracking.MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        raise SystemExit(f"serve: model {name!r} has no version with alias {alias!r} at {mlflow.get_tracking_uri()}: "
+                         f"run the pipeline first ({exc.message[:200]})")
 
 
 if __name__ == "__main__":

@@ -126,7 +126,7 @@ def checks_against_prod(model_name: str, prod, df, limits: data.DriftLimits):
     new = len(rows)
     rows = rows.sample(min(new, ERROR_CHECK_ROWS), random_state=0)
     try:
-        predicted = predict_with(model_name, prod, rows)
+        predicted = predict_with(model_name, prod, rows, "check")
     except Exception as exc:  # a prod that cannot score this data: report it, the candidate may still be fine
         warnings.append(f"price: prod version {prod.version} cannot score this data ({type(exc).__name__}: "
                         f"{str(exc)[:200]})")
@@ -157,10 +157,9 @@ def new_rows(prod, df) -> tuple[pd.DataFrame | None, str]:
     return rows, ""
 
 
-def predict_with(model_name: str, prod, rows: pd.DataFrame) -> pd.Series:
-    """prod's predictions through pyfunc, which enforces prod's own signature."""
-    predicted = mlflow.pyfunc.load_model(f"models:/{model_name}/{prod.version}").predict(rows[model.FEATURES])
-    return pd.Series(predicted, index=rows.index)
+def predict_with(model_name: str, prod, rows: pd.DataFrame, step: str) -> pd.Series:
+    fitted, _ = tracking.load_model(f"models:/{model_name}/{prod.version}", step)
+    return model.predictions(fitted, rows)
 
 
 def split(clean_path: str, trainval_path: str, test_path: str, test_size: float, seed: int) -> tuple[dict, dict]:
@@ -203,8 +202,8 @@ def train(trainval_path: str, model_path: str, base: dict, val_size: float, tria
         mlflow.log_metrics({**metrics, "fit_seconds": time.perf_counter() - started})
         # Saved once, as the step's output; the same files go to MLflow, where register names them.
         with tracking.feature_code(fitted) as code:
-            mlflow.sklearn.save_model(fitted, model_path, code_paths=[code],
-                                      **tracking.model_kwargs(fitted, model.input_example(val_df)))
+            mlflow.sklearn.save_model(fitted, model_path, code_paths=[code], **tracking.model_kwargs(
+                fitted, model.input_example(val_df), model.input_profile(pd.concat([train_df, val_df]))))
         mlflow.log_artifacts(model_path, "model")
         # Every row that shaped the model (fit and validation): a later candidate is compared with this one only
         # on rows outside them.
@@ -245,7 +244,7 @@ def evaluate(model_path: str, test_path: str, model_name: str) -> tuple[dict, di
     not trained on. Returns (the candidate's scores, the comparison)."""
     with tracking.step_run("evaluate", params={"model_name": model_name}):
         test = data.read_listings(test_path)
-        candidate = mlflow.sklearn.load_model(model_path)
+        candidate, _ = tracking.load_model(model_path, "evaluate")
         predicted = model.predictions(candidate, test)
         scores = {f"candidate_{k}": v for k, v in model.errors(test[model.TARGET], predicted).items()}
         mlflow.log_figure(model.importance_figure(model.feature_importances(candidate, test)), "feature_importance.png")
@@ -275,7 +274,7 @@ def compare_with_prod(model_name: str, prod, predicted: pd.Series, test: pd.Data
     if fair is None:
         return found | {"why": why}
     try:
-        prod_predictions = predict_with(model_name, prod, fair)
+        prod_predictions = predict_with(model_name, prod, fair, "evaluate")
     except Exception as exc:  # any failure to load or score prod means: no comparison, no automatic promotion
         return found | {"why": f"prod version {version} cannot score this data ({type(exc).__name__}: "
                                f"{str(exc)[:300]})"}
@@ -310,7 +309,7 @@ def register(
             version = earlier.version
         def compare_again(prod):
             test = data.read_listings(test_path)
-            candidate = mlflow.sklearn.load_model(model_path)
+            candidate, _ = tracking.load_model(model_path, "register")
             return compare_with_prod(model_name, prod, model.predictions(candidate, test), test)
 
         holder = f"pipeline run {pipeline_run}"

@@ -13,7 +13,7 @@ import tempfile
 import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import mlflow
 import requests
@@ -22,6 +22,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from components.errors import StepError
+
+if TYPE_CHECKING:
+    from sklearn.pipeline import Pipeline
 
 PROD_ALIAS = "prod"
 PREVIOUS_ALIAS = "previous-prod"
@@ -275,8 +278,9 @@ def feature_module_of(model):
 MODEL_REQUIREMENTS = ("scikit-learn", "skops", "numpy", "pandas", "scipy")
 
 
-def model_kwargs(model, example) -> dict:
-    """Arguments shared by save_model and log_model: skops with exactly the trusted types the model holds."""
+def model_kwargs(model, example, profile: dict | None = None) -> dict:
+    """Arguments shared by save_model and log_model: skops with exactly the trusted types the model holds, and the
+    input profile of its training rows (model.input_profile), which scorers check requests against."""
     from importlib.metadata import version
 
     from mlflow.models import infer_signature
@@ -289,7 +293,50 @@ def model_kwargs(model, example) -> dict:
         pip_requirements=[f"{name}=={version(name)}" for name in MODEL_REQUIREMENTS],
         serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_SKOPS,
         skops_trusted_types=skops_trusted_types(feature_module_of(model), learner=model.steps[-1][0]),
+        metadata={"input_profile": profile} if profile else None,
     )
+
+
+# Models are read by read_model only: pickle is refused everywhere, and MLflow's own loaders are off (they would
+# take the skops trusted-type list from the model's own files, which whoever wrote the model chose).
+os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
+
+
+def read_model(path: str, step: str) -> tuple[Pipeline, dict | None]:
+    """A saved model (a local MLflow model folder) and its input profile, loaded safely: a skops file, opened with
+    the project's own trusted types, and feature code whose name is the hash of its content."""
+    import skops.io
+    from mlflow.models import Model
+
+    from components import model
+
+    saved = Model.load(path)
+    flavor = saved.flavors.get("sklearn", {})
+    form = flavor.get("serialization_format", "pickle")
+    if form != mlflow.sklearn.SERIALIZATION_FORMAT_SKOPS:
+        raise StepError(step, "model", f"the model at {path} is saved as {form}, which can run any code when loaded: "
+                                       "refused (only skops models load; register it with serialization_format="
+                                       "'skops')")
+    shipped = sorted(Path(path, flavor.get("code") or "code").glob(f"{model.FEATURES_MODULE_PREFIX}*.py"))
+    if len(shipped) != 1:
+        raise StepError(step, "model", f"the model at {path} ships {len(shipped)} feature modules; expected one")
+    module = model.shipped_features(str(shipped[0]))
+    if module.__name__ != shipped[0].stem:
+        raise StepError(step, "model", f"the feature code of the model at {path} does not match its name "
+                                       f"({shipped[0].name}): it was changed after the model was saved")
+    trusted = sorted({t for learner in model.LEARNERS for t in model.skops_trusted_types(module, learner)})
+    try:
+        fitted = skops.io.load(Path(path, flavor["pickled_model"]), trusted=trusted)
+    except Exception as exc:  # skops' UntrustedTypesFoundException and its file errors
+        raise StepError(step, "model", f"the model at {path} does not load with the project's trusted types "
+                                       f"({type(exc).__name__}: {str(exc)[:300]})") from exc
+    return fitted, (saved.metadata or {}).get("input_profile")
+
+
+def load_model(uri: str, step: str) -> tuple[Pipeline, dict | None]:
+    """read_model of a model URI (models:/, runs:/) or folder."""
+    local = uri if Path(uri).is_dir() else mlflow.artifacts.download_artifacts(artifact_uri=uri)
+    return read_model(local, step)
 
 
 def prod_version(name: str, alias: str = PROD_ALIAS) -> ModelVersion | None:
@@ -333,6 +380,10 @@ def promotion_lock(name: str, holder: str, step: str, wait: float = 300) -> Iter
                 description=f"Held while {holder} moves alias {PROD_ALIAS!r} of {name!r}; deleted when it is done.")
             break
         except MlflowException as exc:
+            # RESOURCE_DOES_NOT_EXIST: the server's insert clashed with a lock that was released before it could
+            # read it back (sqlalchemy_store), so nothing was created: contention like ALREADY_EXISTS.
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                continue
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         try:

@@ -1,8 +1,9 @@
 """Serving benchmark (`make bench-serve`): prints figures, asserts nothing.
 
 Starts `python -m components.serve` on the production model, then measures on 127.0.0.1 only:
-single-row latency p50/p99 and requests per second with 1 and 8 concurrent clients, rows per second for
-1,000-row batches, and beside them the same model's in-process `predict` (the floor), as ratios.
+single-row latency p50/p99, requests per second and the share refused (429) with 1, 8 and 32 concurrent clients;
+how fast refusals come; what 30 clients that give up after 1 s cost the next request; rows per second for
+1,000-row batches; and beside them the same model's in-process `predict` (the floor), as ratios.
 """
 
 import argparse
@@ -16,7 +17,7 @@ import time
 import mlflow
 import requests
 
-from components import data, model, predict, serve
+from components import data, model, predict, serve, tracking
 from conftest import free_port, wait_until  # tests/ is this script's folder
 
 
@@ -29,15 +30,42 @@ def timed(fn, repeat: int) -> list[float]:
     return out
 
 
-def clients(url: str, body: dict, concurrency: int, requests_each: int) -> tuple[list[float], float]:
+def clients(url: str, body: dict, concurrency: int, requests_each: int) -> tuple[list[float], list[float], float]:
+    """(latencies of answered requests, latencies of refused ones, answered requests per second)."""
     def one_client(_):
+        answered, refused = [], []
         with requests.Session() as session:
-            return timed(lambda: session.post(url, json=body, timeout=60).raise_for_status(), requests_each)
+            for _ in range(requests_each):
+                started = time.perf_counter()
+                response = session.post(url, json=body, timeout=60)
+                took = time.perf_counter() - started
+                if response.status_code == 429:
+                    refused.append(took)
+                else:
+                    response.raise_for_status()
+                    answered.append(took)
+        return answered, refused
 
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        latencies = [t for result in pool.map(one_client, range(concurrency)) for t in result]
-    return latencies, len(latencies) / (time.perf_counter() - started)
+        results = list(pool.map(one_client, range(concurrency)))
+    answered = [t for a, _ in results for t in a]
+    return answered, [t for _, r in results for t in r], len(answered) / (time.perf_counter() - started)
+
+
+def abandoned(url: str, body: dict, count: int, one: dict) -> float:
+    """Seconds the next request waits after `count` clients sent `body` and gave up after 1 s."""
+    def give_up(_):
+        try:
+            requests.post(url, json=body, timeout=1)
+        except requests.RequestException:
+            pass
+
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        list(pool.map(give_up, range(count)))
+    started = time.perf_counter()
+    requests.post(url, json=one, timeout=120).raise_for_status()
+    return time.perf_counter() - started
 
 
 def pct(values: list[float], q: float) -> float:
@@ -52,12 +80,15 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200, help="single-row requests per client")
     args = parser.parse_args()
 
-    uri, version = serve.resolve(args.model)
-    listings = data.parse_csv(data.fetch(args.data))
+    name, alias, version = serve.parse_model_uri(args.model)
+    if alias:
+        version = mlflow.tracking.MlflowClient().get_model_version_by_alias(name, alias).version
+    uri = f"models:/{name}/{version}" if name else args.model
+    listings, _ = data.clean_listings(data.parse_csv(data.fetch(args.data)), 10, 350, data.Box())
     one, batch = predict.payload(listings.head(1)), predict.payload(listings.head(1000))
 
     # The floor: the same model in this process.
-    sk_model = mlflow.sklearn.load_model(uri)
+    sk_model, _ = tracking.load_model(uri, "bench-serve")
     learner, estimator = sk_model.steps[-1]
     # A forest's n_jobs as saved, then the alternatives for comparison; the booster has no such setting.
     settings = dict.fromkeys([estimator.n_jobs, -1, 1]) if learner == "random_forest" else [None]
@@ -83,11 +114,16 @@ def main() -> None:
         clients(url, one, 1, 10)  # warm-up
         floor_single, floor_batch = floor[saved]  # what the server runs
         print(f"server: {args.workers} worker(s)")
-        for concurrency in (1, 8):
-            latencies, rps = clients(url, one, concurrency, max(10, args.requests // concurrency))
+        for concurrency in (1, 8, 32):
+            latencies, refused, rps = clients(url, one, concurrency, max(10, args.requests // concurrency))
+            share = len(refused) / (len(refused) + len(latencies))
             print(f"  1 row, {concurrency} client(s): p50 {pct(latencies, 50):.1f} ms, p99 {pct(latencies, 99):.1f} ms, "
-                  f"{rps:.0f} req/s; p50 / in-process = {pct(latencies, 50) / 1000 / floor_single:.1f}x")
-        latencies, _ = clients(url, batch, 1, 10)
+                  f"{rps:.0f} req/s, {share:.0%} refused (429)"
+                  + (f" in p50 {pct(refused, 50):.1f} ms, p99 {pct(refused, 99):.1f} ms" if refused else "")
+                  + f"; p50 / in-process = {pct(latencies, 50) / 1000 / floor_single:.1f}x")
+        print(f"  after 30 clients sent 1,000 rows each and gave up after 1 s, the next 1-row request took "
+              f"{abandoned(url, batch, 30, one) * 1000:.0f} ms (one batch takes {floor[saved][1] * 1000:.0f} ms)")
+        latencies, _, _ = clients(url, batch, 1, 10)
         median = statistics.median(latencies)
         print(f"  1,000-row batches: {1000 / median:,.0f} rows/s (median {median * 1000:.0f} ms); "
               f"server / in-process time = {median / floor_batch:.2f}x")

@@ -1,6 +1,7 @@
 """Shared fixtures: a real MLflow server (sqlite + local artifacts on 127.0.0.1) and small listing frames."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -67,6 +68,34 @@ def mlflow_server(tmp_path_factory) -> str:
 
 
 @pytest.fixture
+def own_server(tmp_path):
+    """An MLflow server of this test's own, which the test may kill, restart and reset."""
+    port, home = free_port(), tmp_path / "mlflow"
+    state = {"uri": f"http://127.0.0.1:{port}", "process": None}
+
+    def up(reset: bool = False):
+        if reset:
+            subprocess.run(["rm", "-rf", str(home)], check=True)
+        home.mkdir(exist_ok=True)
+        state["process"] = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{home}/mlflow.db", "--artifacts-destination", str(home / "art")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_until(f"{state['uri']}/health", process=state["process"])
+        mlflow.set_tracking_uri(state["uri"])
+
+    def down():
+        os.killpg(state["process"].pid, signal.SIGKILL)
+        state["process"].wait(timeout=30)
+
+    state |= {"up": up, "down": down}
+    up()
+    yield state
+    if state["process"].poll() is None:
+        down()
+
+
+@pytest.fixture
 def tracking(mlflow_server, monkeypatch) -> dict:
     """Point MLflow at the session server, with a fresh experiment, model name and pipeline run id."""
     names = {"experiment": f"test-{uuid.uuid4().hex[:8]}", "model": f"model-{uuid.uuid4().hex[:8]}",
@@ -92,18 +121,25 @@ def listings(sample) -> pd.DataFrame:
 @pytest.fixture(scope="session")
 def registered_model(mlflow_server, listings) -> str:
     """A small model registered twice on the session server, version 1 under `prod`."""
-    from components import model, tracking
-
     mlflow.set_tracking_uri(mlflow_server)
     name = f"serve-{uuid.uuid4().hex[:6]}"
-    fitted = model.fit(listings.head(5000), model.ModelParams(learner="random_forest", n_estimators=10, criterion="squared_error", seed=3))
-    mlflow.set_experiment("serving")
-    for _ in range(2):
-        with mlflow.start_run(), tracking.feature_code(fitted) as code:
-            mlflow.sklearn.log_model(fitted, name="model", code_paths=[code], registered_model_name=name,
-                                     **tracking.model_kwargs(fitted, model.input_example(listings)))
+    register_small(name, listings, versions=2)
     mlflow.tracking.MlflowClient().set_registered_model_alias(name, "prod", "1")
     return name
+
+
+def register_small(name: str, listings: pd.DataFrame, versions: int = 1) -> None:
+    """A small forest registered `versions` times under `name` at the current tracking URI, as train saves one."""
+    from components import model, tracking
+
+    fitted = model.fit(listings.head(5000), model.ModelParams(learner="random_forest", n_estimators=10,
+                                                              criterion="squared_error", seed=3))
+    mlflow.set_experiment("serving")
+    for _ in range(versions):
+        with mlflow.start_run(), tracking.feature_code(fitted) as code:
+            mlflow.sklearn.log_model(fitted, name="model", code_paths=[code], registered_model_name=name,
+                                     **tracking.model_kwargs(fitted, model.input_example(listings),
+                                                             model.input_profile(listings.head(5000))))
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import pytest
 import skops.io
 
 from components import data, features, model, tracking
+from components.errors import StepError
 
 FAST = model.ModelParams(learner="random_forest", n_estimators=20, criterion="squared_error", seed=1)
 GBM = model.ModelParams()  # the default learner, as the pipeline trains it
@@ -151,7 +153,9 @@ except ImportError:
 x = pd.read_json({str(tmp_path / 'example.json')!r}, orient="split", convert_dates=["last_review"])
 print(len(m.predict(x)))
 """
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    # Plain MLflow, as anyone who trusts the model may load it (the project's own loader refuses MLflow's).
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("5")
 
@@ -176,15 +180,62 @@ def test_a_model_scores_with_its_own_feature_code_beside_a_newer_one(splits, tmp
     test[model.FEATURES].to_json(tmp_path / "rows.json", orient="split", date_format="iso")
     script = f"""
 import json, sys, types
-import mlflow, pandas as pd
+import pandas as pd
+from components import tracking
 renamed = types.ModuleType("components.features")
 renamed.text_of = lambda column: column
 sys.modules["components.features"] = renamed
 rows = pd.read_json({str(tmp_path / 'rows.json')!r}, orient="split", convert_dates=["last_review"])
-out = {{name: mlflow.pyfunc.load_model({str(tmp_path)!r} + "/" + name).predict(rows).tolist() for name in "ab"}}
+out = {{name: tracking.read_model({str(tmp_path)!r} + "/" + name, "test")[0].predict(rows).tolist() for name in "ab"}}
 print(json.dumps(out))
 """
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert loaded["a"] == pytest.approx(saved["a"]) and loaded["b"] == pytest.approx(saved["b"])
+
+
+def test_inputs_are_checked_against_what_the_model_was_trained_on(splits):
+    train, test = splits
+    profile = model.input_profile(train)
+    assert profile["categories"]["neighbourhood_group"] == sorted(data.NEIGHBOURHOOD_GROUPS)
+    assert "room_type" in profile["required"] and "reviews_per_month" not in profile["required"]
+    rows = test[model.FEATURES].head(5).astype(object).reset_index(drop=True)
+    typed, problems = model.check_inputs(rows, profile)
+    assert problems == [] and typed.shape == (5, len(model.FEATURES))
+    rows.at[1, "room_type"], rows.at[2, "latitude"], rows.at[3, "name"] = "Castle", -90.0, ["a"]
+    rows.at[3, "host_id"], rows.at[4, "reviews_per_month"] = None, None  # host_id is never null in training
+    _, problems = model.check_inputs(rows, profile)
+    assert [(p.row, p.field, p.broken) for p in problems] == [
+        (1, "room_type", False), (2, "latitude", False), (3, "name", True), (3, "host_id", True)]
+    assert [p.row for p in model.refused(problems, flag=True)] == [3, 3]
+    assert len(model.refused(problems, flag=False)) == 4
+    # Without a profile (a model saved before them) only fields and types are checked.
+    assert [(p.row, p.field) for p in model.check_inputs(rows, None)[1]] == [(3, "name")]
+
+
+def test_checked_rows_price_as_the_raw_frame_does(boosted, splits):
+    rows = splits[1].head(300)
+    typed, problems = model.check_inputs(rows[model.FEATURES], None)
+    assert not problems
+    assert boosted.predict(typed) == pytest.approx(boosted.predict(rows[model.FEATURES]))
+
+
+def test_the_loader_refuses_changed_feature_code_and_unknown_types(fitted, splits, tmp_path):
+    with tracking.feature_code(fitted) as code:
+        mlflow.sklearn.save_model(fitted, tmp_path / "m", code_paths=[code],
+                                  **tracking.model_kwargs(fitted, model.input_example(splits[1])))
+    loaded, profile = tracking.read_model(str(tmp_path / "m"), "serve")
+    assert profile is None and loaded.predict(splits[1][model.FEATURES].head(3)).shape == (3,)
+    # A file that calls out to the shell, with MLflow's MLmodel trusting it: the project's list does not.
+    from sklearn.preprocessing import FunctionTransformer
+
+    skops.io.dump(FunctionTransformer(func=subprocess.getoutput), tmp_path / "m" / "model.skops")
+    mlmodel = tmp_path / "m" / "MLmodel"
+    mlmodel.write_text(mlmodel.read_text().replace("skops_trusted_types:\n", "skops_trusted_types:\n    - subprocess.getoutput\n"))
+    with pytest.raises(StepError, match="does not load with the project's trusted types .*getoutput"):
+        tracking.read_model(str(tmp_path / "m"), "serve")
+    [shipped] = (tmp_path / "m" / "code").glob("*.py")
+    shipped.write_text(shipped.read_text() + "\nimport os  # added later\n")
+    with pytest.raises(StepError, match="does not match its name"):
+        tracking.read_model(str(tmp_path / "m"), "serve")

@@ -182,7 +182,7 @@ def test_a_prod_without_lineage_or_that_cannot_score_is_not_replaced_automatical
     client.set_model_version_tag(name, "1", tasks.TRAINING_IDS_TAG, ids)
     # A prod whose signature the new data does not fit (here: the data lacks a column prod needs).
     test = data.read_listings(splits["b"]["test"]).drop(columns=["availability_365"])
-    candidate = mlflow.sklearn.load_model(trained(splits["b"], GOOD, tmp_path)[0])
+    candidate, _ = registry.load_model(trained(splits["b"], GOOD, tmp_path)[0], "test")
     predicted = model.predictions(candidate, data.read_listings(splits["b"]["test"]))
     found = tasks.compare_with_prod(name, registry.prod_version(name), predicted, test)
     assert not found["comparable"] and found["why"].startswith("prod version 1 cannot score this data")

@@ -16,7 +16,7 @@ import uuid
 import mlflow
 import pandas as pd
 import pytest
-from conftest import ROOT, free_port, wait_until
+from conftest import ROOT
 from mlflow.tracking import MlflowClient
 
 SMALL = ["learner=random_forest", "n_estimators=10", "max_depth=10"]
@@ -59,34 +59,6 @@ def wait_for_step(experiment: str, step: str, process: subprocess.Popen, timeout
             return
         time.sleep(0.3)
     raise TimeoutError(f"step {step} never ran")
-
-
-@pytest.fixture
-def own_server(tmp_path):
-    """An MLflow server of this test's own, which the test may kill, restart and reset."""
-    port, home = free_port(), tmp_path / "mlflow"
-    state = {"uri": f"http://127.0.0.1:{port}", "process": None}
-
-    def up(reset: bool = False):
-        if reset:
-            subprocess.run(["rm", "-rf", str(home)], check=True)
-        home.mkdir(exist_ok=True)
-        state["process"] = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{home}/mlflow.db", "--artifacts-destination", str(home / "art")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_until(f"{state['uri']}/health", process=state["process"])
-        mlflow.set_tracking_uri(state["uri"])
-
-    def down():
-        os.killpg(state["process"].pid, signal.SIGKILL)
-        state["process"].wait(timeout=30)
-
-    state |= {"up": up, "down": down}
-    up()
-    yield state
-    if state["process"].poll() is None:
-        down()
 
 
 def test_new_bytes_behind_the_same_source_reach_training_and_identical_ones_are_reused(

@@ -1,28 +1,37 @@
 """Serving against a real running server (`python -m components.serve`), promotion, rollback and the roll-out."""
 
+import concurrent.futures
+import contextlib
 import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
+import time
+import uuid
 
 import mlflow
 import pandas as pd
 import pytest
 import requests
-from conftest import ROOT, free_port, wait_until
+from conftest import ROOT, free_port, register_small, wait_until
 from mlflow.tracking import MlflowClient
 
-from components import predict, rollout, tracking
+from components import model, predict, rollout, serve, tracking
 from components.errors import StepError
 
-def start(mlflow_uri: str, model_uri: str, *extra: str) -> tuple[subprocess.Popen, str]:
+def start(mlflow_uri: str, model_uri: str, *extra: str, log=None) -> tuple[subprocess.Popen, str]:
+    """A model server; its output to file `log`, else to a pipe (read it only once it has exited)."""
     port = free_port()
+    if "--cache" not in extra:
+        extra += ("--cache", tempfile.mkdtemp(prefix="serve-cache-"))  # each server fetches its own copy
     process = subprocess.Popen([sys.executable, "-m", "components.serve", "--model", model_uri, "--port", str(port),
                                 *extra], cwd=ROOT, env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri},
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                               stdout=open(log, "w") if log else subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
     return process, f"http://127.0.0.1:{port}"
 
 
@@ -66,22 +75,51 @@ def good(server, listings):
     assert response.status_code == 200 and len(response.json()["predictions"]) == 2
 
 
-def with_column(listings, column, value) -> dict:
+def with_column(listings, column, value, row: int = 0) -> dict:
     body = predict.payload(listings.head(2))
-    body["dataframe_split"]["data"][0][body["dataframe_split"]["columns"].index(column)] = value
+    body["dataframe_split"]["data"][row][body["dataframe_split"]["columns"].index(column)] = value
     return body
 
 
+def raw(data: bytes | str, content_type: str | None = "application/json") -> dict:
+    return {"data": data, "headers": {"content-type": content_type} if content_type else {}}
+
+
+ROW_1 = "1 row(s) cannot be priced: row 1, field "
 BAD_REQUESTS = {
-    "malformed JSON": (lambda l: {"data": b'{"dataframe_split": [', "headers": {"content-type": "application/json"}},
-                       400, "valid JSON"),
-    "unknown input format": (lambda l: {"json": {"rows": [1, 2]}}, 400, "exactly one of the input fields"),
-    "unsupported content type": (lambda l: {"data": b"x", "headers": {"content-type": "text/plain"}}, 415,
-                                 "only supports the following content types"),
+    "malformed JSON": (lambda l: raw(b'{"dataframe_split": ['), 400, "the body is not valid JSON"),
+    "nested thousands deep": (lambda l: raw("[" * 100_000 + "]" * 100_000), 400, "the JSON is nested too deeply"),
+    "deep object": (lambda l: raw('{"a":' * 50_000 + "1" + "}" * 50_000), 400, "the JSON is nested too deeply"),
+    "unknown input format": (lambda l: {"json": {"rows": [1, 2]}}, 400,
+                             "exactly one of ['dataframe_split', 'dataframe_records']"),
+    "no content type": (lambda l: raw(json.dumps(predict.payload(l.head(1))), None), 415,
+                        "content type '(none)' is not served: send application/json"),
+    "text/plain": (lambda l: raw(b"x", "text/plain"), 415, "content type 'text/plain' is not served"),
     "missing column": (lambda l: {"json": {"dataframe_split": without(l, "room_type")}}, 400,
-                       "missing inputs ['room_type']"),
-    "wrong type": (lambda l: {"json": with_column(l, "minimum_nights", "two")}, 400, "minimum_nights"),
-    "empty list": (lambda l: {"json": {"dataframe_records": []}}, 400, "Model is missing inputs"),
+                       "field room_type: missing from the input"),
+    "a number as text": (lambda l: {"json": with_column(l, "minimum_nights", "two", 1)}, 400,
+                         ROW_1 + "minimum_nights: 'two' is not a finite number"),
+    "empty list": (lambda l: {"json": {"dataframe_records": []}}, 400, "the request has no rows"),
+    "more index labels than rows": (lambda l: {"json": {"dataframe_split": {**predict.payload(l.head(1))[
+        "dataframe_split"], "index": [0, 1, 2]}}}, 400, "dataframe_split.index must have one label per data row (1)"),
+    "a short row": (lambda l: {"json": {"dataframe_split": {"columns": ["a", "b"], "data": [[1]]}}}, 400,
+                    "dataframe_split.data row 0 must be a list of 2 values"),
+    "room type Castle": (lambda l: {"json": with_column(l, "room_type", "Castle", 1)}, 400,
+                         ROW_1 + "room_type: 'Castle' is not among the values the model was trained on"),
+    "borough Paris": (lambda l: {"json": with_column(l, "neighbourhood_group", "Paris", 1)}, 400,
+                      ROW_1 + "neighbourhood_group: 'Paris' is not among the values"),
+    "latitude -90": (lambda l: {"json": with_column(l, "latitude", -90, 1)}, 400,
+                     ROW_1 + "latitude: -90 is outside the range the model was trained on (40."),
+    "minimum nights -5": (lambda l: {"json": with_column(l, "minimum_nights", -5, 1)}, 400,
+                          ROW_1 + "minimum_nights: -5 is outside the range the model was trained on (1 to "),
+    "null room type": (lambda l: {"json": with_column(l, "room_type", None, 1)}, 400,
+                       ROW_1 + "room_type: is null; the model was trained on no nulls here"),
+    "an object as name": (lambda l: {"json": with_column(l, "name", {"a": [1]}, 1)}, 400,
+                          ROW_1 + "name: {'a': [1]} is not text"),
+    "true as a count": (lambda l: {"json": with_column(l, "number_of_reviews", True, 1)}, 400,
+                        ROW_1 + "number_of_reviews: True is not a finite number"),
+    "not a date": (lambda l: {"json": with_column(l, "last_review", "last spring", 1)}, 400,
+                   ROW_1 + "last_review: 'last spring' is not a date (YYYY-MM-DD)"),
     "very large batch": (lambda l: {"json": predict.payload(pd.concat([l] * 6).head(100_000))}, 413,
                          "send smaller batches"),
 }
@@ -95,15 +133,153 @@ def without(listings, column) -> dict:
 
 
 @pytest.mark.parametrize("case", list(BAD_REQUESTS))
-def test_bad_request_gets_a_4xx_with_a_message_and_the_server_goes_on(case, server, listings):
+def test_bad_request_gets_its_4xx_with_a_message_and_the_server_goes_on(case, server, listings):
     make, status, message = BAD_REQUESTS[case]
     response = post(server, **make(listings))
     assert response.status_code == status, response.text[:500]
     body = response.json()
-    assert message in body["message"]
+    assert message in body["message"], body["message"]
+    assert body["error_code"] == serve.ERROR_CODES[status]
     assert "Traceback" not in response.text and "stack_trace" not in body
-    assert len(response.text) < 2000  # the input is not echoed back
+    assert len(response.text) < 5000  # the input is not echoed back
     good(server, listings)
+
+
+@pytest.mark.parametrize("method, path, status, code", [
+    ("GET", "/invocation", 404, "ENDPOINT_NOT_FOUND"), ("POST", "/", 404, "ENDPOINT_NOT_FOUND"),
+    ("GET", "/invocations", 405, "METHOD_NOT_ALLOWED"), ("DELETE", "/ping", 405, "METHOD_NOT_ALLOWED"),
+])
+def test_unknown_paths_and_wrong_methods_get_404_and_405(server, method, path, status, code):
+    response = requests.request(method, server + path, timeout=10)
+    assert response.status_code == status and response.json()["error_code"] == code
+    if status == 405:
+        assert response.headers["allow"] in ("GET", "POST")
+
+
+def test_unfamiliar_rows_are_priced_and_flagged_only_when_asked(server, listings):
+    body = with_column(listings, "room_type", "Castle", 1)
+    refused = post(server, json=body)
+    assert refused.status_code == 400
+    assert refused.json()["problems"] == [{"row": 1, "field": "room_type", "problem": ANY_TEXT}]
+    assert "POST /invocations?flag=true" in refused.json()["message"]
+    flagged = requests.post(f"{server}/invocations?flag=true", json=body, timeout=60)
+    assert flagged.status_code == 200, flagged.text
+    assert len(flagged.json()["predictions"]) == 2
+    assert [(f["row"], f["field"]) for f in flagged.json()["flags"]] == [(1, "room_type")]
+    # A broken row is never priced, flag or not.
+    broken = requests.post(f"{server}/invocations?flag=true", json=with_column(listings, "latitude", "north", 0),
+                           timeout=60)
+    assert broken.status_code == 400 and broken.json()["problems"][0]["field"] == "latitude"
+    # Records in, the same prices out as split.
+    records = json.loads(listings.head(2)[model.FEATURES].to_json(orient="records", date_format="iso"))
+    assert post(server, json={"dataframe_records": records}).json() == post(
+        server, json=predict.payload(listings.head(2))).json()
+
+
+class _AnyText(str):
+    def __eq__(self, other):
+        return isinstance(other, str) and bool(other)
+
+
+ANY_TEXT = _AnyText("any text")
+
+
+def test_an_overloaded_server_refuses_at_once_and_skips_clients_that_left(mlflow_server, registered_model, listings,
+                                                                         tmp_path):
+    log = tmp_path / "serve.log"
+    process, url = start(mlflow_server, f"models:/{registered_model}@prod", "--max-queue", "2", log=log)
+    try:
+        ready(url, process)
+        batch = predict.payload(pd.concat([listings.head(5000)] * 2))  # rows the model was trained on
+
+        def ask(_):
+            return requests.post(f"{url}/invocations", json=batch, timeout=120)
+
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(ask, range(12)))
+        statuses = sorted(a.status_code for a in answers)
+        refused = [a for a in answers if a.status_code == 429]
+        assert set(statuses) == {200, 429} and len(refused) >= 6, statuses
+        assert all(a.headers["retry-after"] == "1" and a.json()["error_code"] == "TOO_MANY_REQUESTS" for a in refused)
+        assert max(a.elapsed.total_seconds() for a in refused) < min(a.elapsed.total_seconds() for a in answers
+                                                                      if a.status_code == 200)
+
+        def give_up(_):
+            with contextlib.suppress(requests.RequestException):
+                requests.post(f"{url}/invocations", json=batch, timeout=0.3)
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            list(pool.map(give_up, range(2)))
+        wait_for_text(log, "client left before its turn: 10000 rows not priced")
+        good(url, listings)
+    finally:
+        stop(process)
+
+
+def wait_for_text(path, text: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text():
+        assert time.monotonic() < deadline, path.read_text()[-3000:]
+        time.sleep(0.2)
+
+
+def test_the_version_named_at_start_is_served_whatever_prod_is(server, mlflow_server, registered_model, listings):
+    process, url = start(mlflow_server, f"models:/{registered_model}@prod", "--version", "2")
+    try:
+        ready(url, process)
+        assert post(url, json=predict.payload(listings.head(1))).headers["x-model-version"] == "2"
+        assert requests.get(url + "/version", timeout=5).json()["version"] == "2"
+    finally:
+        stop(process)
+
+
+def test_a_pickled_model_is_refused_with_a_clear_message(mlflow_server, listings):
+    mlflow.set_tracking_uri(mlflow_server)
+    name = f"pickled-{uuid.uuid4().hex[:6]}"
+    fitted = model.fit(listings.head(500), model.ModelParams(learner="random_forest", n_estimators=2, seed=1))
+    with mlflow.start_run(), tracking.feature_code(fitted) as code:
+        mlflow.sklearn.log_model(fitted, name="model", code_paths=[code], registered_model_name=name,
+                                 serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_CLOUDPICKLE)
+    with pytest.raises(StepError, match=r"serve: model: the model at .* is saved as cloudpickle, which can run any "
+                                        r"code when loaded: refused"):
+        tracking.load_model(f"models:/{name}/1", "serve")
+    process, url = start(mlflow_server, f"models:/{name}/1")
+    try:
+        answer = wait_until(f"{url}/ping", ok=lambda r: "refused" in r.text, process=process, timeout=60)
+        assert answer.status_code == 503 and "saved as cloudpickle" in answer.json()["message"]
+    finally:
+        stop(process)
+
+
+def test_serving_rides_out_an_mlflow_outage(own_server, listings, tmp_path):
+    """Up while MLflow goes away: answers. Restarted during the outage: serves its cached model. Started during the
+    outage with nothing cached: 503 saying why, then ready once MLflow is back."""
+    name = f"outage-{uuid.uuid4().hex[:6]}"
+    register_small(name, listings)
+    MlflowClient().set_registered_model_alias(name, "prod", "1")
+    cache, uri = tmp_path / "cache", own_server["uri"]
+    first, url = start(uri, f"models:/{name}@prod", "--version", "1", "--cache", str(cache))
+    servers = [first]
+    try:
+        ready(url, first)
+        own_server["down"]()
+        good(url, listings)
+        again, again_url = start(uri, f"models:/{name}@prod", "--version", "1", "--cache", str(cache))
+        servers.append(again)
+        ready(again_url, again)
+        good(again_url, listings)
+        empty, empty_url = start(uri, f"models:/{name}@prod", "--cache", str(tmp_path / "empty"))
+        servers.append(empty)
+        waiting = wait_until(f"{empty_url}/ping", ok=lambda r: "does not answer" in r.text, process=empty, timeout=60)
+        assert waiting.status_code == 503 and waiting.headers["retry-after"] == "5"
+        assert f"'{name}'@prod is not in the cache" in waiting.json()["message"]
+        assert post(empty_url, json=predict.payload(listings.head(1))).status_code == 503
+        own_server["up"]()
+        ready(empty_url, empty)
+        assert post(empty_url, json=predict.payload(listings.head(1))).headers["x-model-version"] == "1"
+    finally:
+        for process in servers:
+            stop(process)
 
 
 def test_request_while_the_model_loads_gets_503(mlflow_server, registered_model, listings):
