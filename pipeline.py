@@ -332,7 +332,8 @@ def run_local(params: dict, pipeline_root: str, cache: bool, runner: str = "subp
         chosen = local.SubprocessRunner(use_venv=False)
     local.init(runner=chosen, pipeline_root=pipeline_root, enable_caching=cache, cache_root=cache_root,
                raise_on_error=True)
-    print(f"pipeline run {kfp_run} ({runner}): {json.dumps(params, sort_keys=True)}")
+    shown = {**params, **({"source": data.shown_source(params["source"])} if "source" in params else {})}
+    print(f"pipeline run {kfp_run} ({runner}): {json.dumps(shown, sort_keys=True)}")
     print("cache: " + ("on: a step is reused when its inputs (the data by its sha256), parameters and code are "
                        "unchanged" if cache else "off (--no-cache)"))
     try:

@@ -75,6 +75,16 @@ class Box:
 
 # ---------------------------------------------------------------- download
 
+def shown_source(source: str) -> str:
+    """`source` as it may be logged, tagged and printed: without a user, password, query or fragment (the query of a
+    presigned URL is a credential)."""
+    parts = urllib.parse.urlsplit(source)
+    if not parts.scheme or not (parts.netloc or parts.query or parts.fragment):
+        return source
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
 def fetch(source: str) -> bytes:
     """The CSV bytes at `source` (sample://, http(s)://, s3://bucket/key, file:// or a local path), gunzipped
     when the file is gzip."""
@@ -84,7 +94,7 @@ def fetch(source: str) -> bytes:
     try:
         return gzip.decompress(raw)
     except (OSError, EOFError) as exc:
-        raise StepError("download", "source", f"{source!r} is a broken gzip file: {exc}") from exc
+        raise StepError("download", "source", f"{shown_source(source)!r} is a broken gzip file: {exc}") from exc
 
 
 def read_source(source: str) -> bytes:
@@ -105,7 +115,7 @@ def read_source(source: str) -> bytes:
     except StepError:
         raise
     except Exception as exc:  # every transport has its own error types; the message is what matters
-        raise StepError("download", "source", f"cannot read {source!r}: {exc}") from exc
+        raise StepError("download", "source", f"cannot read {shown_source(source)!r}: {exc}") from exc
 
 
 def _fetch_http(url: str, tries: int = 3) -> bytes:
@@ -174,7 +184,7 @@ def parse_csv(raw: bytes, step: str = "download") -> pd.DataFrame:
 
 
 def describe_download(source: str, raw: bytes, df: pd.DataFrame) -> dict:
-    return {"source": source, "sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw), "rows": len(df)}
+    return {"source": shown_source(source), "sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw), "rows": len(df)}
 
 
 # ---------------------------------------------------------------- clean

@@ -37,12 +37,12 @@ ERROR_CHECK_ROWS = 50_000
 def download(source: str, out_path: str, expected_sha256: str = "") -> dict:
     """Fetch and parse the data; keep its bytes in MLflow once per sha256 (MinIO in the cluster), so that every
     model's lineage points at the exact data it came from."""
-    with tracking.step_run("download", params={"source": source}) as run:
+    with tracking.step_run("download", params={"source": data.shown_source(source)}) as run:
         raw = data.fetch(source)
         df = data.parse_csv(raw)
         meta = data.describe_download(source, raw, df)
         if expected_sha256 and meta["sha256"] != expected_sha256:
-            raise StepError("download", "source", f"the data at {source!r} changed since this run started (sha256 "
+            raise StepError("download", "source", f"the data at {meta['source']!r} changed since this run started (sha256 "
                                                   f"{expected_sha256[:12]} then, {meta['sha256'][:12]} now): run again")
         Path(out_path).write_bytes(raw)
         mlflow.log_metrics({"rows": meta["rows"], "bytes": meta["bytes"]})

@@ -314,3 +314,15 @@ def test_split_is_stratified_and_seeded(sample):
 def test_split_rejects_a_bad_test_size():
     with pytest.raises(StepError, match="split: test_size: must be between 0 and 1"):
         data.split_listings(clean_frame(listing()), 1.5, 1)
+
+
+@pytest.mark.parametrize("source, shown", [
+    ("https://bucket.s3.amazonaws.com/l.csv?X-Amz-Credential=AKIA&X-Amz-Signature=abc#x",
+     "https://bucket.s3.amazonaws.com/l.csv"),
+    ("https://ann:s3cret@example.org:8443/data/l.csv.gz", "https://example.org:8443/data/l.csv.gz"),
+    ("s3://data/listings.csv", "s3://data/listings.csv"),
+    ("sample://nyc_airbnb_sample1.csv.gz", "sample://nyc_airbnb_sample1.csv.gz"),
+    ("/data/listings.csv", "/data/listings.csv"),
+])
+def test_sources_are_shown_without_credentials(source, shown):
+    assert data.shown_source(source) == shown

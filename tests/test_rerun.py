@@ -6,12 +6,14 @@ bounded time, and the next run closes what it left RUNNING and reuses what finis
 entries are never reused.
 """
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -157,3 +159,45 @@ def test_mlflow_gone_mid_train_fails_fast_and_the_next_run_cleans_up_and_reuses(
     code, out = run(own_server["uri"], tmp_path, model, "learner=random_forest", experiment=experiment)
     assert code == 0, out[-3000:]
     assert "reused from the cache" not in out and versions(model) == ["1"]
+
+
+def descendants(pid: int) -> list[int]:
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found, todo = found + kids, todo + kids
+    return found
+
+
+def step_process(pid: int, step: str) -> int:
+    """The process of a kfp.local task of `step` under the pipeline process `pid`."""
+    for child in set(descendants(pid)):
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().decode().split("\0")
+            if "kfp.dsl.executor_main" in argv and argv[argv.index("--function_to_execute") + 1] == step:
+                return child
+    raise LookupError(f"no process of step {step} under {pid}")
+
+
+def test_a_train_step_killed_mid_fit_fails_the_run_and_the_next_run_reuses_only_finished_steps(mlflow_server, tmp_path):
+    mlflow.set_tracking_uri(mlflow_server)
+    model, experiment = f"killed-{uuid.uuid4().hex[:6]}", f"killed-{uuid.uuid4().hex[:6]}"
+    code, out = run(mlflow_server, tmp_path, model, *WEAK, experiment=experiment)
+    assert code == 0, out[-3000:]
+    process = start(mlflow_server, tmp_path, model, "learner=random_forest", experiment=experiment)
+    wait_for_step(experiment, "train", process)
+    os.kill(step_process(process.pid, "train"), signal.SIGKILL)
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode == 1, out[-3000:]
+    assert "FAILED:" in out and "'train'" in out
+    assert versions(model) == ["1"] and MlflowClient().get_model_version_by_alias(model, "prod").version == "1"
+    assert running(experiment) == []  # the killed step's run was closed by its pipeline process
+    code, out = run(mlflow_server, tmp_path, model, "learner=random_forest", experiment=experiment)
+    assert code == 0, out[-3000:]
+    assert "reused from the cache: clean, download, split (same data sha256" in out  # train ran again, whole
+    assert versions(model) == ["1", "2"] and running(experiment) == []

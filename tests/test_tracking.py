@@ -66,3 +66,25 @@ def test_without_the_plugin_a_step_makes_its_own_run_under_one_parent(tracking, 
     assert len(parents) == 1 and parents[0].data.tags["kfp_run_id"] == tracking["run"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     assert [r.data.tags["pipeline_step"] for r in children] == ["split", "split"]
+
+
+def test_a_presigned_source_is_logged_without_its_query(tracking, sample_path, tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    (tmp_path / "l.csv").write_bytes(sample_path.read_bytes()[:20_000].rsplit(b"\n", 1)[0])
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/l.csv"
+        meta = tasks.download(url + "?X-Amz-Signature=s3cret", str(tmp_path / "raw.csv"))
+        with pytest.raises(StepError, match=r"cannot read 'http://127.0.0.1:\d+/gone.csv': HTTP Error 404") as failed:
+            tasks.download(url.replace("l.csv", "gone.csv") + "?X-Amz-Signature=s3cret", str(tmp_path / "x.csv"))
+    finally:
+        server.shutdown()
+    assert meta["source"] == url and "s3cret" not in str(failed.value)
+    experiment = mlflow.get_experiment_by_name(tracking["experiment"]).experiment_id
+    for run in MlflowClient().search_runs([experiment]):
+        assert "s3cret" not in str(run.data.params) + str(run.data.tags)
