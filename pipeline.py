@@ -27,7 +27,7 @@ from typing import NamedTuple
 import mlflow
 from kfp import compiler, dsl, kubernetes, local
 
-from components import data, steps, tracking
+from components import data, rollout, steps, tracking
 from components.errors import StepError
 from components.model import ModelParams
 from images import catalog
@@ -385,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         registry_cmd.add_argument("--model-name", default=MODEL_NAME)
         if name == "promote":
             registry_cmd.add_argument("--version", required=True)
+        registry_cmd.add_argument("--kube-context", default="", help="then roll the serving Deployment of this "
+                                  "kubeconfig context to the new prod (make promote-cluster / rollback-cluster)")
     args = parser.parse_args(argv)
     if getattr(args, "sweep", ""):
         if any(pair.startswith("sweep=") for pair in args.param):
@@ -406,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
             tracking.require_server(args.command)
             print(tracking.promote(args.model_name, args.version) if args.command == "promote"
                   else tracking.rollback(args.model_name))
+            if args.kube_context:
+                print(rollout.roll_serving(tracking.prod_version(args.model_name).version, context=args.kube_context))
         except StepError as exc:
             sys.exit(str(exc))
         return 0

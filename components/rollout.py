@@ -1,8 +1,9 @@
-"""Roll the serving Deployment after `prod` moves, so the pods load the new version.
+"""Roll the serving Deployment after `prod` moves, so the pods serve the new version.
 
-Only inside a cluster (KUBERNETES_SERVICE_HOST set): the register step patches an annotation on the pod
-template, which makes Kubernetes replace the pods; the new pods resolve `prod` again at start. The RBAC it
-needs (get and patch on that one Deployment) is in manifests/serving/.
+The register step (inside the cluster), and `make promote-cluster` / `rollback-cluster` (from a kubeconfig
+context), patch annotation rental-price/model-version on the pod template: Kubernetes replaces the pods, and each
+serves the version the annotation names (handed to the container as MODEL_VERSION). The RBAC the step needs
+(patch on that one Deployment) is in manifests/serving/.
 """
 
 import os
@@ -10,16 +11,16 @@ import os
 ANNOTATION = "rental-price/model-version"
 
 
-def roll_serving(version: str, api=None) -> str:
+def roll_serving(version: str, api=None, context: str = "") -> str:
     """Patch the serving Deployment's pod template with `version`; returns what was done, for the log."""
     namespace = os.environ.get("SERVING_NAMESPACE", "serving")
     name = os.environ.get("SERVING_DEPLOYMENT", "rental-price-serve")
     if api is None:
-        if not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        if not context and not os.environ.get("KUBERNETES_SERVICE_HOST"):
             return "not running in a cluster: no serving Deployment to roll"
         from kubernetes import client, config
 
-        config.load_incluster_config()
+        config.load_kube_config(context=context) if context else config.load_incluster_config()
         api = client.AppsV1Api()
     from kubernetes.client.exceptions import ApiException
 

@@ -3,6 +3,7 @@
 #   make cluster deploy      # kind cluster, then every part in order, waiting for each
 #   make images load-images  # the step and serve images, into the cluster's node
 #   make serve ui            # the model server; port-forwards to the KFP UI and MLflow
+#   make promote-cluster VERSION=3, make rollback-cluster   # move prod, and the model server with it
 KIND ?= kind
 DOCKER ?= docker
 KIND_CLUSTER ?= rental-price
@@ -35,7 +36,7 @@ same-as-file = $(if $($(1)),{ [ "$$$(1)" = '$($(1))' ] || { echo "$(1) differs f
 # Access key and secret key of each MinIO user (the secret keys are printf arguments).
 MINIO_USERS = KFP_ACCESS_KEY=kfp\nKFP_SECRET_KEY=%s\nMLFLOW_ACCESS_KEY=mlflow\nMLFLOW_SECRET_KEY=%s\nREADER_ACCESS_KEY=pipeline-reader\nREADER_SECRET_KEY=%s\n
 
-.PHONY: preflight cluster deploy seed-data load-images serve roll ui predict-cluster down checkov
+.PHONY: preflight cluster deploy seed-data load-images serve promote-cluster rollback-cluster ui predict-cluster down checkov
 
 preflight:  ## Check Python, Docker (CPUs, memory, disk), kind, kubectl, git and inotify limits for the cluster
 	$(PYTHON) manifests/preflight.py --docker $(DOCKER) --kind $(KIND) --kubectl $(firstword $(KUBECTL))
@@ -54,11 +55,16 @@ $(CLUSTER_SECRETS):
 	  echo "MLFLOW_SECRET_KEY=$$($(TOKEN))"; \
 	  echo "READER_SECRET_KEY=$$($(TOKEN))"; \
 	  echo "POSTGRES_PASSWORD=$$($(TOKEN))"; \
+	  echo "MLFLOW_ADMIN_PASSWORD=$$($(TOKEN))"; \
+	  echo "MLFLOW_FLASK_SECRET_KEY=$$($(TOKEN))"; \
 	} > $@.tmp && mv $@.tmp $@ && echo "wrote the cluster's credentials to $@ (git-ignored: keep it while the cluster lives)"
 
 # The Secrets hold one MinIO user per client (manifests/minio/setup-job.yaml): KFP, MLflow, and a read-only
 # one for pipeline steps; MinIO's root credentials stay in namespace minio.
+# A credentials file from before MLflow required a user gets the two MLflow keys added.
 deploy: $(CLUSTER_SECRETS)  ## Deploy KFP, MinIO, MLflow and the pipeline's config into the cluster, waiting for each
+	@umask 077 && for key in MLFLOW_ADMIN_PASSWORD MLFLOW_FLASK_SECRET_KEY; do \
+	  grep -q "^$$key=" $(CLUSTER_SECRETS) || echo "$$key=$$($(TOKEN))" >> $(CLUSTER_SECRETS); done
 	$(KUBECTL) apply -k manifests/kfp/cluster-scoped
 	$(KUBECTL) wait --for=condition=established --timeout=$(WAIT_TIMEOUT) crd -l app.kubernetes.io/part-of=kubeflow-pipelines
 	$(KUBECTL) apply -k manifests/namespaces
@@ -72,7 +78,12 @@ deploy: $(CLUSTER_SECRETS)  ## Deploy KFP, MinIO, MLflow and the pipeline's conf
 	printf 'AWS_ACCESS_KEY_ID=pipeline-reader\nAWS_SECRET_ACCESS_KEY=%s\n' "$$READER_SECRET_KEY" \
 	  | secret kubeflow pipeline-s3 && \
 	printf 'AWS_ACCESS_KEY_ID=mlflow\nAWS_SECRET_ACCESS_KEY=%s\n' "$$MLFLOW_SECRET_KEY" | secret mlflow mlflow-s3 && \
-	printf 'POSTGRES_USER=mlflow\nPOSTGRES_PASSWORD=%s\n' "$$POSTGRES_PASSWORD" | secret mlflow mlflow-postgres
+	printf 'POSTGRES_USER=mlflow\nPOSTGRES_PASSWORD=%s\n' "$$POSTGRES_PASSWORD" | secret mlflow mlflow-postgres && \
+	printf 'MLFLOW_AUTH_ADMIN_USERNAME=admin\nMLFLOW_AUTH_ADMIN_PASSWORD=%s\nMLFLOW_FLASK_SERVER_SECRET_KEY=%s\n' \
+	  "$$MLFLOW_ADMIN_PASSWORD" "$$MLFLOW_FLASK_SECRET_KEY" | secret mlflow mlflow-auth && \
+	printf 'username=admin\npassword=%s\n' "$$MLFLOW_ADMIN_PASSWORD" | secret kubeflow kfp-mlflow-credentials && \
+	printf 'MLFLOW_TRACKING_USERNAME=admin\nMLFLOW_TRACKING_PASSWORD=%s\n' "$$MLFLOW_ADMIN_PASSWORD" \
+	  | secret serving mlflow-credentials
 	$(KUBECTL) -n minio delete job minio-setup --ignore-not-found
 	$(KUBECTL) apply -k manifests/minio
 	$(KUBECTL) -n minio rollout status deployment/minio --timeout=$(WAIT_TIMEOUT)
@@ -109,8 +120,24 @@ serve:  ## Deploy the model server with this build's serve image (after load-ima
 	$(KUBECTL) apply -k "$$overlay" && \
 	$(KUBECTL) -n serving rollout status deployment/rental-price-serve --timeout=$(WAIT_TIMEOUT)
 
-roll:  ## Restart the model server so it loads the current prod (after make promote / make rollback on the cluster)
-	$(KUBECTL) -n serving rollout restart deployment/rental-price-serve
+# The cluster's MLflow through a port-forward, as its admin user (credentials from $(CLUSTER_SECRETS), passed in
+# the environment only); then the command after it.
+WITH_CLUSTER_MLFLOW = $(KUBECTL) -n mlflow port-forward svc/mlflow $(MLFLOW_UI_PORT):5000 >/dev/null & pf=$$!; \
+  trap 'kill $$pf 2>/dev/null; wait $$pf 2>/dev/null || true' EXIT; \
+  curl -s -o /dev/null --retry 30 --retry-connrefused --retry-delay 1 --retry-max-time 60 \
+    http://127.0.0.1:$(MLFLOW_UI_PORT)/health || { echo "MLflow's port-forward did not answer" >&2; exit 1; }; \
+  set -a && . "$(abspath $(CLUSTER_SECRETS))" && set +a && \
+  MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_UI_PORT) MLFLOW_TRACKING_USERNAME=admin \
+  MLFLOW_TRACKING_PASSWORD="$$MLFLOW_ADMIN_PASSWORD"
+
+promote-cluster: venv  ## Move the cluster's prod to VERSION= and roll the model server to it
+	@[ -n "$(VERSION)" ] || { echo "make promote-cluster: say which version: VERSION=3" >&2; exit 2; }
+	@$(WITH_CLUSTER_MLFLOW) $(PY) pipeline.py promote --model-name $(MODEL_NAME) --version $(VERSION) \
+	  --kube-context kind-$(KIND_CLUSTER)
+	$(KUBECTL) -n serving rollout status deployment/rental-price-serve --timeout=$(WAIT_TIMEOUT)
+
+rollback-cluster: venv  ## Move the cluster's prod back to previous-prod and roll the model server to it
+	@$(WITH_CLUSTER_MLFLOW) $(PY) pipeline.py rollback --model-name $(MODEL_NAME) --kube-context kind-$(KIND_CLUSTER)
 	$(KUBECTL) -n serving rollout status deployment/rental-price-serve --timeout=$(WAIT_TIMEOUT)
 
 ui:  ## Port-forward the KFP UI (and API) to localhost:$(KFP_PORT), MLflow to localhost:$(MLFLOW_UI_PORT) (Ctrl-C stops)

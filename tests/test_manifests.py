@@ -10,6 +10,7 @@ what they would apply. The KFP overlay's remote bases are built only when a loca
 from __future__ import annotations
 
 import base64
+import configparser
 import json
 import os
 import re
@@ -24,6 +25,8 @@ import kubernetes_validate
 import pytest
 import yaml
 from conftest import free_port
+
+from components import rollout
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
@@ -404,9 +407,9 @@ def test_minio_setup_script_creates_buckets_and_users(objects, tmp_path, attach_
 
 
 def test_only_mlflow_and_kfp_hold_minio_credentials(objects, deployed):
-    """The model server holds no credentials at all; pipeline steps get the read-only user only."""
+    """The model server holds no MinIO credentials (only MLflow's); pipeline steps get the read-only user only."""
     refs = references(objects)
-    assert not [r for r in refs if r[0] == "serving" and r[1] == "Secret"]
+    assert {r[2] for r in refs if r[0] == "serving" and r[1] == "Secret"} == {"mlflow-credentials"}
     secrets = {(d["metadata"]["namespace"], d["metadata"]["name"]): d
                for d in deployed["applied"] if d["kind"] == "Secret"}
     values = deployed["credentials"]
@@ -431,6 +434,15 @@ def test_mlflow_server_configuration(objects):
     assert env["MLFLOW_S3_ENDPOINT_URL"]["value"] == MINIO_URL
     assert {"PGUSER", "PGPASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(env)
     assert {c["readinessProbe"]["httpGet"]["path"], c["livenessProbe"]["httpGet"]["path"]} == {"/health"}
+    # Basic auth: the admin user from Secret mlflow-auth, users kept in the same PostgreSQL database.
+    assert "--app-name" in args and args["--app-name"] == "basic-auth"
+    assert {k: env[k]["valueFrom"]["secretKeyRef"]["name"] for k in (
+        "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY")} == dict.fromkeys(
+        ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"), "mlflow-auth")
+    config = configparser.ConfigParser()
+    config.read_string(find(objects, "ConfigMap", "mlflow-auth")["data"]["basic_auth.ini"])
+    assert config["mlflow"]["database_uri"] == args["--backend-store-uri"]
+    assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"] == "/etc/mlflow-auth/basic_auth.ini"
 
 
 def test_model_server_deployment(objects):
@@ -441,8 +453,18 @@ def test_model_server_deployment(objects):
     assert c["name"] == "serve"
     assert c["command"] == ["python3", "-m", "components.serve", "--model", "models:/rental-price@prod",
                             "--host", "0.0.0.0", "--port", "8080"]
-    assert env_of(c)["MLFLOW_TRACKING_URI"]["valueFrom"] == {
+    env = env_of(c)
+    assert env["MLFLOW_TRACKING_URI"]["valueFrom"] == {
         "configMapKeyRef": {"name": "serving-env", "key": "MLFLOW_TRACKING_URI"}}
+    # The version is the Deployment's annotation (what the pipeline patches), read by components.serve.
+    assert env["MODEL_VERSION"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": f"metadata.annotations['{rollout.ANNOTATION}']"}}
+    assert env["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"]["value"] == "false"
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert "emptyDir" in volumes[mounts[env["SERVE_MODEL_CACHE"]["value"]]]  # kept across container restarts
+    assert {env[k]["valueFrom"]["secretKeyRef"]["name"] for k in ("MLFLOW_TRACKING_USERNAME",
+                                                                   "MLFLOW_TRACKING_PASSWORD")} == {"mlflow-credentials"}
     assert c["readinessProbe"]["httpGet"]["path"] == c["startupProbe"]["httpGet"]["path"] == "/ping"
     assert c["livenessProbe"]["httpGet"]["path"] == "/health"
     assert c["startupProbe"]["failureThreshold"] * c["startupProbe"]["periodSeconds"] >= 120
@@ -453,7 +475,7 @@ def test_pipeline_runner_may_roll_the_model_server_only(objects):
     role = find(objects, "Role", "rental-price-serve-roller")
     assert role["metadata"]["namespace"] == "serving"
     assert role["rules"] == [{"apiGroups": ["apps"], "resources": ["deployments"],
-                              "resourceNames": ["rental-price-serve"], "verbs": ["get", "patch"]}]
+                              "resourceNames": ["rental-price-serve"], "verbs": ["patch"]}]
     (binding,) = [d for d in objects if d["kind"] == "RoleBinding"]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": "kubeflow"}]
@@ -665,7 +687,8 @@ def deployed(tmp_path_factory) -> dict:
 def test_deploy_generates_credentials_once_and_never_prints_them(deployed, tmp_path):
     credentials = deployed["credentials"]
     assert set(credentials) == {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "KFP_SECRET_KEY", "MLFLOW_SECRET_KEY",
-                                "READER_SECRET_KEY", "POSTGRES_PASSWORD"}
+                                "READER_SECRET_KEY", "POSTGRES_PASSWORD", "MLFLOW_ADMIN_PASSWORD",
+                                "MLFLOW_FLASK_SECRET_KEY"}
     assert all(re.fullmatch(r"[0-9a-f]{32}", v) for k, v in credentials.items() if k != "MINIO_ROOT_USER")
     assert len(set(credentials.values())) == len(credentials)
     assert stat.S_IMODE(deployed["secrets"].stat().st_mode) == 0o600
@@ -681,9 +704,10 @@ def test_deploy_applies_every_part_in_order(deployed):
                        "manifests/mlflow", "manifests/pipeline", "manifests/kfp"]
     secrets = sorted((d["metadata"]["namespace"], d["metadata"]["name"]) for d in deployed["applied"]
                      if d["kind"] == "Secret")
-    assert secrets == [("kubeflow", "mlpipeline-minio-artifact"), ("kubeflow", "pipeline-s3"),
-                       ("minio", "minio-root"), ("minio", "minio-users"), ("mlflow", "mlflow-postgres"),
-                       ("mlflow", "mlflow-s3")]
+    assert secrets == [("kubeflow", "kfp-mlflow-credentials"), ("kubeflow", "mlpipeline-minio-artifact"),
+                       ("kubeflow", "pipeline-s3"), ("minio", "minio-root"), ("minio", "minio-users"),
+                       ("mlflow", "mlflow-auth"), ("mlflow", "mlflow-postgres"), ("mlflow", "mlflow-s3"),
+                       ("serving", "mlflow-credentials")]
     first_secret = next(i for i, c in enumerate(deployed["calls"]) if "create secret" in c)
     assert deployed["calls"].index("apply -k manifests/namespaces") < first_secret
     assert deployed["calls"].index("-n minio delete job minio-setup --ignore-not-found") \
@@ -861,9 +885,12 @@ def test_mlflow_plugin_points_at_our_mlflow_and_hands_tasks_their_run(built):
     pipeline_env = find(built["pipeline"], "ConfigMap", "pipeline-env")["data"]
     assert plugin["endpoint"] == pipeline_env["MLFLOW_TRACKING_URI"] == MLFLOW_URL
     assert settings["defaultExperimentName"] == pipeline_env["MLFLOW_EXPERIMENT_NAME"]
-    # No auth inside the cluster (our MLflow has none), no workspaces (an MLflow 3 server without them), and no
-    # tls block: the plugin reads its CA file even for an http endpoint, and fails when it is absent.
-    assert (settings["authType"], settings["workspacesEnabled"], settings["injectUserEnvVars"]) == ("none", False, True)
+    # Basic auth from Secret kubeflow/kfp-mlflow-credentials (the plugin's fixed name), which it also hands the
+    # steps as MLFLOW_TRACKING_USERNAME/PASSWORD; no workspaces (an MLflow 3 server without them), and no tls
+    # block: the plugin reads its CA file even for an http endpoint, and fails when it is absent.
+    assert (settings["authType"], settings["workspacesEnabled"], settings["injectUserEnvVars"]) == (
+        "basic-auth", False, True)
+    assert settings["credentialSecretRef"] == {"usernameKey": "username", "passwordKey": "password"}
     assert "tls" not in plugin
     mk = (ROOT / "Makefile").read_text() + CLUSTER_MK.read_text()
     kfp_port = re.search(r"^KFP_PORT \?= (\d+)", mk, re.M).group(1)

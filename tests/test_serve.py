@@ -388,3 +388,54 @@ def test_roll_serving_patches_the_deployment_annotation(monkeypatch, status, mes
     assert seen["path"] == "/apis/apps/v1/namespaces/serving/deployments/rental-price-serve"
     assert seen["type"] == "application/strategic-merge-patch+json"
     assert seen["body"] == {"spec": {"template": {"metadata": {"annotations": {rollout.ANNOTATION: "4"}}}}}
+
+
+def test_the_cluster_s_mlflow_auth_refuses_strangers_and_admits_the_model_server(listings, tmp_path, monkeypatch):
+    """MLflow's basic-auth app as manifests/mlflow/ configures it (its PostgreSQL swapped for SQLite): a request
+    without a user gets 401, /health stays open for probes, and clients with the generated user work."""
+    import configparser
+
+    import yaml
+
+    docs = yaml.safe_load_all((ROOT / "manifests" / "mlflow" / "mlflow.yaml").read_text())
+    ini = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "mlflow-auth")
+    config = configparser.ConfigParser()
+    config.read_string(ini["data"]["basic_auth.ini"])
+    config["mlflow"]["database_uri"] = f"sqlite:///{tmp_path}/auth.db"
+    with open(tmp_path / "basic_auth.ini", "w") as f:
+        config.write(f)
+    port, password = free_port(), uuid.uuid4().hex
+    uri = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "basic_auth.ini"),
+           "MLFLOW_AUTH_ADMIN_USERNAME": "admin", "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+           "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--app-name", "basic-auth", "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                               "--artifacts-destination", str(tmp_path / "art")],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    processes = []
+    try:
+        wait_until(f"{uri}/health", process=server)
+        search = f"{uri}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert requests.get(search, timeout=10).status_code == 401
+        assert requests.get(search, auth=("admin", "wrong"), timeout=10).status_code == 401
+        assert requests.get(search, auth=("admin", password), timeout=10).status_code == 200
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        mlflow.set_tracking_uri(uri)
+        name = f"auth-{uuid.uuid4().hex[:6]}"
+        register_small(name, listings)
+        process, url = start(uri, f"models:/{name}/1")
+        processes.append(process)
+        ready(url, process)
+        good(url, listings)
+        monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+        stranger, stranger_url = start(uri, f"models:/{name}/1")
+        processes.append(stranger)
+        refused = wait_until(f"{stranger_url}/ping", ok=lambda r: "cannot serve" in r.text, process=stranger)
+        assert refused.status_code == 503 and "401" in refused.json()["message"], refused.text
+    finally:
+        for process in processes:
+            stop(process)
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
