@@ -20,8 +20,11 @@ def roll_serving(version: str, api=None, context: str = "") -> str:
             return "not running in a cluster: no serving Deployment to roll"
         from kubernetes import client, config
 
-        config.load_kube_config(context=context) if context else config.load_incluster_config()
-        api = client.AppsV1Api()
+        if context:  # KUBECONFIG as it is now (the library reads it once, at import)
+            api = client.AppsV1Api(config.new_client_from_config(os.environ.get("KUBECONFIG"), context=context))
+        else:
+            config.load_incluster_config()
+            api = client.AppsV1Api()
     from kubernetes.client.exceptions import ApiException
 
     patch = {"spec": {"template": {"metadata": {"annotations": {ANNOTATION: str(version)}}}}}

@@ -349,13 +349,16 @@ def test_roll_serving_is_a_no_op_outside_a_cluster(monkeypatch):
     assert rollout.roll_serving("3") == "not running in a cluster: no serving Deployment to roll"
 
 
-@pytest.mark.parametrize("status, message", [
-    (200, "patched deployment serving/rental-price-serve: rental-price/model-version=4, pods roll to it"),
+@pytest.mark.parametrize("status, message, through", [
+    (200, "patched deployment serving/rental-price-serve: rental-price/model-version=4, pods roll to it", "api"),
     (403, "did not roll deployment serving/rental-price-serve (403 Forbidden): its pods load version 4 when they "
-          "next start (make serve)"),
+          "next start (make serve)", "api"),
+    (200, "patched deployment serving/rental-price-serve: rental-price/model-version=4, pods roll to it",
+     "kubeconfig"),
 ])
-def test_roll_serving_patches_the_deployment_annotation(monkeypatch, status, message):
-    """Against a local HTTP server standing in for the Kubernetes API: the exact request the pod would send.
+def test_roll_serving_patches_the_deployment_annotation(monkeypatch, tmp_path, status, message, through):
+    """Against a local HTTP server standing in for the Kubernetes API: the exact request the pod (or make
+    promote-cluster, through a kubeconfig context) would send.
 
     A refusal (no model server deployed yet, no RBAC) is reported, not raised: prod has moved already."""
     from kubernetes import client
@@ -379,9 +382,20 @@ def test_roll_serving_patches_the_deployment_annotation(monkeypatch, status, mes
     api_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=api_server.serve_forever, daemon=True).start()
     try:
-        config = client.Configuration(host=f"http://127.0.0.1:{api_server.server_port}")
+        host = f"http://127.0.0.1:{api_server.server_port}"
         monkeypatch.setenv("SERVING_NAMESPACE", "serving")
-        result = rollout.roll_serving("4", api=client.AppsV1Api(client.ApiClient(config)))
+        if through == "api":
+            result = rollout.roll_serving("4", api=client.AppsV1Api(client.ApiClient(client.Configuration(host=host))))
+        else:
+            kubeconfig = tmp_path / "kubeconfig"
+            kubeconfig.write_text(json.dumps({
+                "apiVersion": "v1", "kind": "Config", "current-context": "other",
+                "clusters": [{"name": "kind", "cluster": {"server": host}}, {"name": "x", "cluster": {"server": "http://x"}}],
+                "users": [{"name": "u", "user": {"token": "t"}}],
+                "contexts": [{"name": "kind-ci", "context": {"cluster": "kind", "user": "u"}},
+                             {"name": "other", "context": {"cluster": "x", "user": "u"}}]}))
+            monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+            result = rollout.roll_serving("4", context="kind-ci")
     finally:
         api_server.shutdown()
     assert result == message
