@@ -15,6 +15,7 @@ at once, and a request whose client has gone is not computed.
 
 import argparse
 import asyncio
+import hashlib
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from urllib.parse import parse_qs
 
@@ -33,6 +35,7 @@ ERROR_CODES = {400: "BAD_REQUEST", 404: "ENDPOINT_NOT_FOUND", 405: "METHOD_NOT_A
                503: "MODEL_NOT_READY"}
 ROUTES = {"/ping": "GET", "/health": "GET", "/version": "GET", "/invocations": "POST"}
 MAX_PROBLEMS_SHOWN = 100
+STAMP = ".model-version"  # in a cached model: the run and creation time of the version it holds
 
 
 class Unready(Exception):
@@ -64,20 +67,30 @@ def fetch_model(uri: str, version: str, cache: Path) -> str:
     version = version or pinned
     if not name:
         return uri if Path(uri).is_dir() else mlflow.artifacts.download_artifacts(artifact_uri=uri)
-    if version and (cached := cache / name / version).is_dir():
-        return str(cached)
     server = mlflow.get_tracking_uri()
-    if not tracking.answers(server):
+    # One folder per server; in it, each version with the stamp of the version it holds, so that a server reset
+    # since (a new version 1) is never served from an old copy.
+    models = cache / hashlib.sha256(server.encode()).hexdigest()[:12] / name
+    up = tracking.answers(server)
+    if version and (models / version / STAMP).is_file() and not up:
+        return str(models / version)
+    if not up:
         what = f"version {version} of {name!r}" if version else f"{name!r}@{alias}"
         raise Unready(f"{what} is not in the cache ({cache}) and the MLflow server at {server} does not answer: "
                       "retrying until it does")
     try:
-        if not version:
-            version = mlflow.tracking.MlflowClient().get_model_version_by_alias(name, alias).version
-        target = cache / name / version
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent, ignore_cleanup_errors=True) as tmp:
+        client = mlflow.tracking.MlflowClient()
+        found = client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, alias)
+        version, stamp = found.version, f"{found.run_id} {found.creation_timestamp}"
+        target = models / version
+        if (target / STAMP).is_file() and (target / STAMP).read_text() == stamp:
+            return str(target)
+        models.mkdir(parents=True, exist_ok=True)
+        if target.exists():  # another server's version of that number: set aside, then removed
+            shutil.rmtree(target.rename(models / f".old-{uuid.uuid4().hex}"), ignore_errors=True)
+        with tempfile.TemporaryDirectory(dir=models, ignore_cleanup_errors=True) as tmp:
             mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp)
+            Path(tmp, STAMP).write_text(stamp)
             try:
                 Path(tmp).rename(target)  # atomic: another worker's copy or ours, never half of one
             except OSError:
@@ -88,7 +101,7 @@ def fetch_model(uri: str, version: str, cache: Path) -> str:
             raise Unready(f"cannot serve {uri}{f' version {version}' if version else ''}: {exc.message[:300]}",
                           final=exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"))
         raise Unready(f"the MLflow server at {server} stopped answering while the model was fetched: retrying")
-    return str(cache / name / version)
+    return str(target)
 
 
 class ServingApp:

@@ -277,6 +277,16 @@ def test_serving_rides_out_an_mlflow_outage(own_server, listings, tmp_path):
         own_server["up"]()
         ready(empty_url, empty)
         assert post(empty_url, json=predict.payload(listings.head(1))).headers["x-model-version"] == "1"
+        # The server reset: its new version 1 is another model, and the cached copy of the old one is not served.
+        own_server["down"]()
+        own_server["up"](reset=True)
+        register_small(name, listings)
+        run_id = MlflowClient().get_model_version(name, "1").run_id
+        later, later_url = start(uri, f"models:/{name}@prod", "--version", "1", "--cache", str(cache))
+        servers.append(later)
+        ready(later_url, later)
+        [stamp] = cache.glob(f"*/{name}/1/{serve.STAMP}")
+        assert stamp.read_text().split()[0] == run_id
     finally:
         for process in servers:
             stop(process)
