@@ -191,6 +191,7 @@ class ServingApp:
             return await self.reply(send, 429, f"{self.admitted} requests are queued, the most this server takes: "
                                                "retry shortly", [(b"retry-after", b"1")])
         self.admitted += 1
+        gone = None
         try:
             body = await self.read_body(receive)
             if body is None:
@@ -203,7 +204,7 @@ class ServingApp:
                 await self.reply(send, status, answer)
         finally:
             self.admitted -= 1
-            if "gone" in locals():
+            if gone is not None:
                 gone.cancel()
 
     def answer(self, body: bytes, flag: bool, gone) -> tuple[int, object]:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-import pytest
 from conftest import ROOT
 from mlflow.tracking import MlflowClient
 
