@@ -348,6 +348,8 @@ def refuse_missing_alias(name: str, alias: str) -> None:
     try:
         mlflow.tracking.MlflowClient().get_model_version_by_alias(name, alias)
     except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return  # refused (a wrong password), or failing: the server answers 503 saying so
         raise SystemExit(f"serve: model {name!r} has no version with alias {alias!r} at {mlflow.get_tracking_uri()}: "
                          f"run the pipeline first ({exc.message[:200]})")
 
