@@ -32,6 +32,8 @@ KFP_PORT ?= 8081
 KFP_HOST ?= http://127.0.0.1:$(KFP_PORT)
 WAIT ?=
 NO_CACHE ?=
+# 1: print kfp.local's whole output (every task's input and logs) instead of a line per step and a log file.
+VERBOSE ?=
 
 # Serving (the same command runs locally, in the serving image and in the cluster's pod).
 PORT ?= 8080
@@ -92,11 +94,11 @@ mlflow-stop:  ## Stop the local MLflow server started by `make mlflow` (its data
 RUN_PARAMS = $(if $(DATA_URL),--param source=$(DATA_URL)) $(foreach p,$(PARAMS),--param '$(p)') \
   $(if $(SWEEP),--sweep "$(SWEEP)")
 
-run: venv mlflow  ## Run the whole pipeline locally (kfp.local, no cluster, no Docker); DATA_URL=, PARAMS=, SWEEP=, NO_CACHE=1
-	$(PY) pipeline.py run $(RUN_PARAMS) $(if $(NO_CACHE),--no-cache)
+run: venv mlflow  ## Run the whole pipeline locally (kfp.local, no cluster, no Docker); DATA_URL=, PARAMS=, SWEEP=, NO_CACHE=1, VERBOSE=1
+	$(PY) pipeline.py run $(RUN_PARAMS) $(if $(NO_CACHE),--no-cache) $(if $(VERBOSE),--verbose)
 
 run-docker: venv mlflow  ## Run the whole pipeline locally with every task in its image (make images first)
-	$(PY) pipeline.py run --runner docker $(RUN_PARAMS)
+	$(PY) pipeline.py run --runner docker $(RUN_PARAMS) $(if $(VERBOSE),--verbose)
 
 compile: venv  ## Compile the KFP pipeline spec to $(PIPELINE_SPEC)
 	$(PY) pipeline.py compile --output $(PIPELINE_SPEC)

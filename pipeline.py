@@ -1,7 +1,7 @@
 """The NYC rental-price pipeline as a KFP v2 DAG, and its command line.
 
     python pipeline.py compile [--output pipeline.yaml]
-    python pipeline.py run [--param key=value ...] [--no-cache]      # kfp.local, no cluster, no Docker
+    python pipeline.py run [--param key=value ...] [--no-cache] [--verbose]   # kfp.local, no cluster, no Docker
     python pipeline.py run --runner docker ...                       # kfp.local, each task in its image
     python pipeline.py submit [--host URL] [--wait]                  # upload pipeline.yaml to KFP and start a run
     python pipeline.py promote --version N | rollback                # move the `prod` alias by hand
@@ -9,6 +9,7 @@
 """
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -29,6 +30,7 @@ from kfp import compiler, dsl, kubernetes, local
 
 from components import data, rollout, steps, tracking
 from components.errors import StepError
+from components.progress import Progress
 from components.model import ModelParams
 from images import catalog
 
@@ -285,7 +287,7 @@ def local_source(source: str, pipeline_root: str) -> str:
     return str(copy)
 
 
-def run_local(params: dict, pipeline_root: str, cache: bool, runner: str = "subprocess") -> int:
+def run_local(params: dict, pipeline_root: str, cache: bool, runner: str = "subprocess", verbose: bool = False) -> int:
     """Run the whole DAG with kfp.local: each task a subprocess of this interpreter, or a container of its image."""
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if not tracking_uri:
@@ -336,11 +338,17 @@ def run_local(params: dict, pipeline_root: str, cache: bool, runner: str = "subp
     print(f"pipeline run {kfp_run} ({runner}): {json.dumps(shown, sort_keys=True)}")
     print("cache: " + ("on: a step is reused when its inputs (the data by its sha256), parameters and code are "
                        "unchanged" if cache else "off (--no-cache)"))
+    # One line per step; kfp.local's own output (every task's input, logs, tracebacks) goes to the log file.
+    log_path = Path(pipeline_root, f"{kfp_run}.log")
+    progress = contextlib.nullcontext() if verbose else Progress(log_path)
+    if not verbose:
+        print(f"steps (full log: {log_path}):")
     try:
-        outputs = build(cluster=False)(**params).outputs
+        with progress:
+            outputs = build(cluster=False)(**params).outputs
     except RuntimeError as exc:
         plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # kfp.local colours task names
-        print(f"\nFAILED: {plain} (its error is printed above)", file=sys.stderr)
+        print(f"\nFAILED: {plain} (its error is printed above)" if verbose else progress.failure(), file=sys.stderr)
         return 1
     finally:
         tracking.close_runs(kfp_run, "FAILED")  # whatever a killed step left RUNNING
@@ -366,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                          help="a grid of trials, e.g. 'learning_rate=0.05,0.1 max_leaf_nodes=31,63'")
     run_cmd.add_argument("--pipeline-root", default=str(ROOT / "local_outputs"))
     run_cmd.add_argument("--no-cache", action="store_true", help="re-run every step")
+    run_cmd.add_argument("--verbose", action="store_true", help="print kfp.local's whole output, not a line per step")
     run_cmd.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
                          help="subprocess: this interpreter (default); docker: every task in its image")
     submit_cmd = commands.add_parser("submit", help="upload the compiled spec to KFP and start a run")
@@ -413,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         except StepError as exc:
             sys.exit(str(exc))
         return 0
-    return run_local(parse_params(args.param), args.pipeline_root, cache=not args.no_cache, runner=args.runner)
+    return run_local(parse_params(args.param), args.pipeline_root, cache=not args.no_cache, runner=args.runner,
+                     verbose=args.verbose)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ def download(source: str, out_path: str, expected_sha256: str = "") -> dict:
         mlflow.log_metrics({"rows": meta["rows"], "bytes": meta["bytes"]})
         mlflow.set_tag("sha256", meta["sha256"])
         meta["data_uri"] = tracking.raw_data_uri(meta["sha256"]) or keep_raw_data(raw, meta["sha256"], run.info.run_id)
+        print(f"download: {meta['rows']} rows, sha256 {meta['sha256'][:12]}")
         return meta
 
 
@@ -70,6 +71,7 @@ def clean(raw_path: str, out_path: str, min_price: float, max_price: float, box:
         # The clean data is the reference for later statistical checks, so it is kept in MLflow too.
         mlflow.log_artifact(out_path, "data")
         reference = f"runs:/{run.info.run_id}/data/{Path(out_path).name}"
+        print(f"clean: {len(df)} rows kept; dropped {', '.join(f'{n} ({rule})' for rule, n in dropped.items())}")
         return {**counts, "mlflow_run_id": run.info.run_id, "reference_uri": reference}
 
 
@@ -104,6 +106,7 @@ def check(
         if failures:
             subjects = ", ".join(dict.fromkeys(f.split(":")[0] for f in failures))
             raise StepError("check", subjects, f"{len(failures)} check(s) failed:\n  - " + "\n  - ".join(failures))
+        print("check: passed" + (f" with {len(warnings)} warning(s)" if warnings else ""))
         return report
 
 
@@ -168,6 +171,7 @@ def split(clean_path: str, trainval_path: str, test_path: str, test_size: float,
         data.write_listings(trainval, trainval_path)
         data.write_listings(test, test_path)
         mlflow.log_metrics({"trainval_rows": len(trainval), "test_rows": len(test)})
+        print(f"split: {len(trainval)} rows to train and validate on, {len(test)} to test on")
         return {"rows": len(trainval)}, {"rows": len(test)}
 
 
@@ -200,6 +204,8 @@ def train(trainval_path: str, model_path: str, base: dict, val_size: float, tria
             raise StepError("train", f"sweep trial {json.dumps(trial)}" if trial else "parameters", str(exc)) from exc
         metrics = {f"val_{k}": v for k, v in model.score(fitted, val_df).items()}
         mlflow.log_metrics({**metrics, "fit_seconds": time.perf_counter() - started})
+        label = f"{params.learner} {json.dumps(trial)}" if trial else params.learner
+        print(f"train: {label}: validation MAE {metrics['val_mae']:.3f}")
         # Saved once, as the step's output; the same files go to MLflow, where register names them.
         with tracking.feature_code(fitted) as code:
             mlflow.sklearn.save_model(fitted, model_path, code_paths=[code], **tracking.model_kwargs(
@@ -300,6 +306,7 @@ def register(
                       f"{tags['data_sha256'][:12]}): nothing registered, prod unchanged")
             mlflow.log_metrics({"version": int(twin.version), "promoted": 0})
             mlflow.set_tag("promotion", reason)
+            print(f"register: identical to version {twin.version}, nothing registered")
             return {"version": int(twin.version), "promoted": False, "test_mae": test_mae, "reason": reason}
         if earlier is None:
             tags |= {tracking.RUN_ID_TAG: pipeline_run, "test_mae": f"{test_mae:.4f}",
@@ -325,6 +332,7 @@ def register(
         if promote:
             print(rollout.roll_serving(version))
         mlflow.log_metrics({"version": int(version), "promoted": int(promote)})
+        print(f"register: version {version}, {'now prod' if promote else 'prod unchanged'}")
         return {"version": int(version), "promoted": promote, "test_mae": test_mae, "reason": reason}
 
 

@@ -8,6 +8,7 @@ import kfp
 import pytest
 
 import pipeline
+from components import progress
 
 
 def test_params_are_typed_by_the_pipeline_signature():
@@ -126,3 +127,18 @@ def test_make_run_hands_json_params_and_a_sweep_grid_to_pipeline_py_intact(varia
 def test_a_sweep_given_twice_is_refused():
     with pytest.raises(SystemExit, match="give the sweep once"):
         pipeline.main(["run", "--param", "sweep=[{}]", "--sweep", "max_iter=100,200"])
+
+
+@pytest.mark.parametrize("lines, line", [
+    (["Traceback (most recent call last):", 'File "x.py", line 3', "components.errors.StepError: clean: price: 2 "
+      "value(s) are not numbers"], "clean: price: 2 value(s) are not numbers"),
+    (["components.errors.StepError: check: columns, price: 2 check(s) failed:", "- columns: expected [...]",
+      "- price: 3 rows above max", "[KFP Executor 2026 INFO]: done"],
+     "check: columns, price: 2 check(s) failed; columns: expected [...]; price: 3 rows above max"),
+    (["Traceback (most recent call last):", "  sklearn.utils._param_validation.InvalidParameterError: bad alpha"],
+     "InvalidParameterError: bad alpha"),
+    (["[KFP Executor 2026 INFO]: Looking for component `train`"],
+     "its process ended without an error message (killed, or out of memory?)"),
+])
+def test_a_failed_step_is_summed_up_by_its_own_error(lines, line):
+    assert progress.error_line(lines) == line

@@ -6,9 +6,11 @@ must not move it, and every bad input must end at its step without registering a
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -62,6 +64,10 @@ def test_first_run_registers_a_prod_model_with_lineage(first_run, client):
     assert prod.tags["sweep_choice"].startswith("trial 1 of 1 {}: lowest validation MAE")
     assert prod.tags["reference_data"].startswith("runs:/")
     assert f"version 1: now prod; test MAE {float(prod.tags['test_mae']):.2f}" in first_run.stdout
+    # A line per step with its time and key figure; kfp.local's own output only in the log file.
+    for step in ("download", "clean", "check", "split", "train", "select", "evaluate", "register"):
+        assert re.search(rf"^  {step} +done in +[0-9.]+ s  {step}: ", first_run.stdout, re.M), first_run.stdout
+    assert "Executing task" not in first_run.stdout and len(first_run.stdout.splitlines()) < 20, first_run.stdout
 
 
 def test_first_run_is_one_parent_run_with_a_child_per_step(first_run, client):
@@ -151,8 +157,12 @@ def test_bad_input_ends_at_its_step_and_changes_nothing(case, first_run, client,
     before = versions(client)
     result = run_pipeline(mlflow_server, tmp_path, f"source={make_source(sample, tmp_path)}")
     assert result.returncode == 1
-    assert message in result.stdout
-    assert f"Inner task failed: '{step}'" in result.stderr
+    # The run ends with the step's own error, one line; the whole of kfp.local's output is in the log it names.
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"FAILED at {step}: ") and message in last, result.stderr[-3000:]
+    log = re.fullmatch(r".* \(full log: (.*\.log)\)", last).group(1)
+    assert "Traceback" in Path(log).read_text() and "Traceback" not in result.stdout + result.stderr
+    assert f"  {step:<10} FAILED after " in result.stdout
     assert versions(client) == before
     assert client.get_model_version_by_alias(MODEL, "prod").version == "1"
 
