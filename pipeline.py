@@ -13,6 +13,7 @@ import contextlib
 import functools
 import hashlib
 import inspect
+import io
 import itertools
 import json
 import os
@@ -343,15 +344,18 @@ def run_local(params: dict, pipeline_root: str, cache: bool, runner: str = "subp
     progress = contextlib.nullcontext() if verbose else Progress(log_path)
     if not verbose:
         print(f"steps (full log: {log_path}):")
+    failed = None
     try:
         with progress:
             outputs = build(cluster=False)(**params).outputs
     except RuntimeError as exc:
-        plain = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # kfp.local colours task names
-        print(f"\nFAILED: {plain} (its error is printed above)" if verbose else progress.failure(), file=sys.stderr)
-        return 1
+        failed = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # kfp.local colours task names
     finally:
-        tracking.close_runs(kfp_run, "FAILED")  # whatever a killed step left RUNNING
+        with contextlib.redirect_stdout(io.StringIO()):  # MLflow prints a link for each run it ends
+            tracking.close_runs(kfp_run, "FAILED")  # whatever a killed step left RUNNING
+    if failed is not None:
+        print(f"\nFAILED: {failed} (its error is printed above)" if verbose else progress.failure(), file=sys.stderr)
+        return 1
     reused = sorted(set(steps.IMAGES) - tracking.steps_run(kfp_run))
     if reused:
         print(f"reused from the cache: {', '.join(reused)} (same data sha256 {params['source_sha256'][:12]}, "
