@@ -97,7 +97,9 @@ class Progress:
         self.say(f"  {step:<10} FAILED after {seconds:.1f} s")
 
     def say(self, text: str) -> None:
-        print(text, file=self.out, flush=True)
+        # Not print(): another task's thread may have kfp.local's indenting print in place.
+        self.out.write(text + "\n")
+        self.out.flush()
 
     def failure(self) -> str:
         """The line a failed run ends with: the first failed step's own error, and where the whole log is."""
