@@ -31,7 +31,7 @@ from kfp import compiler, dsl, kubernetes, local
 
 from components import data, rollout, steps, tracking
 from components.errors import StepError
-from components.progress import Progress
+from components.progress import ANSI, Progress
 from components.model import ModelParams
 from images import catalog
 
@@ -349,7 +349,7 @@ def run_local(params: dict, pipeline_root: str, cache: bool, runner: str = "subp
         with progress:
             outputs = build(cluster=False)(**params).outputs
     except RuntimeError as exc:
-        failed = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # kfp.local colours task names
+        failed = ANSI.sub("", str(exc))  # kfp.local colours task names
     finally:
         with contextlib.redirect_stdout(io.StringIO()):  # MLflow prints a link for each run it ends
             tracking.close_runs(kfp_run, "FAILED")  # whatever a killed step left RUNNING

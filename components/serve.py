@@ -99,7 +99,7 @@ def fetch_model(uri: str, version: str, cache: Path) -> str:
     except MlflowException as exc:
         if tracking.answers(server):
             raise Unready(f"cannot serve {uri}{f' version {version}' if version else ''}: {exc.message[:300]}",
-                          final=exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"))
+                          final=exc.error_code in tracking.NOT_FOUND)
         raise Unready(f"the MLflow server at {server} stopped answering while the model was fetched: retrying")
     return str(target)
 
@@ -348,7 +348,7 @@ def refuse_missing_alias(name: str, alias: str) -> None:
     try:
         mlflow.tracking.MlflowClient().get_model_version_by_alias(name, alias)
     except MlflowException as exc:
-        if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+        if exc.error_code not in tracking.NOT_FOUND:
             return  # refused (a wrong password), or failing: the server answers 503 saying so
         raise SystemExit(f"serve: model {name!r} has no version with alias {alias!r} at {mlflow.get_tracking_uri()}: "
                          f"run the pipeline first ({exc.message[:200]})")

@@ -339,12 +339,16 @@ def load_model(uri: str, step: str) -> tuple[Pipeline, dict | None]:
     return read_model(local, step)
 
 
+# The error codes of an MLflow answer that says a model, version or alias does not exist.
+NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
+
+
 def prod_version(name: str, alias: str = PROD_ALIAS) -> ModelVersion | None:
     """The version holding `alias`, or None when the model or the alias does not exist yet."""
     try:
         return MlflowClient().get_model_version_by_alias(name, alias)
     except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+        if exc.error_code in NOT_FOUND:
             return None
         raise
 
