@@ -84,6 +84,9 @@ def for_cluster(step: str, task: dsl.PipelineTask) -> None:
     task.set_memory_request(memory_request).set_memory_limit(memory_limit)
 
 
+Outputs = NamedTuple("Outputs", version=int, promoted=bool, test_mae=float, reason=str)
+
+
 @functools.cache  # building the DAG runs git and hashes the image inputs: once per process is enough
 def build(cluster: bool = True):
     """The DAG. `cluster` adds what only Kubernetes uses (for_cluster)."""
@@ -126,7 +129,7 @@ def build(cluster: bool = True):
         ridge_alpha: float = MODEL.ridge_alpha,
         bins: int = MODEL.bins,
         margin: float = 0.1,
-    ) -> NamedTuple("Outputs", version=int, promoted=bool, test_mae=float, reason=str):
+    ) -> Outputs:
         box = dict(min_longitude=min_longitude, max_longitude=max_longitude,
                    min_latitude=min_latitude, max_latitude=max_latitude)
         download = steps.download(source=source, expected_sha256=source_sha256)
@@ -151,7 +154,8 @@ def build(cluster: bool = True):
         register = steps.register(
             model=select.outputs["model"], evaluation=evaluate.outputs["metrics"], test_data=split.outputs["test_data"],
             raw_data=download.outputs["raw_data"], clean_data=clean.outputs["clean_data"],
-            comparison=evaluate.outputs["comparison"], model_name=model_name, margin=margin,
+            comparison=evaluate.outputs["comparison"], importance=evaluate.outputs["importance"], model_name=model_name,
+            margin=margin,
             git_commit=git_commit(), images=json.dumps(steps.IMAGES, sort_keys=True))
         # Steps that read the registry (prod model, its data) must see it as it is now, never from a cache.
         for task in (check, evaluate, register):
@@ -161,7 +165,7 @@ def build(cluster: bool = True):
                          evaluate=evaluate, register=register)
             for step, task in tasks.items():
                 for_cluster(step, task)
-        return register.outputs
+        return Outputs(**{name: register.outputs[name] for name in Outputs._fields})
 
     return rental_price_pipeline
 

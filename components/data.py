@@ -254,31 +254,60 @@ _KIND_TEST = {
 }
 
 
+PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skipped"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check as the data report shows it; `message` (for warn and fail) names the column and the figure."""
+
+    check: str
+    status: str
+    observed: str
+    threshold: str
+    message: str = ""
+
+
+def failed(checks: list[Check]) -> list[str]:
+    return [c.message for c in checks if c.status == FAIL]
+
+
+def warned(checks: list[Check]) -> list[str]:
+    return [c.message for c in checks if c.status == WARN]
+
+
+def _check(check: str, bad: bool, observed: str, threshold: str, message: str) -> Check:
+    return Check(check, FAIL if bad else PASS, observed, threshold, message if bad else "")
+
+
 def deterministic_checks(
     df: pd.DataFrame, min_price: float, max_price: float, box: Box, min_rows: int, max_rows: int
-) -> list[str]:
-    """Return one message per failed check (empty when all pass)."""
-    failures = []
-    if list(df.columns) != COLUMNS:
-        failures.append(f"columns: expected {COLUMNS}, got {list(df.columns)}")
+) -> list[Check]:
+    """Every check of the data on its own, passed or failed (data.failed lists the failures' messages)."""
+    columns = list(df.columns)
+    checks = [_check("columns", columns != COLUMNS, "as the schema" if columns == COLUMNS else ", ".join(columns),
+                     f"the {len(COLUMNS)} columns of the schema, in order", f"columns: expected {COLUMNS}, got {columns}")]
     for column, kind in SCHEMA.items():
-        if column in df.columns and not _KIND_TEST[kind](df[column]):
-            failures.append(f"dtype of {column}: expected {kind}, got {df[column].dtype}")
+        if column in df.columns:
+            dtype = str(df[column].dtype)
+            checks.append(_check(f"dtype of {column}", not _KIND_TEST[kind](df[column]), dtype, kind,
+                                 f"dtype of {column}: expected {kind}, got {dtype}"))
     if "neighbourhood_group" in df.columns:
         unknown = sorted(set(df["neighbourhood_group"].dropna()) - set(NEIGHBOURHOOD_GROUPS))
-        if unknown:
-            failures.append(f"neighbourhood_group: unknown values {unknown}")
+        checks.append(_check("neighbourhood_group values", bool(unknown), f"unknown: {unknown}" if unknown else
+                             "all known", ", ".join(NEIGHBOURHOOD_GROUPS),
+                             f"neighbourhood_group: unknown values {unknown}"))
     if {"latitude", "longitude"} <= set(df.columns):
         outside = int((~box.contains(df)).sum())
-        if outside:
-            failures.append(f"latitude/longitude: {outside} row(s) outside the box {box}")
-    if not min_rows <= len(df) <= max_rows:
-        failures.append(f"row count: {len(df)} not within [{min_rows}, {max_rows}]")
+        checks.append(_check("latitude/longitude in the box", outside > 0, f"{outside} row(s) outside", str(box),
+                             f"latitude/longitude: {outside} row(s) outside the box {box}"))
+    checks.append(_check("row count", not min_rows <= len(df) <= max_rows, str(len(df)), f"[{min_rows}, {max_rows}]",
+                         f"row count: {len(df)} not within [{min_rows}, {max_rows}]"))
     if "price" in df.columns:
         outside = int((~df["price"].between(min_price, max_price)).sum())
-        if outside:
-            failures.append(f"price: {outside} row(s) outside [{min_price}, {max_price}]")
-    return failures
+        checks.append(_check("price range", outside > 0, f"{outside} row(s) outside", f"[{min_price}, {max_price}]",
+                             f"price: {outside} row(s) outside [{min_price}, {max_price}]"))
+    return checks
 
 
 @dataclass(frozen=True)
@@ -308,60 +337,78 @@ def _psi(current: np.ndarray, reference: np.ndarray) -> float:
     return float(np.sum((current - reference) * np.log(current / reference)))
 
 
-def category_psi(current: pd.Series, reference: pd.Series) -> float:
-    """Population stability index of a categorical column (shares of each value, missing ones included)."""
+def category_shares(current: pd.Series, reference: pd.Series) -> tuple[list, np.ndarray, np.ndarray]:
+    """Each category's share of rows (missing ones included) in the current and the reference data."""
     categories = sorted(set(current.dropna()) | set(reference.dropna()))
     share = lambda s: s.value_counts(normalize=True).reindex(categories, fill_value=0).to_numpy()  # noqa: E731
-    return _psi(share(current), share(reference))
+    return categories, share(current), share(reference)
+
+
+def category_psi(current: pd.Series, reference: pd.Series) -> float:
+    """Population stability index of a categorical column (shares of each value, missing ones included)."""
+    return _psi(*category_shares(current, reference)[1:])
+
+
+def numeric_shares(current: pd.Series, reference: pd.Series, bins: int = 10) -> tuple[np.ndarray, np.ndarray,
+                                                                                      np.ndarray]:
+    """The reference's deciles (inner edges) and each side's share of rows between them."""
+    edges = np.unique(np.quantile(reference.dropna(), np.linspace(0, 1, bins + 1)))
+    edges[0], edges[-1] = -np.inf, np.inf
+    share = lambda s: np.histogram(s.dropna(), edges)[0] / max(s.notna().sum(), 1)  # noqa: E731
+    return edges[1:-1], share(current), share(reference)
 
 
 def numeric_psi(current: pd.Series, reference: pd.Series, bins: int = 10) -> float:
     """Population stability index of a numeric column over the reference's deciles."""
-    edges = np.unique(np.quantile(reference.dropna(), np.linspace(0, 1, bins + 1)))
-    edges[0], edges[-1] = -np.inf, np.inf
-    share = lambda s: np.histogram(s.dropna(), edges)[0] / max(s.notna().sum(), 1)  # noqa: E731
-    return _psi(share(current), share(reference))
+    return _psi(*numeric_shares(current, reference, bins)[1:])
 
 
-def drift_checks(
-    df: pd.DataFrame, reference: pd.DataFrame, limits: DriftLimits
-) -> tuple[list[str], list[str], dict[str, float]]:
-    """Distribution shift of each column against prod's data: (failures, warnings, figures)."""
+def drift_checks(df: pd.DataFrame, reference: pd.DataFrame, limits: DriftLimits) -> tuple[list[Check], dict]:
+    """Distribution shift of each column against prod's data: (every check, its figures)."""
     from scipy.stats import ks_2samp  # here, not at the top: every step imports this module, only check needs it
 
-    failures, warnings, figures = [], [], {}
+    checks, figures = [], {}
+    limit = f"fail > {limits.max_category_psi}, warn > {limits.warn_psi}"
     for column in CATEGORY_COLUMNS:
         psi = figures[f"psi_{column}"] = category_psi(df[column], reference[column])
         gone = sorted(set(reference[column].dropna()) - set(df[column].dropna()))
         missing = f"; no rows of {gone}" if gone else ""
+        observed = f"PSI {psi:.3f}{missing}"
         if psi > limits.max_category_psi:
-            failures.append(f"{column}: distribution shifted from prod's data (PSI {psi:.3f} > "
-                            f"{limits.max_category_psi}{missing})")
+            checks.append(Check(f"{column} drift", FAIL, observed, limit, f"{column}: distribution shifted from "
+                                f"prod's data (PSI {psi:.3f} > {limits.max_category_psi}{missing})"))
         elif psi > limits.warn_psi:
-            warnings.append(f"{column}: distribution moved (PSI {psi:.3f} > {limits.warn_psi}{missing})")
+            checks.append(Check(f"{column} drift", WARN, observed, limit,
+                                f"{column}: distribution moved (PSI {psi:.3f} > {limits.warn_psi}{missing})"))
+        else:
+            checks.append(Check(f"{column} drift", PASS, observed, limit))
     for column in DRIFT_COLUMNS:
         psi = figures[f"psi_{column}"] = numeric_psi(df[column], reference[column])
         ks = figures[f"ks_{column}"] = float(ks_2samp(df[column].dropna(), reference[column].dropna()).statistic)
-        if psi > limits.warn_psi or ks > limits.warn_ks:
-            warnings.append(f"{column}: distribution moved (PSI {psi:.3f}, KS statistic {ks:.3f}; warn above "
-                            f"{limits.warn_psi} / {limits.warn_ks})")
-    return failures, warnings, figures
+        moved = psi > limits.warn_psi or ks > limits.warn_ks
+        checks.append(Check(f"{column} drift", WARN if moved else PASS, f"PSI {psi:.3f}, KS {ks:.3f}",
+                            f"warn > {limits.warn_psi} / {limits.warn_ks}", moved and (
+                                f"{column}: distribution moved (PSI {psi:.3f}, KS statistic {ks:.3f}; warn above "
+                                f"{limits.warn_psi} / {limits.warn_ks})") or ""))
+    return checks, figures
 
 
 def error_check(mae_now: float, mae_registered: float, rows: int, version: str,
-                limits: DriftLimits) -> tuple[list[str], list[str], dict[str, float]]:
+                limits: DriftLimits) -> tuple[Check, dict[str, float]]:
     """prod's MAE on the new data (rows it was not trained on) against its test MAE at registration: the data
     the model will learn from no longer relates price to the listing as before when this grows."""
     ratio = mae_now / mae_registered
     figures = {"prod_mae_now": mae_now, "prod_mae_registered": mae_registered, "prod_error_ratio": ratio}
     text = (f"prod version {version}'s MAE on {rows} rows new to it is {mae_now:.2f}, {ratio:.2f} x its "
             f"{mae_registered:.2f} at registration")
+    name, observed = "prod's error on new rows", f"{ratio:.2f} x (MAE {mae_now:.2f} vs {mae_registered:.2f})"
+    limit = f"fail > {limits.max_error_ratio} x, warn > {limits.warn_error_ratio} x"
     if ratio > limits.max_error_ratio:
-        return [f"price: {text} (> {limits.max_error_ratio}): prices no longer follow the listings as they did"], \
-            [], figures
+        return Check(name, FAIL, observed, limit, f"price: {text} (> {limits.max_error_ratio}): prices no longer "
+                     "follow the listings as they did"), figures
     if ratio > limits.warn_error_ratio:
-        return [], [f"price: {text} (> {limits.warn_error_ratio})"], figures
-    return [], [], figures
+        return Check(name, WARN, observed, limit, f"price: {text} (> {limits.warn_error_ratio})"), figures
+    return Check(name, PASS, observed, limit), figures
 
 
 # ---------------------------------------------------------------- split

@@ -37,6 +37,15 @@ DATE = "last_review"
 TEXT = "name"
 ID, HOST = "id", "host_id"  # ids grow with time, and a host's listings share a price level
 FEATURES = ORDINAL + ONE_HOT + [AREA] + NUMERIC + [DATE, TEXT, ID, HOST]
+# How reports name each input column.
+LABELS = {
+    "room_type": "room type", "neighbourhood_group": "borough", "neighbourhood": "neighbourhood",
+    "minimum_nights": "minimum nights", "number_of_reviews": "number of reviews",
+    "reviews_per_month": "reviews per month", "calculated_host_listings_count": "host's listing count",
+    "availability_365": "days available a year", "longitude": "longitude", "latitude": "latitude",
+    "last_review": "date of last review", "name": "listing title", "id": "listing id (age)",
+    "host_id": "host id (age)",
+}
 
 # The feature functions a model holds live in a module named after the content of features.py, shipped with the
 # model: a model scores with the code it was trained with, beside newer models in the same process.

@@ -7,7 +7,7 @@ installed, so they import it at run time; kfp itself is baked into the images (i
 from typing import List, NamedTuple
 
 from kfp import dsl
-from kfp.dsl import Dataset, Input, Markdown, Metrics, Model, Output
+from kfp.dsl import HTML, Dataset, Input, Metrics, Model, Output
 
 from images.catalog import step_images
 
@@ -41,20 +41,18 @@ def clean(
 
 @_component("check")
 def check(
-    clean_data: Input[Dataset], report: Output[Markdown], model_name: str, min_price: float, max_price: float,
+    clean_data: Input[Dataset], data_report: Output[HTML], model_name: str, min_price: float, max_price: float,
     min_longitude: float, max_longitude: float, min_latitude: float, max_latitude: float,
     min_rows: int, max_rows: int, max_category_psi: float, max_error_ratio: float, warn_psi: float, warn_ks: float,
     warn_error_ratio: float,
 ):
-    """The data's own checks, then its drift from prod's data and prod's error on it."""
-    from pathlib import Path
-
+    """The data's own checks, then its drift from prod's data and prod's error on it; the data report (HTML) shows
+    each, passed or not."""
     from components import data, tasks
 
     box = data.Box(min_longitude, max_longitude, min_latitude, max_latitude)
     limits = data.DriftLimits(max_category_psi, max_error_ratio, warn_psi, warn_ks, warn_error_ratio)
-    Path(report.path).write_text(tasks.check(
-        clean_data.path, model_name, min_price, max_price, box, min_rows, max_rows, limits))
+    tasks.check(clean_data.path, data_report.path, model_name, min_price, max_price, box, min_rows, max_rows, limits)
 
 
 @_component("split")
@@ -72,7 +70,7 @@ def split(
 
 @_component("train")
 def train(
-    trainval_data: Input[Dataset], model: Output[Model], trial: dict, learner: str,
+    trainval_data: Input[Dataset], model: Output[Model], metrics: Output[Metrics], trial: dict, learner: str,
     n_estimators: int, max_depth: int, min_samples_split: int, min_samples_leaf: int, max_features: float,
     criterion: str, tfidf_max_features: int, learning_rate: float, max_iter: int, max_leaf_nodes: int,
     l2_regularization: float, ridge_alpha: float, bins: int, val_size: float, seed: int,
@@ -86,54 +84,47 @@ def train(
                   max_iter=max_iter, max_leaf_nodes=max_leaf_nodes, l2_regularization=l2_regularization,
                   ridge_alpha=ridge_alpha, bins=bins, seed=seed)
     model.metadata.update(tasks.train(trainval_data.path, model.path, params, val_size, trial))
+    tasks.write_metrics(metrics, {"val_mae": model.metadata["val_mae"], "val_r2": model.metadata["val_r2"]})
 
 
 @_component("select")
 def select(trials: Input[List[Model]], model: Output[Model], metrics: Output[Metrics]):
     """The trial with the lowest validation MAE goes on; its version will record the whole sweep."""
-    import json
-    from pathlib import Path
-
     from components import tasks
 
     result = tasks.select([(trial.path, trial.metadata) for trial in trials], model.path)
     model.metadata.update(result)
-    for name in ("val_mae", "val_r2"):
-        metrics.log_metric(name, result[name])
-    metrics.log_metric("trials", len(trials))
-    # kfp.local's cache treats an output without a file as missing, so the metrics get a file too.
-    Path(metrics.path).write_text(json.dumps(metrics.metadata))
+    tasks.write_metrics(metrics, {"val_mae": result["val_mae"], "val_r2": result["val_r2"], "trials": len(trials)})
 
 
 @_component("evaluate")
 def evaluate(
     model: Input[Model], test_data: Input[Dataset], metrics: Output[Metrics], model_name: str,
-) -> NamedTuple("Evaluation", comparison=str):
+) -> NamedTuple("Evaluation", comparison=str, importance=str):
     """Score the candidate on the test split and compare it with prod on the test rows prod was not trained on."""
     import json
 
     from components import tasks
 
-    scores, comparison = tasks.evaluate(model.path, test_data.path, model_name)
-    for name, value in scores.items():
-        metrics.log_metric(name, value)
-    for name in ("prod_version", "rows", "prod_mae", "gain", "gain_low", "gain_high"):
-        if comparison.get(name) is not None:
-            metrics.log_metric(f"comparison_{name}", comparison[name])
-    return (json.dumps(comparison),)
+    scores, comparison, importance = tasks.evaluate(model.path, test_data.path, model_name)
+    tasks.write_metrics(metrics, tasks.evaluation_metrics(scores, comparison))
+    return (json.dumps(comparison), json.dumps(importance))
 
 
 @_component("register")
 def register(
     model: Input[Model], evaluation: Input[Metrics], test_data: Input[Dataset], raw_data: Input[Dataset],
-    clean_data: Input[Dataset], comparison: str, model_name: str, margin: float, git_commit: str, images: str,
+    clean_data: Input[Dataset], model_card: Output[HTML], comparison: str, importance: str, model_name: str,
+    margin: float, git_commit: str, images: str,
 ) -> NamedTuple("Registered", version=int, promoted=bool, test_mae=float, reason=str):
-    """Register the candidate as a new model version; move `prod` to it only on evidence against the actual prod."""
+    """Register the candidate as a new model version; move `prod` to it only on evidence against the actual prod.
+    The model card (HTML) says where it came from, how good it is and why it was or was not promoted."""
     import json
 
     from components import tasks
 
-    scores = {k: evaluation.metadata[k] for k in ("candidate_mae", "candidate_r2")}
+    scores = {"candidate_mae": evaluation.metadata["test_mae"], "candidate_r2": evaluation.metadata["test_r2"]}
     result = tasks.register(model.path, model.metadata, scores, json.loads(comparison), test_data.path, model_name,
-                            margin, raw_data.metadata, clean_data.metadata, git_commit, images)
+                            margin, raw_data.metadata, clean_data.metadata, git_commit, images, json.loads(importance),
+                            model_card.path)
     return (result["version"], result["promoted"], result["test_mae"], result["reason"])

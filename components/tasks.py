@@ -19,7 +19,7 @@ import mlflow
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from components import data, gate, model, rollout, tracking
+from components import data, gate, model, report, rollout, tracking
 from components.errors import StepError
 
 # On a model version: where the ids of the rows it was trained on are, and what identifies its data, parameters
@@ -32,6 +32,8 @@ MIN_COMPARE_ROWS = 200
 # prod's error on new data is estimated on at most this many of its rows (a random sample): MAE's standard error on
 # 50,000 rows is under 0.5 % of it, and scoring 500,000 rows cost check 15 s.
 ERROR_CHECK_ROWS = 50_000
+# Where the check and register runs keep their HTML reports in MLflow (KFP's output files have no extension).
+DATA_REPORT, MODEL_CARD = "reports/data_report.html", "reports/model_card.html"
 
 
 def download(source: str, out_path: str, expected_sha256: str = "") -> dict:
@@ -76,70 +78,76 @@ def clean(raw_path: str, out_path: str, min_price: float, max_price: float, box:
 
 
 def check(
-    clean_path: str, model_name: str, min_price: float, max_price: float, box: data.Box,
+    clean_path: str, report_path: str, model_name: str, min_price: float, max_price: float, box: data.Box,
     min_rows: int, max_rows: int, limits: data.DriftLimits,
-) -> str:
-    """Every check: the data's own (schema, ranges) and, against prod, its drift and prod's error on it. Fails on
-    any failure, listing each; warnings are reported and the run goes on. Returns the report (Markdown)."""
+) -> list[data.Check]:
+    """Every check: the data's own (schema, ranges) and, against prod, its drift and prod's error on it. Writes the
+    data report (HTML) to `report_path` and MLflow, then fails on any failure, listing each; warnings are reported
+    and the run goes on."""
     params = {"min_rows": min_rows, "max_rows": max_rows, **vars(limits)}
-    with tracking.step_run("check", params=params):
+    with tracking.step_run("check", params=params) as run:
         df = data.read_listings(clean_path)
-        failures = data.deterministic_checks(df, min_price, max_price, box, min_rows, max_rows)
-        warnings, lines = [], [f"# Data checks on {len(df)} rows", "",
-                               f"Deterministic checks: {len(failures)} failed."]
+        checks = data.deterministic_checks(df, min_price, max_price, box, min_rows, max_rows)
+        notes, reference = [], None
         prod = tracking.prod_version(model_name)
-        if failures:
+        if data.failed(checks):
             # The comparisons with prod assume the schema the deterministic checks just found broken.
-            lines.append("Checks against prod skipped: the deterministic checks failed.")
+            notes.append("Checks against prod skipped: the deterministic checks failed.")
         elif prod is None:
-            lines.append(f"Checks against prod skipped: model {model_name!r} has no '{tracking.PROD_ALIAS}' version yet.")
+            notes.append(f"Checks against prod skipped: model {model_name!r} has no '{tracking.PROD_ALIAS}' "
+                         "version yet.")
         else:
-            found_failures, warnings, figures, notes = checks_against_prod(model_name, prod, df, limits)
-            failures += found_failures
+            found, figures, notes, reference = checks_against_prod(model_name, prod, df, limits)
+            checks += found
             mlflow.log_metrics(figures)
-            lines += notes
-        lines += [f"- FAILED {f}" for f in failures] + [f"- warning: {w}" for w in warnings]
-        report = "\n".join(lines) + "\n"
-        mlflow.log_text(report, "check_report.md")
+        html = report.data_report(df, checks, notes, reference)
+        Path(report_path).write_text(html)
+        mlflow.log_text(html, DATA_REPORT)
+        failures, warnings = data.failed(checks), data.warned(checks)
+        mlflow.log_metrics({"checks": len(checks), "failed": len(failures), "warnings": len(warnings)})
         for warning in warnings:
             print(f"check: warning: {warning}")
         if failures:
             subjects = ", ".join(dict.fromkeys(f.split(":")[0] for f in failures))
-            raise StepError("check", subjects, f"{len(failures)} check(s) failed:\n  - " + "\n  - ".join(failures))
-        print("check: passed" + (f" with {len(warnings)} warning(s)" if warnings else ""))
-        return report
+            raise StepError("check", subjects, f"{len(failures)} check(s) failed (data report: "
+                            f"{tracking.artifact_link(run, DATA_REPORT)}):\n  - "
+                            + "\n  - ".join(failures))
+        print(f"check: {len(checks)} checks passed" + (f", {len(warnings)} with a warning" if warnings else ""))
+        return checks
 
 
 def checks_against_prod(model_name: str, prod, df, limits: data.DriftLimits):
-    """Drift from prod's clean data and prod's error on the new rows: (failures, warnings, figures, report lines)."""
-    failures, warnings, figures, notes = [], [], {}, []
+    """Drift from prod's clean data and prod's error on the new rows: (checks, figures, notes, prod's data)."""
+    checks, figures, notes, reference = [], {}, [], None
     reference_uri = prod.tags.get("reference_data")
+    drift = f"drift from prod version {prod.version}'s data"
     if reference_uri:
         with tempfile.TemporaryDirectory() as tmp:
             reference = data.read_listings(mlflow.artifacts.download_artifacts(reference_uri, dst_path=tmp))
-        failures, warnings, figures = data.drift_checks(df, reference, limits)
-        notes.append(f"Drift against the data of prod version {prod.version} ({len(reference)} rows): "
-                     f"{len(failures)} failed, {len(warnings)} warning(s).")
+        checks, figures = data.drift_checks(df, reference, limits)
+        notes.append(f"Drift is measured against the data of prod version {prod.version} ({len(reference)} rows).")
     else:
-        warnings.append(f"drift: prod version {prod.version} names no reference data (tag reference_data)")
+        checks.append(data.Check(drift, data.WARN, "unknown", "", f"drift: prod version {prod.version} names no "
+                                 "reference data (tag reference_data)"))
     rows, why = new_rows(prod, df)
+    error = "prod's error on new rows"
     if rows is None:
-        warnings.append(f"price: prod's error on this data is unknown: {why}")
-        return failures, warnings, figures, notes
+        checks.append(data.Check(error, data.WARN, "unknown", "", f"price: prod's error on this data is unknown: {why}"))
+        return checks, figures, notes, reference
     new = len(rows)
     rows = rows.sample(min(new, ERROR_CHECK_ROWS), random_state=0)
     try:
         predicted = predict_with(model_name, prod, rows, "check")
     except Exception as exc:  # a prod that cannot score this data: report it, the candidate may still be fine
-        warnings.append(f"price: prod version {prod.version} cannot score this data ({type(exc).__name__}: "
-                        f"{str(exc)[:200]})")
-        return failures, warnings, figures, notes
+        checks.append(data.Check(error, data.WARN, "unknown", "", f"price: prod version {prod.version} cannot score "
+                                 f"this data ({type(exc).__name__}: {str(exc)[:200]})"))
+        return checks, figures, notes, reference
     mae_now = float((rows[model.TARGET] - predicted).abs().mean())
-    error = data.error_check(mae_now, float(prod.tags["test_mae"]), len(rows), prod.version, limits)
+    found, error_figures = data.error_check(mae_now, float(prod.tags["test_mae"]), len(rows), prod.version, limits)
     sampled = f" (a random {len(rows)} of them)" if len(rows) < new else ""
-    notes.append(f"prod version {prod.version}'s error on the {new} rows new to it{sampled}: MAE {mae_now:.2f} "
-                 f"({error[2]['prod_error_ratio']:.2f} x at registration).")
-    return failures + error[0], warnings + error[1], figures | error[2], notes
+    notes.append(f"prod version {prod.version}'s error is measured on the {new} rows new to it{sampled}: MAE "
+                 f"{mae_now:.2f}, {error_figures['prod_error_ratio']:.2f} x its test MAE at registration.")
+    return checks + [found], figures | error_figures, notes, reference
 
 
 def new_rows(prod, df) -> tuple[pd.DataFrame | None, str]:
@@ -218,6 +226,7 @@ def train(trainval_path: str, model_path: str, base: dict, val_size: float, tria
             pd.concat([train_df["id"], val_df["id"]]).to_frame().to_csv(ids, index=False)
             mlflow.log_artifact(str(ids), "data")
         return {**metrics, "trial": json.dumps(trial), "learner": params.learner,
+                "train_rows": len(train_df), "val_rows": len(val_df),
                 "mlflow_model_uri": f"runs:/{run.info.run_id}/model", "mlflow_run_id": run.info.run_id,
                 "training_ids_uri": f"runs:/{run.info.run_id}/data/{TRAINING_IDS_FILE}",
                 "trainval_sha256": hashlib.sha256(Path(trainval_path).read_bytes()).hexdigest()}
@@ -245,25 +254,46 @@ def select(trials: list[tuple[str, dict]], model_path: str) -> dict:
                 "select_run_id": run.info.run_id}
 
 
-def evaluate(model_path: str, test_path: str, model_name: str) -> tuple[dict, dict]:
+def evaluate(model_path: str, test_path: str, model_name: str) -> tuple[dict, dict, dict]:
     """Score the candidate on the test split, and compare it with the current prod on the test rows that prod was
-    not trained on. Returns (the candidate's scores, the comparison)."""
+    not trained on. Returns (the candidate's scores, the comparison, each input column's importance)."""
     with tracking.step_run("evaluate", params={"model_name": model_name}):
         test = data.read_listings(test_path)
         candidate, _ = tracking.load_model(model_path, "evaluate")
         predicted = model.predictions(candidate, test)
         scores = {f"candidate_{k}": v for k, v in model.errors(test[model.TARGET], predicted).items()}
-        mlflow.log_figure(model.importance_figure(model.feature_importances(candidate, test)), "feature_importance.png")
+        importance = model.feature_importances(candidate, test)
+        mlflow.log_figure(model.importance_figure(importance), "feature_importance.png")
         comparison = compare_with_prod(model_name, tracking.prod_version(model_name), predicted, test)
-        mlflow.log_metrics({**scores, **{k: v for k, v in comparison.items()
-                                         if isinstance(v, (int, float)) and not isinstance(v, bool)}})
+        mlflow.log_metrics(evaluation_metrics(scores, comparison))
         mlflow.log_dict(comparison, "comparison.json")
         c = comparison
         print(f"evaluate: candidate test MAE {scores['candidate_mae']:.3f}; " + (
             f"against prod version {c['prod_version']} on {c['rows']} rows new to it: MAE {c['candidate_mae']:.3f} vs "
             f"{c['prod_mae']:.3f}, gain {c['gain']:.3f} ({c['gain_low']:.3f} to {c['gain_high']:.3f})"
             if c["comparable"] else c["why"]))
-        return scores, comparison
+        return scores, comparison, {k: round(float(v), 4) for k, v in importance.items()}
+
+
+def evaluation_metrics(scores: dict, comparison: dict) -> dict[str, float]:
+    """The figures the KFP run view and run comparison show: the candidate on every test row, then candidate and
+    prod side by side on the rows prod was not trained on (when they could be compared)."""
+    figures = {"test_mae": scores["candidate_mae"], "test_r2": scores["candidate_r2"]}
+    if comparison["comparable"]:
+        figures |= {"prod_version": comparison["prod_version"], "compared_rows": comparison["rows"],
+                    "compared_candidate_mae": comparison["candidate_mae"], "compared_prod_mae": comparison["prod_mae"],
+                    "compared_candidate_r2": comparison["candidate_r2"], "compared_prod_r2": comparison["prod_r2"],
+                    "compared_gain": comparison["gain"], "compared_gain_low": comparison["gain_low"],
+                    "compared_gain_high": comparison["gain_high"]}
+    return figures
+
+
+def write_metrics(metrics, figures: dict[str, float]) -> None:
+    """Log figures on a KFP Metrics output. kfp.local's cache treats an output without a file as missing, so the
+    figures go to its file too."""
+    for name, value in figures.items():
+        metrics.log_metric(name, value)
+    Path(metrics.path).write_text(json.dumps(metrics.metadata))
 
 
 COMPARISON_FIGURES = list(gate.Comparison.__dataclass_fields__)
@@ -285,19 +315,34 @@ def compare_with_prod(model_name: str, prod, predicted: pd.Series, test: pd.Data
         return found | {"why": f"prod version {version} cannot score this data ({type(exc).__name__}: "
                                f"{str(exc)[:300]})"}
     comparison = gate.compare(fair[model.TARGET], predicted[fair.index], prod_predictions)
-    return found | {"comparable": True, "why": "", **comparison.as_dict()}
+    r2 = {f"{who}_r2": model.errors(fair[model.TARGET], values)["r2"]
+          for who, values in (("candidate", predicted[fair.index]), ("prod", prod_predictions))}
+    return found | {"comparable": True, "why": "", **comparison.as_dict(), **r2}
 
 
 def register(
     model_path: str, model_meta: dict, scores: dict, comparison: dict, test_path: str, model_name: str,
-    margin: float, raw_meta: dict, clean_meta: dict, git_commit: str, images: str,
+    margin: float, raw_meta: dict, clean_meta: dict, git_commit: str, images: str, importance: dict, card_path: str,
 ) -> dict:
     """Register the candidate as a new version (unless an identical one exists), then, holding the promotion lock,
-    decide against the actual prod and move `prod` only on evidence. Returns version, promoted, test_mae, reason."""
+    decide against the actual prod and move `prod` only on evidence. Writes the model card (HTML) to `card_path`,
+    MLflow and the version's description. Returns version, promoted, test_mae, reason."""
     with tracking.step_run("register", params={"model_name": model_name, "margin": margin}, last=True) as run:
         pipeline_run = os.environ.get("KFP_RUN_ID", "")
         tags = lineage(raw_meta, clean_meta, model_meta, git_commit, images)
         test_mae = scores["candidate_mae"]
+        test = data.read_listings(test_path)
+        candidate, _ = tracking.load_model(model_path, "register")
+        predicted = model.predictions(candidate, test)
+
+        def card(version, promoted: bool, reason: str, final: dict) -> str:
+            facts = model_card_facts(model_name, version, promoted, reason, final, margin, scores, model_meta,
+                                     raw_meta, clean_meta, tags, len(test), pipeline_run)
+            html = report.model_card(facts, test.assign(predicted=predicted), pd.Series(importance).sort_values())
+            Path(card_path).write_text(html)
+            mlflow.log_text(html, MODEL_CARD)
+            return report.model_card_markdown(facts, tracking.artifact_link(run, MODEL_CARD))
+
         # A retry of this step finds the version its first attempt registered; an identical re-run finds its twin.
         earlier = tracking.version_tagged(model_name, tracking.RUN_ID_TAG, pipeline_run) if pipeline_run else None
         twin = tracking.version_tagged(model_name, FINGERPRINT_TAG, tags[FINGERPRINT_TAG])
@@ -306,6 +351,7 @@ def register(
                       f"{tags['data_sha256'][:12]}): nothing registered, prod unchanged")
             mlflow.log_metrics({"version": int(twin.version), "promoted": 0})
             mlflow.set_tag("promotion", reason)
+            card(None, False, reason, comparison)
             print(f"register: identical to version {twin.version}, nothing registered")
             return {"version": int(twin.version), "promoted": False, "test_mae": test_mae, "reason": reason}
         if earlier is None:
@@ -314,10 +360,9 @@ def register(
             version = mlflow.register_model(model_meta["mlflow_model_uri"], model_name, tags=tags).version
         else:
             version = earlier.version
+
         def compare_again(prod):
-            test = data.read_listings(test_path)
-            candidate, _ = tracking.load_model(model_path, "register")
-            return compare_with_prod(model_name, prod, model.predictions(candidate, test), test)
+            return compare_with_prod(model_name, prod, predicted, test)
 
         holder = f"pipeline run {pipeline_run}"
         with tracking.promotion_lock(model_name, holder, "register"):
@@ -328,12 +373,33 @@ def register(
         client = mlflow.tracking.MlflowClient()
         client.set_model_version_tag(model_name, version, "promotion", reason)
         client.set_model_version_tag(model_name, version, "comparison", json.dumps(final, sort_keys=True))
+        client.update_model_version(model_name, version, description=card(version, promote, reason, final))
         mlflow.set_tag("promotion", reason)
         if promote:
             print(rollout.roll_serving(version))
         mlflow.log_metrics({"version": int(version), "promoted": int(promote)})
         print(f"register: version {version}, {'now prod' if promote else 'prod unchanged'}")
         return {"version": int(version), "promoted": promote, "test_mae": test_mae, "reason": reason}
+
+
+def model_card_facts(name: str, version, promoted: bool, reason: str, comparison: dict, margin: float, scores: dict,
+                     model_meta: dict, raw_meta: dict, clean_meta: dict, tags: dict, test_rows: int,
+                     pipeline_run: str) -> dict:
+    """What the model card shows, gathered from the run's artifacts' metadata and the version's tags."""
+    # KFP hands whole numbers in metadata back as floats.
+    rows = {step: int(n) for step, n in (("downloaded", raw_meta.get("rows")), ("clean", clean_meta.get("rows")),
+                                          ("train", model_meta.get("train_rows")),
+                                          ("validation", model_meta.get("val_rows")), ("test", test_rows)) if n}
+    board = model_meta.get("sweep")
+    return {
+        "name": name, "version": version, "promoted": promoted, "reason": reason, "comparison": comparison,
+        "margin": margin, "pipeline_run": pipeline_run, "learner": model_meta.get("learner", "-"),
+        "scores": {"val_mae": model_meta["val_mae"], "val_r2": model_meta["val_r2"],
+                   "test_mae": scores["candidate_mae"], "test_r2": scores["candidate_r2"]},
+        "rows": rows, "source": tags["data_source"], "sha256": tags["data_sha256"], "data_uri": tags["data_uri"],
+        "parameters": json.loads(tags["parameters"]), "sweep": json.loads(board) if board else [],
+        "sweep_choice": tags["sweep_choice"], "git_commit": tags["git_commit"], "images": json.loads(tags["images"] or "{}"),
+    }
 
 
 def decide_promotion(name: str, version: str, comparison: dict, margin: float, run_started: float,

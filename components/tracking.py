@@ -184,6 +184,14 @@ def step_run(step: str, params: dict | None = None, last: bool = False, tags: di
         raise
 
 
+def artifact_link(run: mlflow.ActiveRun, path: str) -> str:
+    """Where a person opens a run's artifact: its page in the MLflow UI of an http server, else its runs:/ URI."""
+    uri = mlflow.get_tracking_uri().rstrip("/")
+    if not uri.startswith(("http://", "https://")):
+        return f"runs:/{run.info.run_id}/{path}"
+    return f"{uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}/artifacts/{path}"
+
+
 def raw_data_uri(sha256: str) -> str | None:
     """Where the data with this sha256 is kept (a download run's artifact), if any run of this experiment kept it."""
     experiment = mlflow.get_experiment_by_name(experiment_name())

@@ -168,3 +168,13 @@ def listing(**overrides) -> dict:
 
 def frame(*rows: dict) -> pd.DataFrame:
     return pd.DataFrame(list(rows))
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for the session (tests/browser.py)."""
+    from browser import Browser
+
+    found = Browser()
+    yield found
+    found.close()

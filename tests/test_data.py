@@ -212,7 +212,7 @@ def test_write_and_read_keep_the_schema(tmp_path):
     df = clean_frame(listing(), listing(id=2, last_review=None))
     data.write_listings(df, tmp_path / "clean.csv")
     back = data.read_listings(tmp_path / "clean.csv")
-    assert data.deterministic_checks(back, 10, 350, BOX, 1, 10) == []
+    assert data.failed(data.deterministic_checks(back, 10, 350, BOX, 1, 10)) == []
     pd.testing.assert_frame_equal(back, df, check_dtype=False)
 
 
@@ -220,7 +220,7 @@ def test_write_and_read_keep_the_schema(tmp_path):
 
 def test_deterministic_checks_pass_on_clean_real_data(sample):
     df, _ = data.clean_listings(sample, 10, 350, BOX)
-    assert data.deterministic_checks(df, 10, 350, BOX, 1000, 1_000_000) == []
+    assert data.failed(data.deterministic_checks(df, 10, 350, BOX, 1000, 1_000_000)) == []
 
 
 def test_deterministic_checks_list_every_failure():
@@ -229,7 +229,7 @@ def test_deterministic_checks_list_every_failure():
     df.loc[0, "latitude"] = 45.0
     df.loc[0, "price"] = 999
     df = df.rename(columns={"name": "title"})
-    failures = data.deterministic_checks(df, 10, 350, BOX, 5, 100)
+    failures = data.failed(data.deterministic_checks(df, 10, 350, BOX, 5, 100))
     subjects = [f.split(":")[0] for f in failures]
     assert subjects == ["columns", "neighbourhood_group", "latitude/longitude", "row count", "price"]
     assert "unknown values ['Atlantis']" in failures[1]
@@ -238,7 +238,7 @@ def test_deterministic_checks_list_every_failure():
 def test_deterministic_checks_catch_wrong_dtypes():
     df = clean_frame(listing(), listing(id=2))
     df["minimum_nights"] = ["two", "three"]
-    assert data.deterministic_checks(df, 10, 350, BOX, 1, 10) == [
+    assert data.failed(data.deterministic_checks(df, 10, 350, BOX, 1, 10)) == [
         "dtype of minimum_nights: expected int, got str"]
 
 
@@ -253,8 +253,8 @@ def halves(sample):
 
 def test_drift_checks_pass_between_disjoint_halves_of_real_data(halves):
     first, second = halves
-    failures, warnings, figures = data.drift_checks(first, second, LIMITS)
-    assert failures == [] and warnings == []
+    checks, figures = data.drift_checks(first, second, LIMITS)
+    assert {c.status for c in checks} == {data.PASS} and len(checks) == 10
     assert max(figures.values()) < 0.03
 
 
@@ -270,7 +270,8 @@ def test_drift_checks_pass_between_disjoint_halves_of_real_data(halves):
 ])
 def test_drift_checks_name_the_column_and_figure_of_a_real_shift(halves, shift, fails, warns):
     first, second = halves
-    failures, warnings, _ = data.drift_checks(shift(first), second, LIMITS)
+    checks, _ = data.drift_checks(shift(first), second, LIMITS)
+    failures, warnings = data.failed(checks), data.warned(checks)
     assert [f for f in failures if f.startswith(fails)] if fails else failures == []
     assert [w for w in warnings if w.startswith(warns)] if warns else warnings == []
 
@@ -279,7 +280,8 @@ def test_drift_checks_name_the_column_and_figure_of_a_real_shift(halves, shift, 
                                                      (69.0, True, False)])
 def test_error_check_fails_when_prod_no_longer_fits_the_data(mae_now, failed, warned):
     """Figures of prod (33.2 at registration) on the other half, +10 %, +30 % and shuffled prices (README)."""
-    failures, warnings, figures = data.error_check(mae_now, 33.2, 8000, "3", LIMITS)
+    check, figures = data.error_check(mae_now, 33.2, 8000, "3", LIMITS)
+    failures, warnings = data.failed([check]), data.warned([check])
     assert bool(failures) is failed and bool(warnings) is warned
     assert figures["prod_error_ratio"] == pytest.approx(mae_now / 33.2)
     if failed:

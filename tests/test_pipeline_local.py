@@ -14,6 +14,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from components import report
 from conftest import ROOT, free_port, listing
 from mlflow.tracking import MlflowClient
 
@@ -42,9 +43,17 @@ def client(mlflow_server) -> MlflowClient:
 @pytest.fixture(scope="module")
 def first_run(mlflow_server, tmp_path_factory) -> subprocess.CompletedProcess:
     """A run with no source given: the default, the sample shipped with the project (no network needed)."""
-    result = run_pipeline(mlflow_server, tmp_path_factory.mktemp("first"))
+    folder = tmp_path_factory.mktemp("first")
+    result = run_pipeline(mlflow_server, folder)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    result.outputs = folder / "outputs"
     return result
+
+
+def outputs_of(root: Path) -> Path:
+    """The one run's folder of kfp.local outputs: <root>/<pipeline>-<time>/<task>/<output>."""
+    (run,) = root.glob("rental-price-*")
+    return run
 
 
 def test_first_run_registers_a_prod_model_with_lineage(first_run, client):
@@ -87,6 +96,28 @@ def test_first_run_is_one_parent_run_with_a_child_per_step(first_run, client):
     assert "feature_importance.png" in [a.path for a in client.list_artifacts(evaluate)]
 
 
+def test_first_run_leaves_a_data_report_a_model_card_and_named_metrics(first_run, client, mlflow_server):
+    """What the KFP dashboard would show of the run (its output artifacts), and the same reports in MLflow."""
+    run = outputs_of(first_run.outputs)
+    words = report.as_text((run / "check" / "data_report").read_text())
+    assert words.startswith("Data report: 19001 rows") and "All 21 checks passed" in words
+    assert "has no 'prod' version yet" in words
+    card = report.as_text((run / "register" / "model_card").read_text())
+    assert card.startswith(f"Model card: {MODEL} version 1") and "Promoted to prod: no prod model yet" in card
+    assert "No comparison with prod: no prod model yet." in card
+    evaluation = json.loads((run / "evaluate" / "metrics").read_text())
+    assert list(evaluation) == ["test_mae", "test_r2"]  # nothing to compare with
+    (train,) = run.glob("**/train/metrics")
+    assert list(json.loads(train.read_text())) == ["val_mae", "val_r2"]
+    version = client.get_model_version(MODEL, "1")
+    assert version.description.startswith("**Promoted to prod**: no prod model yet")
+    link = re.search(r"Model card: (\S+)", version.description).group(1)
+    assert link.startswith(f"{mlflow_server}/#/experiments/") and link.endswith("/artifacts/reports/model_card.html")
+    register_run = link.split("/runs/")[1].split("/")[0]
+    kept = Path(client.download_artifacts(register_run, "reports/model_card.html")).read_text()
+    assert report.as_text(kept) == card
+
+
 def test_a_two_trial_sweep_registers_its_best_trial_which_being_worse_leaves_prod(
         first_run, client, mlflow_server, sample_path, tmp_path):
     """Two weak forests as a sweep: each trial trains in its own task and MLflow run, select keeps the one with
@@ -113,6 +144,16 @@ def test_a_two_trial_sweep_registers_its_best_trial_which_being_worse_leaves_pro
     assert worse.tags["promotion"].startswith("worse than prod on 3801 rows neither model was trained on")
     assert "version 2: prod unchanged" in result.stdout
     assert f"why: {worse.tags['promotion']}" in result.stdout
+    # Candidate and prod side by side, in the KFP metrics and the model card.
+    run = outputs_of(tmp_path / "outputs")
+    evaluation = json.loads((run / "evaluate" / "metrics").read_text())
+    assert evaluation["prod_version"] == 1 and evaluation["compared_rows"] == 3801
+    assert evaluation["compared_candidate_mae"] > evaluation["compared_prod_mae"]
+    assert evaluation["compared_candidate_r2"] < evaluation["compared_prod_r2"]
+    assert len(list(run.glob("**/train/metrics"))) == 2  # one per trial
+    card = report.as_text((run / "register" / "model_card").read_text())
+    assert f"Not promoted, prod unchanged: {worse.tags['promotion']}" in card
+    assert "prod (version 1)" in card and "Sweep: 2 trials" in card
 
 
 def write(path, text: str):
@@ -165,6 +206,9 @@ def test_bad_input_ends_at_its_step_and_changes_nothing(case, first_run, client,
     assert f"  {step:<10} FAILED after " in result.stdout
     assert versions(client) == before
     assert client.get_model_version_by_alias(MODEL, "prod").version == "1"
+    if step == "check":  # a failed check still leaves its report, which names the failed check
+        words = report.as_text((outputs_of(tmp_path / "outputs") / "check" / "data_report").read_text())
+        assert re.search(r"\d+ of \d+ checks failed", words)
 
 
 def test_unreachable_mlflow_stops_the_run_before_any_step(first_run, client, sample_path, tmp_path):
@@ -175,3 +219,43 @@ def test_unreachable_mlflow_stops_the_run_before_any_step(first_run, client, sam
         "FAILED: pipeline.py run: MLFLOW_TRACKING_URI: the MLflow tracking server at http://127.0.0.1:")
     assert "Executing task" not in result.stdout + result.stderr
     assert versions(client) == before
+
+
+def test_the_mlflow_ui_shows_the_run_its_steps_metrics_reports_and_prod(first_run, client, mlflow_server, browser):
+    """The real MLflow UI in headless Chromium: the pipeline's parent run with a child run per step, the metrics,
+    both reports rendered, and the registered model with `prod` on version 1. Screenshots in screenshots/."""
+    prod = client.get_model_version_by_alias(MODEL, "prod")
+    kfp_run, experiment = prod.tags["kfp_run_id"], client.get_experiment_by_name("e2e").experiment_id
+    runs = {r.data.tags["pipeline_step"]: r.info.run_id
+            for r in client.search_runs([experiment], f"tags.kfp_run_id = '{kfp_run}'")}
+    row = f"[...document.querySelectorAll('[role=row]')].find(r => r.innerText.includes('pipeline {kfp_run}'))"
+    browser.open(f"{mlflow_server}/#/experiments/{experiment}/runs")
+    browser.wait_for(f"!!{row}")
+    browser.evaluate("document.querySelector('button[aria-label=Close]')?.click()")  # the assistant's side panel
+    browser.evaluate(f"{row}.querySelector('button').click()")  # unfold the step runs
+    steps = ["download", "clean", "check", "split", "train", "select", "evaluate", "register"]
+    browser.wait_for(f"{json.dumps(steps)}.every(s => [...document.querySelectorAll('[role=row]')]"
+                     ".some(r => r.innerText.split('\\n').includes(s)))")
+    browser.screenshot("mlflow_runs", full_page=False)
+
+    browser.open(f"{mlflow_server}/#/experiments/{experiment}/runs/{runs['evaluate']}")
+    text = browser.wait_for("document.body.innerText.includes('test_mae') && document.body.innerText")
+    assert "test_r2" in text and f"{float(prod.tags['test_mae']):.2f}"[:4] in text
+
+    for step, name in (("check", "data_report"), ("register", "model_card")):
+        browser.open(f"{mlflow_server}/#/experiments/{experiment}/runs/{runs[step]}/artifacts/reports/{name}.html")
+        # MLflow shows an HTML artifact in a sandboxed frame of its own.
+        height = browser.wait_for("(f => f && f.getBoundingClientRect().height)(document.querySelector('iframe'))")
+        assert height > 300 and f"reports/{name}.html" in browser.text()
+        browser.screenshot(f"mlflow_{name}", full_page=False)
+
+    browser.open(f"{mlflow_server}/#/models/{MODEL}")
+    browser.wait_for("document.body.innerText.includes('Version 1')")
+    aliases = browser.evaluate("[...document.querySelectorAll('[title=prod]')].map(a => a.closest('[role=row], tr')"
+                               "?.innerText || '')")
+    assert len(aliases) == 1 and "Version 1" in aliases[0]
+    browser.open(f"{mlflow_server}/#/models/{MODEL}/versions/1")
+    text = browser.wait_for("document.body.innerText.includes('Promoted to prod') && document.body.innerText")
+    assert "Model card: " in text and "reports/model_card.html" in text
+    browser.screenshot("mlflow_model_version", full_page=False)
+    assert browser.failures() == []

@@ -4,6 +4,8 @@ prod moving during a run, retries and identical re-runs that add no version."""
 import json
 import threading
 import time
+import uuid
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -46,14 +48,15 @@ def pipeline_run(tracking, monkeypatch, tmp_path, split: dict, params: model.Mod
     """train, evaluate and register as the pipeline runs them, under pipeline run id `run`."""
     monkeypatch.setenv("KFP_RUN_ID", run)
     model_path, meta = trained(split, params, tmp_path)
-    scores, comparison = tasks.evaluate(model_path, split["test"], tracking["model"])
+    scores, comparison, _ = tasks.evaluate(model_path, split["test"], tracking["model"])
     return register(tracking, model_path, meta, scores, comparison, split["test"], source_sha)
 
 
 def register(tracking, model_path, meta, scores, comparison, test_path, source_sha="h", margin=0.1) -> dict:
+    card = Path(model_path).parent / f"card-{uuid.uuid4().hex[:8]}.html"
     return tasks.register(model_path, meta, scores, comparison, test_path, tracking["model"], margin,
                           {"source": "s", "sha256": source_sha}, {"reference_uri": "runs:/x/data/clean"}, "abc123",
-                          "{}")
+                          "{}", {}, str(card))
 
 
 def versions(name: str) -> list[str]:
@@ -78,7 +81,7 @@ def test_a_retry_reuses_its_version_and_an_identical_run_adds_none(tracking, mon
     name = tracking["model"]
     monkeypatch.setenv("KFP_RUN_ID", "run-1")
     path, meta = trained(splits["a"], WEAK, tmp_path)
-    scores, comparison = tasks.evaluate(path, splits["a"]["test"], name)
+    scores, comparison, _ = tasks.evaluate(path, splits["a"]["test"], name)
     first = register(tracking, path, meta, scores, comparison, splits["a"]["test"])
     again = register(tracking, path, meta, scores, comparison, splits["a"]["test"])  # the step retried
     assert first["version"] == again["version"] == 1 and again["promoted"]
@@ -131,7 +134,7 @@ def versions_1_and_2_then_run_3(tracking, monkeypatch, tmp_path, splits) -> tupl
 def test_a_hand_promotion_during_the_run_stands(tracking, monkeypatch, tmp_path, splits):
     """`promote` after the run started (here: after evaluate, as register begins) wins over the run's decision."""
     name, path, meta = versions_1_and_2_then_run_3(tracking, monkeypatch, tmp_path, splits)
-    scores, comparison = tasks.evaluate(path, splits["b"]["test"], name)
+    scores, comparison, _ = tasks.evaluate(path, splits["b"]["test"], name)
     assert registry.promote(name, "2") == f"{name}: prod 1 -> 2"
     result = register(tracking, path, meta, scores, comparison, splits["b"]["test"], "h3")
     assert (result["version"], result["promoted"]) == (3, False)
@@ -146,7 +149,7 @@ def test_a_hand_promotion_before_evaluate_but_after_the_run_started_stands(track
     with registry.step_run("split"):  # the run's first step: its parent run starts now
         pass
     promoted = registry.promote(name, "1" if prod(name) == "2" else "2")
-    scores, comparison = tasks.evaluate(path, splits["b"]["test"], name)
+    scores, comparison, _ = tasks.evaluate(path, splits["b"]["test"], name)
     assert comparison["prod_version"] == int(prod(name))
     result = register(tracking, path, meta, scores, comparison, splits["b"]["test"], "h3")
     assert not result["promoted"] and result["reason"].startswith("prod was set by hand to version ")
@@ -157,7 +160,7 @@ def test_prod_moved_by_another_run_is_compared_with_instead(tracking, monkeypatc
     name = tracking["model"]
     monkeypatch.setenv("KFP_RUN_ID", "run-weak")
     weak_path, weak_meta = trained(splits["a"], WEAK, tmp_path)
-    weak_scores, weak_comparison = tasks.evaluate(weak_path, splits["a"]["test"], name)
+    weak_scores, weak_comparison, _ = tasks.evaluate(weak_path, splits["a"]["test"], name)
     # Meanwhile a good run registers and takes prod (no prod when the weak one evaluated).
     good = pipeline_run(tracking, monkeypatch, tmp_path, splits["b"], GOOD, "run-good", source_sha="h2")
     assert good["promoted"] and weak_comparison["prod_version"] is None

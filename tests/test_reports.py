@@ -1,0 +1,124 @@
+"""The data report and the model card as a person sees them: rendered in headless Chromium, read back from the
+page's DOM, screenshot to screenshots/. Built from the real sample and a real fitted model."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from components import data, model, report, tasks
+
+SECTIONS = {"data": ["checks", "columns", "distributions", "notes"],
+            "card": ["decision", "metrics", "plots", "errors", "importance", "data", "parameters", "lineage"]}
+# What the page holds: its sections, each chart with the number of marks drawn in it, and anything that would
+# fetch (a report is shown in KFP's sandboxed frame with no network).
+DOM = """(() => ({
+  sections: [...document.querySelectorAll('section')].map(s => s.id),
+  charts: Object.fromEntries([...document.querySelectorAll('figure[data-chart]')].map(f => {
+    const svg = f.querySelector('svg'), box = svg.getBoundingClientRect();
+    return [f.dataset.chart, {marks: svg.querySelectorAll('rect,circle').length, width: box.width,
+                              height: box.height, labels: [...svg.querySelectorAll('text')].map(t => t.textContent)}];
+  })),
+  fetchers: document.querySelectorAll('script,link,img,iframe,object,embed,[src]').length,
+  verdict: document.querySelector('.verdict').textContent,
+  badges: [...document.querySelectorAll('#checks .status')].map(b => b.textContent),
+}))()"""
+
+
+def rendered(browser, tmp_path, html: str, name: str) -> dict:
+    path = tmp_path / f"{name}.html"
+    path.write_text(html)
+    browser.open(path.as_uri())
+    page = browser.evaluate(DOM)
+    browser.screenshot(name)
+    # Nothing was fetched but the page itself, and nothing failed.
+    assert browser.requests() == [path.as_uri()] and browser.failures() == [] and page["fetchers"] == 0
+    assert all(chart["width"] > 200 and chart["height"] > 20 for chart in page["charts"].values()), page["charts"]
+    return page
+
+
+@pytest.fixture(scope="module")
+def halves(sample):
+    df, _ = data.clean_listings(sample, 10, 350, data.Box())
+    return data.split_listings(df, 0.5, seed=7)
+
+
+def test_data_report_shows_every_check_and_each_distribution_against_prods(browser, tmp_path, halves):
+    new, reference = halves
+    new = new[new["neighbourhood_group"] != "Staten Island"].assign(price=new["price"] * 1.2)
+    checks = data.deterministic_checks(new, 10, 350, data.Box(), 1000, 10 ** 6)
+    drift, _ = data.drift_checks(new, reference, data.DriftLimits())
+    error, _ = data.error_check(41.0, 33.2, 5000, "3", data.DriftLimits())
+    checks += drift + [error]
+    page = rendered(browser, tmp_path, report.data_report(new, checks, ["a note"], reference), "data_report")
+    assert page["sections"] == SECTIONS["data"]
+    assert page["badges"] == [c.status for c in checks] and len(checks) == 32
+    # price out of range after the rise fails; price drift and prod's error warn.
+    assert page["verdict"] == "1 of 32 checks failed" and page["badges"].count("warn") == 2
+    assert list(page["charts"]) == data.CATEGORY_COLUMNS + data.DRIFT_COLUMNS
+    # Two bars (new data, prod's data) per category or decile.
+    assert page["charts"]["neighbourhood_group"]["marks"] == 2 * 5
+    assert page["charts"]["price"]["marks"] == 2 * 10
+    assert "Staten Island" in page["charts"]["neighbourhood_group"]["labels"]
+
+
+def test_a_data_report_without_prod_has_no_distributions(browser, tmp_path, halves):
+    checks = data.deterministic_checks(halves[0], 10, 350, data.Box(), 1000, 10 ** 6)
+    page = rendered(browser, tmp_path, report.data_report(halves[0], checks, ["no prod yet"], None), "data_report_first")
+    assert page["sections"] == ["checks", "columns", "notes"] and page["charts"] == {}
+    assert page["verdict"] == "All 21 checks passed: the data goes on to training"
+
+
+@pytest.fixture(scope="module")
+def card_inputs(halves):
+    """A real model (small) and its predictions on real test rows."""
+    train, test = halves
+    fitted = model.fit(train, model.ModelParams(max_iter=60))
+    predictions = test.assign(predicted=model.predictions(fitted, test))
+    importance = model.feature_importances(fitted, test, rows=500)
+    sweep = [{"trial": {}, "val_mae": 30.1, "val_r2": 0.61, "mlflow_run_id": "a"},
+             {"trial": {"learning_rate": 0.1}, "val_mae": 29.8, "val_r2": 0.62, "mlflow_run_id": "b"}]
+    tags = {"data_source": "sample://nyc_airbnb_sample1.csv.gz", "data_sha256": "5c92c8f30e28" + "0" * 52,
+            "data_uri": "runs:/r/raw/x.csv.gz", "parameters": json.dumps({"learner": "hist_gbm", "max_iter": "60"}),
+            "sweep_choice": "trial 2 of 2", "git_commit": "abc", "images": json.dumps({"train": "rental-price-train:1"})}
+    meta = {"val_mae": 29.8, "val_r2": 0.62, "train_rows": 6080.0, "val_rows": 1520.0, "learner": "hist_gbm",
+            "sweep": json.dumps(sweep)}
+    scores = model.errors(test["price"], predictions["predicted"])
+    return predictions, importance, meta, tags, {"candidate_mae": scores["mae"], "candidate_r2": scores["r2"]}
+
+
+def test_model_card_shows_data_metrics_plots_errors_importance_and_the_decision(browser, tmp_path, card_inputs):
+    predictions, importance, meta, tags, scores = card_inputs
+    comparison = {"prod_version": 3, "comparable": True, "why": "", "rows": 2400, "candidate_mae": 29.0,
+                  "prod_mae": 31.0, "gain": 2.0, "gain_low": 1.2, "gain_high": 2.8, "candidate_r2": 0.63,
+                  "prod_r2": 0.58}
+    facts = tasks.model_card_facts("rental-price", "4", True, "better than prod ...", comparison, 0.1, scores, meta,
+                                   {"rows": 20000.0}, {"rows": 19001.0}, tags, len(predictions), "run-1")
+    page = rendered(browser, tmp_path, report.model_card(facts, predictions, importance), "model_card")
+    assert page["sections"] == SECTIONS["card"]
+    assert page["verdict"].startswith("Promoted to prod: better than prod")
+    charts = page["charts"]
+    assert list(charts) == ["predicted-vs-actual", "residuals", "residual-vs-predicted", "error-neighbourhood_group",
+                            "error-room_type", "importance"]
+    assert charts["predicted-vs-actual"]["marks"] >= 1500  # a point per row, up to 1,500
+    assert charts["error-neighbourhood_group"]["marks"] == predictions["neighbourhood_group"].nunique()
+    # Every input column, by its readable name.
+    assert charts["importance"]["marks"] == len(model.FEATURES)
+    assert {"borough", "room type", "listing title"} <= set(charts["importance"]["labels"])
+    text = browser.text()
+    assert "prod (version 3)" in text and "0.580" in text and "Sweep: 2 trials" in text
+    assert "validation (1520 rows)" in text and "20000" in text
+
+
+def test_model_card_of_a_run_without_prod_says_why_nothing_was_compared(browser, tmp_path, card_inputs):
+    predictions, importance, meta, tags, scores = card_inputs
+    facts = tasks.model_card_facts("rental-price", "1", True, "no prod model yet", {"prod_version": None,
+                                   "comparable": False, "why": "no prod model yet"}, 0.1, scores,
+                                   {**meta, "sweep": ""}, {}, {}, tags, len(predictions), "")
+    page = rendered(browser, tmp_path, report.model_card(facts, predictions, pd.Series(dtype=float)), "model_card_first")
+    assert "No comparison with prod: no prod model yet." in browser.text()
+    assert charts_drawn(page) and page["charts"]["importance"]["marks"] == 0
+
+
+def charts_drawn(page: dict) -> bool:
+    return all(chart["marks"] or name == "importance" for name, chart in page["charts"].items())
