@@ -95,7 +95,7 @@ def number(x: float) -> str:
 
 # ---------------------------------------------------------------- charts (inline SVG)
 
-W, H, PAD = 320, 170, 30
+W, H, PAD = 320, 170, 40
 
 
 def _svg(title: str, body: str, height: int = H) -> str:

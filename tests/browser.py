@@ -57,11 +57,12 @@ class Browser:
             self.events.append(message)
 
     def open(self, url: str, timeout: float = 60) -> None:
-        self.events.clear()
-        self.call("Page.navigate", url=url)
-        # A new document fires load; a single-page app moving to another #route navigates within its document.
-        done = ("Page.loadEventFired", "Page.navigatedWithinDocument")
-        self._until(lambda: any(e.get("method") in done for e in self.events), timeout, url)
+        """Load `url` as a new document: from a blank page, so that nothing of the page before (a single-page app
+        still fetching) is counted as this one's."""
+        for target in ("about:blank", url):
+            self.events.clear()
+            self.call("Page.navigate", url=target)
+            self._until(lambda: any(e.get("method") == "Page.loadEventFired" for e in self.events), timeout, target)
 
     def evaluate(self, expression: str):
         result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
