@@ -29,6 +29,8 @@ class Browser:
         self.profile = tempfile.TemporaryDirectory(prefix="chromium-", ignore_cleanup_errors=True)
         self.process = subprocess.Popen(
             [chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+             # A sandboxed frame in this process, where evaluate_in_frame reaches it (rendering is the same).
+             "--disable-features=IsolateSandboxedIframes",
              "--remote-debugging-port=0", "--remote-allow-origins=*", f"--user-data-dir={self.profile.name}",
              f"--window-size={width},{height}", "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -66,6 +68,14 @@ class Browser:
 
     def evaluate(self, expression: str):
         result = self.call("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        assert "exceptionDetails" not in result, result["exceptionDetails"]
+        return result["result"].get("value")
+
+    def evaluate_in_frame(self, expression: str):
+        """Evaluate in the page's first child frame, whatever its origin (a sandboxed frame's is opaque)."""
+        frame = self.call("Page.getFrameTree")["frameTree"]["childFrames"][0]["frame"]["id"]
+        context = self.call("Page.createIsolatedWorld", frameId=frame)["executionContextId"]
+        result = self.call("Runtime.evaluate", expression=expression, contextId=context, returnByValue=True)
         assert "exceptionDetails" not in result, result["exceptionDetails"]
         return result["result"].get("value")
 

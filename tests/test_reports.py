@@ -2,6 +2,7 @@
 page's DOM, screenshot to screenshots/. Built from the real sample and a real fitted model."""
 
 import json
+from html import escape
 
 import pandas as pd
 import pytest
@@ -22,10 +23,17 @@ DOM = """(() => ({
   fetchers: document.querySelectorAll('script,link,img,iframe,object,embed,[src]').length,
   verdict: document.querySelector('.verdict').textContent,
   badges: [...document.querySelectorAll('#checks .status')].map(b => b.textContent),
+  text: document.body.innerText,
 }))()"""
 
 
+# How KFP's dashboard shows an HTML artifact (frontend/src/components/viewers/HTMLViewer.tsx at 2.17.0).
+KFP_FRAME = ('<!DOCTYPE html><html><body><iframe src="about:blank" sandbox="allow-scripts" '
+             'style="width:100%;min-height:600px" srcdoc="{}"></iframe></body></html>')
+
+
 def rendered(browser, tmp_path, html: str, name: str) -> dict:
+    """The page as a file of its own (read back and screenshot), then as KFP shows it, in a sandboxed frame."""
     path = tmp_path / f"{name}.html"
     path.write_text(html)
     browser.open(path.as_uri())
@@ -34,6 +42,13 @@ def rendered(browser, tmp_path, html: str, name: str) -> dict:
     # Nothing was fetched but the page itself, and nothing failed.
     assert browser.requests() == [path.as_uri()] and browser.failures() == [] and page["fetchers"] == 0
     assert all(chart["width"] > 200 and chart["height"] > 20 for chart in page["charts"].values()), page["charts"]
+    host = tmp_path / f"{name}-kfp.html"
+    host.write_text(KFP_FRAME.format(escape(html, quote=True)))
+    browser.open(host.as_uri())
+    framed = browser.evaluate_in_frame(DOM)
+    assert (framed["sections"], framed["verdict"], framed["text"]) == (page["sections"], page["verdict"], page["text"])
+    assert {k: c["marks"] for k, c in framed["charts"].items()} == {k: c["marks"] for k, c in page["charts"].items()}
+    assert browser.requests() == [host.as_uri()] and browser.failures() == []
     return page
 
 
@@ -105,7 +120,7 @@ def test_model_card_shows_data_metrics_plots_errors_importance_and_the_decision(
     # Every input column, by its readable name.
     assert charts["importance"]["marks"] == len(model.FEATURES)
     assert {"borough", "room type", "listing title"} <= set(charts["importance"]["labels"])
-    text = browser.text()
+    text = page["text"]
     assert "prod (version 3)" in text and "0.580" in text and "Sweep: 2 trials" in text
     assert "validation (1520 rows)" in text and "20000" in text
 
@@ -116,7 +131,7 @@ def test_model_card_of_a_run_without_prod_says_why_nothing_was_compared(browser,
                                    "comparable": False, "why": "no prod model yet"}, 0.1, scores,
                                    {**meta, "sweep": ""}, {}, {}, tags, len(predictions), "")
     page = rendered(browser, tmp_path, report.model_card(facts, predictions, pd.Series(dtype=float)), "model_card_first")
-    assert "No comparison with prod: no prod model yet." in browser.text()
+    assert "No comparison with prod: no prod model yet." in page["text"]
     assert charts_drawn(page) and page["charts"]["importance"]["marks"] == 0
 
 
