@@ -27,6 +27,9 @@ PARAMS ?=
 # A grid of sweep trials, e.g. SWEEP="learning_rate=0.05,0.1 max_leaf_nodes=31,63" (4 trials); empty: one trial.
 SWEEP ?=
 PIPELINE_SPEC ?= pipeline.yaml
+BATCH_SPEC ?= pipeline-batch.yaml
+# Batch scoring: the model version to price with (default: the prod version of MODEL_NAME, resolved at the start).
+MODEL ?=
 # KFP API through a port-forward of the dashboard (make ui, or make submit opens one for itself).
 KFP_PORT ?= 8081
 KFP_HOST ?= http://127.0.0.1:$(KFP_PORT)
@@ -53,7 +56,7 @@ IMAGE_NAMES ?=
 # The kind cluster's targets (cluster, deploy, load-images, serve, ui, predict-cluster, down, checkov).
 include manifests/cluster.mk
 
-.PHONY: help venv mlflow mlflow-stop run run-docker compile submit test test-core serve-local predict promote rollback bench bench-serve \
+.PHONY: help venv mlflow mlflow-stop run run-docker compile submit predict-batch submit-batch test test-core serve-local predict promote rollback bench bench-serve \
         base-image images test-images clean
 
 help:  ## List the targets
@@ -100,8 +103,15 @@ run: venv mlflow  ## Run the whole pipeline locally (kfp.local, no cluster, no D
 run-docker: venv mlflow  ## Run the whole pipeline locally with every task in its image (make images first)
 	$(PY) pipeline.py run --runner docker $(RUN_PARAMS) $(if $(VERBOSE),--verbose)
 
-compile: venv  ## Compile the KFP pipeline spec to $(PIPELINE_SPEC)
+compile: venv  ## Compile the KFP pipeline specs: training to $(PIPELINE_SPEC), batch scoring to $(BATCH_SPEC)
 	$(PY) pipeline.py compile --output $(PIPELINE_SPEC)
+	$(PY) pipeline.py compile --pipeline batch --output $(BATCH_SPEC)
+
+BATCH_PARAMS = $(if $(DATA_URL),--param source=$(DATA_URL)) $(if $(MODEL),--param model=$(MODEL)) \
+  $(foreach p,$(PARAMS),--param '$(p)')
+
+predict-batch: venv mlflow  ## Price every listing of DATA_URL with MODEL (default prod) locally; prints where the predictions are
+	$(PY) pipeline.py run --pipeline batch $(BATCH_PARAMS) $(if $(VERBOSE),--verbose)
 
 submit: venv compile  ## Upload $(PIPELINE_SPEC) to KFP and start a run (port-forwards if needed); WAIT=1 waits, NO_CACHE=1 reuses nothing
 	@if ! curl -sf -o /dev/null $(KFP_HOST)/apis/v2beta1/healthz; then \
@@ -110,6 +120,13 @@ submit: venv compile  ## Upload $(PIPELINE_SPEC) to KFP and start a run (port-fo
 	fi; \
 	$(PY) pipeline.py submit --spec $(PIPELINE_SPEC) --host $(KFP_HOST) $(RUN_PARAMS) $(if $(WAIT),--wait) \
 	  $(if $(NO_CACHE),--no-cache)
+
+submit-batch: venv compile  ## Start a batch scoring run on KFP (DATA_URL= an s3:// source, MODEL=); outputs in MinIO; WAIT=1 waits
+	@if ! curl -sf -o /dev/null $(KFP_HOST)/apis/v2beta1/healthz; then \
+	  $(KUBECTL) port-forward -n kubeflow svc/ml-pipeline-ui $(KFP_PORT):80 >/dev/null & trap "kill $$!" EXIT; \
+	  curl -sf -o /dev/null --retry 30 --retry-connrefused --retry-delay 1 $(KFP_HOST)/apis/v2beta1/healthz; \
+	fi; \
+	$(PY) pipeline.py submit --pipeline batch --spec $(BATCH_SPEC) --host $(KFP_HOST) $(BATCH_PARAMS) $(if $(WAIT),--wait)
 
 test: venv checkov  ## Unit, compile, manifest and end-to-end tests (starts its own MLflow server)
 	$(PY) -m pytest
@@ -152,4 +169,4 @@ test-images: venv images  ## Image checks and the whole pipeline with every task
 	$(PY) -m pytest -m images -s
 
 clean:  ## Remove local run outputs (keeps .venv and the MLflow data)
-	rm -rf local_outputs $(PIPELINE_SPEC) .pytest_cache
+	rm -rf local_outputs $(PIPELINE_SPEC) $(BATCH_SPEC) .pytest_cache

@@ -1,8 +1,9 @@
-"""The NYC rental-price pipeline as a KFP v2 DAG, and its command line.
+"""The NYC rental-price pipelines as KFP v2 DAGs (training, batch scoring), and their command line.
 
     python pipeline.py compile [--output pipeline.yaml]
     python pipeline.py run [--param key=value ...] [--no-cache] [--verbose]   # kfp.local, no cluster, no Docker
     python pipeline.py run --runner docker ...                       # kfp.local, each task in its image
+    python pipeline.py run --pipeline batch --param source=... [--param model=models:/rental-price/3]
     python pipeline.py submit [--host URL] [--wait]                  # upload pipeline.yaml to KFP and start a run
     python pipeline.py promote --version N | rollback                # move the `prod` alias by hand
     python pipeline.py seed-data --to s3://data/KEY                  # put the shipped sample into S3/MinIO
@@ -54,6 +55,7 @@ def git_commit() -> str:
 # failures are retried inside the step (MLflow's client: tracking.CLIENT_LIMITS; downloads: data.fetch) and bad
 # input fails once, at once, here as locally.
 PIPELINE_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "S3_ENDPOINT_URL")
+TRAINING_STEPS = ["download", "clean", "check", "split", "train", "select", "evaluate", "register"]
 RESOURCES = {  # step: (cpu request, cpu limit, memory request, memory limit)
     "download": ("250m", "1", "512M", "1G"),
     "clean": ("250m", "1", "512M", "1G"),
@@ -63,6 +65,7 @@ RESOURCES = {  # step: (cpu request, cpu limit, memory request, memory limit)
     "select": ("250m", "1", "512M", "1G"),
     "evaluate": ("500m", "1", "1G", "3G"),
     "register": ("250m", "1", "512M", "1G"),
+    "score": ("500m", "1", "1G", "2G"),
 }
 # Defaults of the box and the model live with the code that uses them.
 BOX, MODEL, DRIFT = data.Box(), ModelParams(), data.DriftLimits()
@@ -156,7 +159,7 @@ def build(cluster: bool = True):
             raw_data=download.outputs["raw_data"], clean_data=clean.outputs["clean_data"],
             comparison=evaluate.outputs["comparison"], importance=evaluate.outputs["importance"], model_name=model_name,
             margin=margin,
-            git_commit=git_commit(), images=json.dumps(steps.IMAGES, sort_keys=True))
+            git_commit=git_commit(), images=json.dumps({s: steps.IMAGES[s] for s in TRAINING_STEPS}, sort_keys=True))
         # Steps that read the registry (prod model, its data) must see it as it is now, never from a cache.
         for task in (check, evaluate, register):
             task.set_caching_options(False)
@@ -170,23 +173,58 @@ def build(cluster: bool = True):
     return rental_price_pipeline
 
 
+BATCH_NAME = "rental-price-batch"
+BatchOutputs = NamedTuple("BatchOutputs", summary=str)
+
+
+@functools.cache
+def build_batch(cluster: bool = True):
+    """Batch scoring: a file of listings priced by a registered version, with the download step of training."""
+
+    @dsl.pipeline(name=BATCH_NAME, description="Price a file of listings with a registered model version.",
+                  pipeline_root=CLUSTER_PIPELINE_ROOT if cluster else None)
+    def rental_price_batch(
+        source: str = data.CLUSTER_SOURCE if cluster else data.DEFAULT_SOURCE,
+        source_sha256: str = "",
+        model: str = f"models:/{MODEL_NAME}@{tracking.PROD_ALIAS}",
+        price_unfamiliar: bool = False,
+        max_rejected: float = 0.05,
+    ) -> BatchOutputs:
+        download = steps.download(source=source, expected_sha256=source_sha256)
+        score = steps.score(raw_data=download.outputs["raw_data"], model=model, price_unfamiliar=price_unfamiliar,
+                            max_rejected=max_rejected)
+        score.set_caching_options(False)  # an alias names a new version when it moves
+        if cluster:
+            for step, task in (("download", download), ("score", score)):
+                for_cluster(step, task)
+        return BatchOutputs(summary=score.outputs["summary"])
+
+    return rental_price_batch
+
+
+# Each pipeline: how it is built, its steps and its spec file by default.
+PIPELINES = {"training": (build, TRAINING_STEPS, "pipeline.yaml"),
+             "batch": (build_batch, ["download", "score"], "pipeline-batch.yaml")}
+
+
 # ---------------------------------------------------------------- command line
 
-def pipeline_parameters() -> dict[str, inspect.Parameter]:
-    return dict(inspect.signature(build(cluster=False).pipeline_func).parameters)
+def pipeline_parameters(pipeline: str = "training") -> dict[str, inspect.Parameter]:
+    return dict(inspect.signature(PIPELINES[pipeline][0](cluster=False).pipeline_func).parameters)
 
 
-def parse_params(pairs: list[str]) -> dict:
+def parse_params(pairs: list[str], pipeline: str = "training") -> dict:
     """`key=value` pairs, typed by the pipeline's own signature."""
     params = {}
-    known = pipeline_parameters() if pairs else {}
+    known = pipeline_parameters(pipeline) if pairs else {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or key not in known:
             sys.exit(f"pipeline.py: --param {pair!r}: expected key=value with key one of {sorted(known)}")
         kind = known[key].annotation
         try:
-            params[key] = sweep_trials(json.loads(value)) if kind is list else kind(value)
+            params[key] = (sweep_trials(json.loads(value)) if kind is list else boolean(value) if kind is bool
+                           else kind(value))
         except ValueError as exc:
             sys.exit(f"pipeline.py: --param {key}: {value!r} is not a valid {kind.__name__}"
                      + (f" of trials: {exc}" if kind is list else ""))
@@ -195,6 +233,12 @@ def parse_params(pairs: list[str]) -> dict:
     except ValueError as exc:
         sys.exit(f"pipeline.py: --param {exc}")
     return params
+
+
+def boolean(value: str) -> bool:
+    if value.lower() not in ("true", "false"):
+        raise ValueError(value)
+    return value.lower() == "true"
 
 
 def sweep_trials(trials) -> list[dict]:
@@ -225,8 +269,8 @@ def number_or_text(value: str):
         return value
 
 
-def compile_pipeline(output: str) -> None:
-    compiler.Compiler().compile(build(cluster=True), package_path=output)
+def compile_pipeline(output: str, pipeline: str = "training") -> None:
+    compiler.Compiler().compile(PIPELINES[pipeline][0](cluster=True), package_path=output)
     print(f"wrote {output}")
 
 
@@ -292,8 +336,10 @@ def local_source(source: str, pipeline_root: str) -> str:
     return str(copy)
 
 
-def run_local(params: dict, pipeline_root: str, cache: bool, runner: str = "subprocess", verbose: bool = False) -> int:
-    """Run the whole DAG with kfp.local: each task a subprocess of this interpreter, or a container of its image."""
+def run_local(params: dict, pipeline_root: str, cache: bool, runner: str = "subprocess", verbose: bool = False,
+              pipeline: str = "training") -> int:
+    """Run a whole DAG with kfp.local: each task a subprocess of this interpreter, or a container of its image."""
+    builder, step_names, _ = PIPELINES[pipeline]
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if not tracking_uri:
         sys.exit("pipeline.py run: MLFLOW_TRACKING_URI is not set; `make run` starts a local MLflow server and sets it")
@@ -351,7 +397,7 @@ def run_local(params: dict, pipeline_root: str, cache: bool, runner: str = "subp
     failed = None
     try:
         with progress:
-            outputs = build(cluster=False)(**params).outputs
+            outputs = builder(cluster=False)(**params).outputs
     except RuntimeError as exc:
         failed = ANSI.sub("", str(exc))  # kfp.local colours task names
     finally:
@@ -360,10 +406,17 @@ def run_local(params: dict, pipeline_root: str, cache: bool, runner: str = "subp
     if failed is not None:
         print(f"\nFAILED: {failed} (its error is printed above)" if verbose else progress.failure(), file=sys.stderr)
         return 1
-    reused = sorted(set(steps.IMAGES) - tracking.steps_run(kfp_run))
+    reused = sorted(set(step_names) - tracking.steps_run(kfp_run))
     if reused:
         print(f"reused from the cache: {', '.join(reused)} (same data sha256 {params['source_sha256'][:12]}, "
               "parameters and code)")
+    if pipeline == "batch":
+        summary = json.loads(outputs["summary"])
+        print(f"\npriced {summary['scored']} of {summary['rows']} listings with {summary['model_name']!r} version "
+              f"{summary['model_version']} ({summary['model']}); {summary['rejected']} rejected")
+        print(f"predictions: {summary['predictions']} (Parquet), {summary['predictions_csv']} (CSV)")
+        print(f"rejected rows, each with why: {summary['rejected_rows']}")
+        return 0
     print(f"\nregistered model {params.get('model_name', 'rental-price')!r} version {outputs['version']}: "
           f"{'now prod' if outputs['promoted'] else 'prod unchanged'}; test MAE {outputs['test_mae']:.2f}")
     print(f"why: {outputs['reason']}")
@@ -375,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     compile_cmd = commands.add_parser("compile", help="write the KFP pipeline spec")
-    compile_cmd.add_argument("--output", default="pipeline.yaml")
+    compile_cmd.add_argument("--output", default="", help="default: pipeline.yaml, pipeline-batch.yaml for batch")
     run_cmd = commands.add_parser("run", help="run the pipeline locally with kfp.local")
     run_cmd.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
     run_cmd.add_argument("--sweep", default="", metavar="GRID",
@@ -386,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     run_cmd.add_argument("--runner", choices=["subprocess", "docker"], default="subprocess",
                          help="subprocess: this interpreter (default); docker: every task in its image")
     submit_cmd = commands.add_parser("submit", help="upload the compiled spec to KFP and start a run")
-    submit_cmd.add_argument("--spec", default="pipeline.yaml")
+    submit_cmd.add_argument("--spec", default="", help="default: the pipeline's spec file, as compile writes it")
     submit_cmd.add_argument("--host", default=os.environ.get("KFP_HOST", "http://127.0.0.1:8081"))
     submit_cmd.add_argument("--experiment", default="rental-price")
     submit_cmd.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
@@ -404,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
             registry_cmd.add_argument("--version", required=True)
         registry_cmd.add_argument("--kube-context", default="", help="then roll the serving Deployment of this "
                                   "kubeconfig context to the new prod (make promote-cluster / rollback-cluster)")
+    for command in (compile_cmd, run_cmd, submit_cmd):
+        command.add_argument("--pipeline", choices=list(PIPELINES), default="training",
+                             help="training (default): data to a registered model; batch: price a file of listings")
     args = parser.parse_args(argv)
     if getattr(args, "sweep", ""):
         if any(pair.startswith("sweep=") for pair in args.param):
@@ -413,10 +469,11 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             sys.exit(f"pipeline.py: --sweep {args.sweep!r}: {exc}")
     if args.command == "compile":
-        compile_pipeline(args.output)
+        compile_pipeline(args.output or PIPELINES[args.pipeline][2], args.pipeline)
         return 0
     if args.command == "submit":
-        return submit(args.spec, args.host, parse_params(args.param), args.experiment, args.wait, args.timeout,
+        return submit(args.spec or PIPELINES[args.pipeline][2], args.host, parse_params(args.param, args.pipeline),
+                      args.experiment, args.wait, args.timeout,
                       cache=not args.no_cache)
     if args.command == "seed-data":
         return seed_data(args.source, args.to)
@@ -430,8 +487,8 @@ def main(argv: list[str] | None = None) -> int:
         except StepError as exc:
             sys.exit(str(exc))
         return 0
-    return run_local(parse_params(args.param), args.pipeline_root, cache=not args.no_cache, runner=args.runner,
-                     verbose=args.verbose)
+    return run_local(parse_params(args.param, args.pipeline), args.pipeline_root, cache=not args.no_cache,
+                     runner=args.runner, verbose=args.verbose, pipeline=args.pipeline)
 
 
 if __name__ == "__main__":

@@ -372,6 +372,17 @@ def check_inputs(rows: pd.DataFrame, profile: dict | None) -> tuple[pd.DataFrame
     return pd.DataFrame(typed, columns=FEATURES), sorted(problems, key=lambda p: (p.row, order[p.field]))
 
 
+def numbers_from_text(rows: pd.DataFrame) -> pd.DataFrame:
+    """CSV cells as check_inputs takes them: one bad cell makes pandas read a whole numeric column as text, so its
+    numbers are made numbers again and only the bad cell is reported."""
+    rows = rows.copy()
+    for column in NUMBER_FIELDS:
+        if column in rows.columns and not pd.api.types.is_numeric_dtype(rows[column]):
+            numbers = pd.to_numeric(rows[column], errors="coerce")
+            rows[column] = numbers.astype(object).where(numbers.notna(), rows[column])
+    return rows
+
+
 def refused(problems: list[Problem], flag: bool) -> list[Problem]:
     """The problems that stop rows from being priced: all of them, or with `flag` only the broken ones."""
     return [p for p in problems if p.broken or not flag]

@@ -128,3 +128,23 @@ def register(
                             margin, raw_data.metadata, clean_data.metadata, git_commit, images, json.loads(importance),
                             model_card.path)
     return (result["version"], result["promoted"], result["test_mae"], result["reason"])
+
+
+@_component("score")
+def score(
+    raw_data: Input[Dataset], predictions: Output[Dataset], predictions_csv: Output[Dataset],
+    rejected_rows: Output[Dataset], metrics: Output[Metrics], model: str, price_unfamiliar: bool, max_rejected: float,
+) -> NamedTuple("Scored", summary=str):
+    """Price each listing with the model version `model` names (resolved once): Parquet and CSV, and every row
+    that cannot be priced with why."""
+    import json
+
+    from components import tasks
+
+    summary = tasks.score(raw_data.path, model, predictions.path, predictions_csv.path, rejected_rows.path,
+                          price_unfamiliar, max_rejected)
+    for output, kind in ((predictions, "parquet"), (predictions_csv, "csv"), (rejected_rows, "csv")):
+        output.metadata.update({"format": kind, "model_version": summary["model_version"]})
+    tasks.write_metrics(metrics, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    return (json.dumps({**summary, "predictions": predictions.uri, "predictions_csv": predictions_csv.uri,
+                        "rejected_rows": rejected_rows.uri}),)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
@@ -464,3 +465,77 @@ def lineage(raw_meta: dict, clean_meta: dict, model_meta: dict, git_commit: str,
     # The same training rows, parameters and code (the images' tags hash the code) make the same model.
     same = json.dumps([model_meta.get("trainval_sha256", tags["data_sha256"]), tags["parameters"], images])
     return tags | {FINGERPRINT_TAG: hashlib.sha256(same.encode()).hexdigest()[:32]}
+
+
+# ---------------------------------------------------------------- batch scoring
+
+# Rows read, checked and priced at a time: memory stays bounded whatever the size of the file.
+SCORE_CHUNK = 50_000
+PREDICTION_COLUMNS = [model.ID, model.HOST, "predicted_price", "model_version", "flags"]
+
+
+def score(raw_path: str, model_uri: str, predictions_path: str, csv_path: str, rejected_path: str,
+          price_unfamiliar: bool, max_rejected: float) -> dict:
+    """Price every listing of a CSV with the version `model_uri` names (resolved once): the predictions as Parquet
+    and CSV, and each row that cannot be priced with why (model.check_inputs, the model server's rule). Fails when
+    more than `max_rejected` of the rows are rejected. Returns the summary."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not 0 <= max_rejected <= 1:
+        raise StepError("score", "max_rejected", f"must be a share between 0 and 1, got {max_rejected}")
+    params = {"model": model_uri, "price_unfamiliar": price_unfamiliar, "max_rejected": max_rejected}
+    with tracking.step_run("score", params=params, last=True):
+        version = tracking.model_version(model_uri, "score")
+        fitted, profile = tracking.load_model(f"models:/{version.name}/{version.version}", "score")
+        mlflow.set_tags({"model_name": version.name, "model_version": version.version})
+        schema = pa.schema([(model.ID, pa.int64()), (model.HOST, pa.int64()), ("predicted_price", pa.float64()),
+                            ("model_version", pa.int64()), ("flags", pa.string())])
+        rows, prices, rejected, reasons = 0, [], 0, {}
+        with pq.ParquetWriter(predictions_path, schema) as parquet, open(csv_path, "w") as csv, \
+                open(rejected_path, "w") as refused_file:
+            for chunk in pd.read_csv(raw_path, chunksize=SCORE_CHUNK):
+                chunk = model.numbers_from_text(chunk.reset_index(drop=True))
+                typed, problems = model.check_inputs(chunk, profile)
+                missing = [p.field for p in problems if p.row < 0]
+                if missing:
+                    raise StepError("score", missing[0], f"column missing from the data (missing: {missing})")
+                refused = model.refused(problems, price_unfamiliar)
+                bad = {p.row for p in refused}
+                keep = [i for i in range(len(chunk)) if i not in bad]
+                flags = {}
+                for p in problems:
+                    if p.row not in bad:
+                        flags[p.row] = "; ".join(filter(None, [flags.get(p.row), f"{p.field}: {p.problem}"]))
+                priced = typed.iloc[keep]
+                out = pd.DataFrame({model.ID: priced[model.ID].astype("int64"),
+                                    model.HOST: priced[model.HOST].astype("int64"),
+                                    "predicted_price": fitted.predict(priced) if keep else [],
+                                    "model_version": int(version.version),
+                                    "flags": [flags.get(i) for i in keep]}, columns=PREDICTION_COLUMNS)
+                parquet.write_table(pa.Table.from_pandas(out, schema=schema, preserve_index=False))
+                out.to_csv(csv, header=rows == 0, index=False)
+                pd.DataFrame([{"row": rows + p.row, model.ID: chunk[model.ID].iloc[p.row], "field": p.field,
+                               "problem": p.problem} for p in refused], columns=["row", model.ID, "field", "problem"]
+                             ).to_csv(refused_file, header=rows == 0, index=False)
+                for p in refused:
+                    key = f"{p.field}: {'broken' if p.broken else 'unfamiliar'}"
+                    reasons[key] = reasons.get(key, 0) + 1
+                rows, rejected = rows + len(chunk), rejected + len(bad)
+                prices.append(out["predicted_price"].to_numpy())
+        priced = pd.Series(np.concatenate(prices) if prices else [], dtype=float)
+        summary = {"model": model_uri, "model_name": version.name, "model_version": int(version.version),
+                   "rows": rows, "scored": rows - rejected, "rejected": rejected,
+                   "rejected_share": rejected / rows if rows else 0.0, "reasons": reasons,
+                   **({"mean_price": float(priced.mean()), **{f"p{q}_price": float(priced.quantile(q / 100))
+                                                               for q in (10, 50, 90)}} if len(priced) else {})}
+        mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+        mlflow.log_dict(summary, "summary.json")
+        why = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items(), key=lambda item: -item[1]))
+        print(f"score: {rows - rejected} of {rows} rows priced with {version.name} version {version.version}"
+              + (f"; {rejected} rejected ({why})" if rejected else ""))
+        if rows and rejected / rows > max_rejected:
+            raise StepError("score", "rows", f"{rejected} of {rows} rows ({rejected / rows:.1%}) cannot be priced, "
+                            f"more than max_rejected {max_rejected:.1%} ({why}); each is listed with why in the "
+                            f"rejected rows ({rejected_path})")
+        return summary

@@ -7,6 +7,7 @@ every runner point the same code at their own server.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -358,6 +359,22 @@ def prod_version(name: str, alias: str = PROD_ALIAS) -> ModelVersion | None:
     except MlflowException as exc:
         if exc.error_code in NOT_FOUND:
             return None
+        raise
+
+
+def model_version(uri: str, step: str) -> ModelVersion:
+    """The version `uri` names (models:/NAME@ALIAS or models:/NAME/VERSION), resolved now, once."""
+    match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", uri)
+    if not match:
+        raise StepError(step, "model", f"{uri!r} is not models:/NAME@ALIAS or models:/NAME/VERSION")
+    name, alias, number = match.groups()
+    client = MlflowClient()
+    try:
+        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
+    except MlflowException as exc:
+        if exc.error_code in NOT_FOUND:
+            raise StepError(step, "model", f"{uri}: no such model version on {mlflow.get_tracking_uri()} "
+                                           f"({exc.error_code})") from exc
         raise
 
 

@@ -4,7 +4,9 @@ For each data size (the shipped 20k sample, then larger sets resampled from it w
 `pipeline.py run` three times against its own MLflow server: a first run (no prod yet), the identical re-run (the
 cache), and a run on other data of the same size (with prod to compare with, as next month's run). Per step it
 reads what the step logged (compute, start-up, peak memory) and takes each task's wall time from kfp.local's log.
-Then the reference forest and the default learner on the sample's split protocol: test MAE and fit time.
+Then batch scoring (`pipeline.py run --pipeline batch`) of the other data with the prod just made, beside the
+in-process floor (the model's own predict on the same rows). Then the reference forest and the default learner on
+the sample's split protocol: test MAE and fit time.
 """
 
 import argparse
@@ -82,6 +84,33 @@ def run(source: str, root: Path, model_name: str, experiment: str) -> dict:
     return {"wall": wall, "steps": figures.reindex([s for s in STEPS if s in figures.index]), "test_mae": mae}
 
 
+def batch_row(rows: int, source: str, root: Path, name: str) -> str:
+    """Batch scoring of `source` with prod of `name`: wall, the score step's compute and peak memory, rows per second,
+    and the floor: the same version's predict on the same rows, in this process (after reading and checking)."""
+    from components import tracking
+
+    command = [sys.executable, "pipeline.py", "run", "--pipeline", "batch", "--pipeline-root", str(root),
+               "--param", f"source={source}", "--param", f"model=models:/{name}@prod", "--param", "max_rejected=1"]
+    env = {**os.environ, "MLFLOW_EXPERIMENT_NAME": name}
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    wall = time.perf_counter() - started
+    if done.returncode:
+        sys.exit(f"bench: batch scoring failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    kfp_run = re.search(r"pipeline run (local-\w+)", done.stdout).group(1)
+    step = mlflow.search_runs(experiment_names=[name], filter_string=f"tags.kfp_run_id = '{kfp_run}' and "
+                              "tags.pipeline_step = 'score'").iloc[0]
+    fitted, profile = tracking.load_model(f"models:/{name}/{tracking.prod_version(name).version}", "bench")
+    typed, problems = model.check_inputs(model.numbers_from_text(pd.read_csv(source)), profile)
+    typed = typed.drop(index=list({p.row for p in problems}))
+    started = time.perf_counter()
+    fitted.predict(typed)
+    floor = len(typed) / (time.perf_counter() - started)
+    compute = step["metrics.step_seconds"]
+    return (f"| {rows:,} | {wall:.1f} | {compute:.1f} | {rows / compute:,.0f} | {step['metrics.peak_memory_mb']:.0f} | "
+            f"{floor:,.0f} | {floor / (rows / compute):.1f} |")
+
+
 def size_table(rows: int, first: dict, again: dict, other: dict) -> list[str]:
     lines = [f"### {rows:,} rows", "",
              f"first run {first['wall']:.1f} s (test MAE {first['test_mae']:.2f}); identical re-run "
@@ -141,6 +170,9 @@ def main() -> None:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         os.environ["MLFLOW_TRACKING_URI"] = uri
         mlflow.set_tracking_uri(uri)
+        batch = ["## Batch scoring (the other data, with the prod of its size)", "",
+                 "| rows | wall s | score compute s | rows/s | peak MB | in-process predict rows/s | floor / batch |",
+                 "|---|---|---|---|---|---|---|"]
         try:
             wait_until(f"{uri}/health", process=server)
             for rows in (int(n) for n in args.sizes.split(",")):
@@ -156,6 +188,10 @@ def main() -> None:
                 lines = size_table(rows, first, again, other)
                 print("\n".join(lines) + "\n", flush=True)
                 report += lines + [""]
+                batch.append(batch_row(rows, files[1], root, name))
+                print(batch[-1], flush=True)
+            report += batch + [""]
+            print("\n".join(batch), flush=True)
         finally:
             os.killpg(server.pid, 15)
             server.wait(timeout=30)

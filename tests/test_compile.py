@@ -1,5 +1,5 @@
-"""The compiled spec: eight steps (train inside the sweep's loop), their dependencies and images, and a golden
-file that shows any DAG change.
+"""The compiled specs: training's eight steps (train inside the sweep's loop), batch scoring's two, their
+dependencies and images, and a golden file of each that shows any DAG change.
 
 After an intended change to the DAG: UPDATE_GOLDEN=1 pytest tests/test_compile.py
 """
@@ -15,6 +15,7 @@ import pipeline
 from images import catalog
 
 GOLDEN = Path(__file__).parent / "golden" / "pipeline.yaml"
+GOLDEN_BATCH = Path(__file__).parent / "golden" / "pipeline-batch.yaml"
 DEPENDENCIES = {
     "download": set(),
     "clean": {"download"},
@@ -51,7 +52,7 @@ def step_tasks(spec) -> dict:
 def test_the_steps_with_their_dependencies(spec):
     tasks = spec["root"]["dag"]["tasks"]
     assert {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()} == DEPENDENCIES
-    assert set(step_tasks(spec)) == set(catalog.step_images())
+    assert set(step_tasks(spec)) == set(pipeline.TRAINING_STEPS) == set(catalog.step_images()) - {"score"}
 
 
 def test_the_sweep_is_a_parallel_for_over_the_sweep_parameter_gathered_by_select(spec):
@@ -122,3 +123,35 @@ def test_spec_matches_the_golden_file(spec_text):
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(normalized(spec_text))
     assert normalized(spec_text) == GOLDEN.read_text(), "DAG changed: review, then UPDATE_GOLDEN=1 to accept"
+
+
+@pytest.fixture(scope="module")
+def batch_text(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("spec") / "pipeline-batch.yaml"
+    pipeline.compile_pipeline(str(path), "batch")
+    return path.read_text()
+
+
+def test_batch_scoring_is_training_download_then_score_in_the_model_image(batch_text):
+    spec, platform = yaml.safe_load_all(batch_text)
+    tasks = spec["root"]["dag"]["tasks"]
+    assert {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()} == {
+        "download": set(), "score": {"download"}}
+    images = catalog.step_images()
+    executors = spec["deploymentSpec"]["executors"]
+    for name, task in tasks.items():
+        container = executors[spec["components"][task["componentRef"]["name"]]["executorLabel"]]["container"]
+        assert container["image"] == images[name]
+    assert images["score"] == images["train"]
+    # The same download component as training's, and score resolves the model when it runs, never from a cache.
+    training = next(yaml.safe_load_all(GOLDEN.read_text()))
+    assert spec["components"]["comp-download"] == training["components"]["comp-download"]
+    assert not tasks["score"].get("cachingOptions", {}).get("enableCache")
+    assert spec["root"]["inputDefinitions"]["parameters"]["model"]["defaultValue"] == "models:/rental-price@prod"
+    assert set(platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]) == {"exec-download", "exec-score"}
+
+
+def test_batch_spec_matches_the_golden_file(batch_text):
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN_BATCH.write_text(normalized(batch_text))
+    assert normalized(batch_text) == GOLDEN_BATCH.read_text(), "DAG changed: review, then UPDATE_GOLDEN=1 to accept"

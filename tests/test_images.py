@@ -15,6 +15,7 @@ import pytest
 from conftest import ROOT, free_port, wait_until
 from mlflow.tracking import MlflowClient
 
+import pipeline
 from images import catalog
 
 pytestmark = pytest.mark.images
@@ -131,4 +132,17 @@ def test_whole_pipeline_with_every_task_in_its_image(mlflow_server, tmp_path):
     prod = MlflowClient(mlflow_server).get_model_version_by_alias(model, "prod")
     assert prod.version == "1" and float(prod.tags["test_mae"]) <= 30.5  # the default learner, as locally
     assert prod.tags["data_source"] == "sample://nyc_airbnb_sample1.csv.gz"
-    assert json.loads(prod.tags["images"]) == catalog.step_images()
+    images = catalog.step_images()
+    assert json.loads(prod.tags["images"]) == {step: images[step] for step in pipeline.TRAINING_STEPS}
+    # Batch scoring with the version just made, its score step in the model's image.
+    result = subprocess.run(
+        [sys.executable, "pipeline.py", "run", "--runner", "docker", "--pipeline", "batch", "--pipeline-root",
+         str(tmp_path / "out"), "--param", f"model=models:/{model}@prod", "--param", "max_rejected=1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
+    logged = Path(re.search(r"^steps \(full log: (.*)\):$", result.stdout, re.M).group(1)).read_text()
+    assert f"Found image {images['score']!r}" in logged
+    priced = re.search(r"^priced (\d+) of 20000 listings with '(.+)' version 1 ", result.stdout, re.M)
+    assert priced and priced.group(2) == model and int(priced.group(1)) > 19000, result.stdout
+    (predictions,) = (tmp_path / "out").glob("rental-price-batch-*/score/predictions")
+    assert predictions.read_bytes()[:4] == b"PAR1"  # Parquet, written in the image

@@ -612,6 +612,17 @@ def test_make_dry_run_prints_the_commands_in_order(tmp_path):
     assert kubectl_calls and all(call == "kubectl --context kind-ci " for call in kubectl_calls)
 
 
+def test_make_dry_run_of_batch_scoring_locally_and_on_the_cluster(tmp_path):
+    result = make("-n", "compile", "predict-batch", "submit-batch", "DATA_URL=s3://data/new.csv",
+                  "MODEL=models:/rental-price/3", f"PYTHON={sys.executable}")
+    assert result.returncode == 0, result.stderr
+    steps = ["pipeline.py compile --output pipeline.yaml", "pipeline.py compile --pipeline batch --output "
+             "pipeline-batch.yaml", "pipeline.py run --pipeline batch --param source=s3://data/new.csv --param "
+             "model=models:/rental-price/3", "pipeline.py submit --pipeline batch --spec pipeline-batch.yaml"]
+    positions = [result.stdout.find(step) for step in steps]
+    assert -1 not in positions and positions == sorted(positions), result.stdout
+
+
 FAKE_KUBECTL = """\
 #!{python}
 # Stands in for kubectl: records each call, renders what `apply` would send, says "not found" to `get`.
