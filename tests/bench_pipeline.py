@@ -29,7 +29,6 @@ sys.path.insert(0, str(ROOT))
 from components import data, model  # noqa: E402
 
 STEPS = ["download", "clean", "check", "split", "train", "select", "evaluate", "register"]
-LOG_LINE = re.compile(r"^(\d\d):(\d\d):(\d\d\.\d+) - INFO - (Executing task|Task) '(\w+)'( finished)?")
 
 
 def synthesize(sample: pd.DataFrame, rows: int, seed: int) -> pd.DataFrame:
@@ -46,19 +45,11 @@ def synthesize(sample: pd.DataFrame, rows: int, seed: int) -> pd.DataFrame:
     return df
 
 
-def task_walls(log: str) -> dict[str, float]:
-    """Seconds from 'Executing task' to 'finished' for each task in kfp.local's log (trials added up)."""
-    plain, started, walls = re.sub(r"\x1b\[[0-9;]*m", "", log), {}, {}
-    for line in plain.splitlines():
-        match = LOG_LINE.match(line.strip())
-        if not match:
-            continue
-        hours, minutes, seconds, kind, task, finished = match.groups()
-        at = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
-        if finished:
-            walls[task] = walls.get(task, 0) + at - started[task].pop(0)
-        else:
-            started.setdefault(task, []).append(at)
+def task_walls(stdout: str) -> dict[str, float]:
+    """Seconds each task took, from the line `pipeline.py run` prints as it ends (trials added up)."""
+    walls = {}
+    for task, seconds in re.findall(r"^  (\w+) +done in +([\d.]+) s", stdout, re.M):
+        walls[task] = walls.get(task, 0) + float(seconds)
     return walls
 
 
@@ -78,7 +69,7 @@ def run(source: str, root: Path, model_name: str, experiment: str) -> dict:
     figures = runs.groupby("tags.pipeline_step").agg(
         compute=("metrics.step_seconds", "sum"), startup=("metrics.startup_seconds", "max"),
         peak_mb=("metrics.peak_memory_mb", "max"))
-    walls = task_walls(done.stdout + done.stderr)
+    walls = task_walls(done.stdout)
     figures["wall"] = [walls.get(step, float("nan")) for step in figures.index]
     mae = float(re.search(r"test MAE ([\d.]+)", done.stdout).group(1))
     return {"wall": wall, "steps": figures.reindex([s for s in STEPS if s in figures.index]), "test_mae": mae}
