@@ -60,10 +60,10 @@ def para(text: str) -> str:
     return f"<p>{escape(text)}</p>"
 
 
-def table(header: list[str], rows: list[list], numeric: set[int] = frozenset()) -> str:
-    """A table of plain values; a cell that is a data.PASS.. status gets its badge."""
+def table(header: list[str], rows: list[list], numeric: set[int] = frozenset(), badge: int | None = None) -> str:
+    """A table of plain values; the cells of column `badge` (a data.PASS.. status) show as badges."""
     def cell(i, value):
-        if i not in numeric and value in (data.PASS, data.WARN, data.FAIL, data.SKIP):
+        if i == badge:
             return f'<td><span class="status {value}">{value}</span></td>'
         return f'<td class="num">{escape(str(value))}</td>' if i in numeric else f"<td>{escape(str(value))}</td>"
     head = "".join(f"<th>{escape(h)}</th>" for h in header)
@@ -233,7 +233,7 @@ def data_report(df: pd.DataFrame, checks: list[data.Check], notes: list[str],
     problems = [para(m) for m in failures + warnings]
     sections = [
         verdict(status, summary + ("" if failures else ": the data goes on to training")),
-        section("checks", "Checks", table(["check", "result", "observed", "threshold"], rows), *problems),
+        section("checks", "Checks", table(["check", "result", "observed", "threshold"], rows, badge=1), *problems),
         section("columns", "Columns", table(["column", "type", "missing", "min", "median", "max", "top values"],
                                             column_profile(df), {2})),
     ]

@@ -523,12 +523,13 @@ def score(raw_path: str, model_uri: str, predictions_path: str, csv_path: str, r
                     reasons[key] = reasons.get(key, 0) + 1
                 rows, rejected = rows + len(chunk), rejected + len(bad)
                 prices.append(out["predicted_price"].to_numpy())
-        priced = pd.Series(np.concatenate(prices) if prices else [], dtype=float)
+        all_prices = pd.Series(np.concatenate(prices) if prices else [], dtype=float)
         summary = {"model": model_uri, "model_name": version.name, "model_version": int(version.version),
                    "rows": rows, "scored": rows - rejected, "rejected": rejected,
                    "rejected_share": rejected / rows if rows else 0.0, "reasons": reasons,
-                   **({"mean_price": float(priced.mean()), **{f"p{q}_price": float(priced.quantile(q / 100))
-                                                               for q in (10, 50, 90)}} if len(priced) else {})}
+                   **({"mean_price": float(all_prices.mean()),
+                       **{f"p{q}_price": float(all_prices.quantile(q / 100)) for q in (10, 50, 90)}}
+                      if len(all_prices) else {})}
         mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
         mlflow.log_dict(summary, "summary.json")
         why = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items(), key=lambda item: -item[1]))

@@ -53,25 +53,29 @@ def task_walls(stdout: str) -> dict[str, float]:
     return walls
 
 
-def run(source: str, root: Path, model_name: str, experiment: str) -> dict:
-    """One `pipeline.py run`: wall seconds, the output, and what each step logged to MLflow."""
-    command = [sys.executable, "pipeline.py", "run", "--pipeline-root", str(root), "--param", f"source={source}",
-               "--param", f"model_name={model_name}"]
-    env = {**os.environ, "MLFLOW_EXPERIMENT_NAME": experiment}
+def pipeline_run(args: list[str], experiment: str) -> tuple[str, float, pd.DataFrame]:
+    """`pipeline.py run ARGS` under `experiment`: its output, its wall seconds and the runs its steps logged."""
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    done = subprocess.run([sys.executable, "pipeline.py", "run", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "MLFLOW_EXPERIMENT_NAME": experiment}, timeout=1800)
     wall = time.perf_counter() - started
     if done.returncode:
-        sys.exit(f"bench: the pipeline failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+        sys.exit(f"bench: pipeline.py run {' '.join(args)} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
     kfp_run = re.search(r"pipeline run (local-\w+)", done.stdout).group(1)
     runs = mlflow.search_runs(experiment_names=[experiment], filter_string=f"tags.kfp_run_id = '{kfp_run}'")
-    runs = runs[runs["tags.pipeline_step"] != "pipeline"]
+    return done.stdout, wall, runs[runs["tags.pipeline_step"] != "pipeline"]
+
+
+def run(source: str, root: Path, model_name: str, experiment: str) -> dict:
+    """One training run: wall seconds, the test MAE, and what each step logged to MLflow."""
+    stdout, wall, runs = pipeline_run(["--pipeline-root", str(root), "--param", f"source={source}",
+                                       "--param", f"model_name={model_name}"], experiment)
     figures = runs.groupby("tags.pipeline_step").agg(
         compute=("metrics.step_seconds", "sum"), startup=("metrics.startup_seconds", "max"),
         peak_mb=("metrics.peak_memory_mb", "max"))
-    walls = task_walls(done.stdout)
+    walls = task_walls(stdout)
     figures["wall"] = [walls.get(step, float("nan")) for step in figures.index]
-    mae = float(re.search(r"test MAE ([\d.]+)", done.stdout).group(1))
+    mae = float(re.search(r"test MAE ([\d.]+)", stdout).group(1))
     return {"wall": wall, "steps": figures.reindex([s for s in STEPS if s in figures.index]), "test_mae": mae}
 
 
@@ -80,17 +84,9 @@ def batch_row(rows: int, source: str, root: Path, name: str) -> str:
     and the floor: the same version's predict on the same rows, in this process (after reading and checking)."""
     from components import tracking
 
-    command = [sys.executable, "pipeline.py", "run", "--pipeline", "batch", "--pipeline-root", str(root),
-               "--param", f"source={source}", "--param", f"model=models:/{name}@prod", "--param", "max_rejected=1"]
-    env = {**os.environ, "MLFLOW_EXPERIMENT_NAME": name}
-    started = time.perf_counter()
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    wall = time.perf_counter() - started
-    if done.returncode:
-        sys.exit(f"bench: batch scoring failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
-    kfp_run = re.search(r"pipeline run (local-\w+)", done.stdout).group(1)
-    step = mlflow.search_runs(experiment_names=[name], filter_string=f"tags.kfp_run_id = '{kfp_run}' and "
-                              "tags.pipeline_step = 'score'").iloc[0]
+    _, wall, runs = pipeline_run(["--pipeline", "batch", "--pipeline-root", str(root), "--param", f"source={source}",
+                                  "--param", f"model=models:/{name}@prod", "--param", "max_rejected=1"], name)
+    step = runs[runs["tags.pipeline_step"] == "score"].iloc[0]
     fitted, profile = tracking.load_model(f"models:/{name}/{tracking.prod_version(name).version}", "bench")
     typed, problems = model.check_inputs(model.numbers_from_text(pd.read_csv(source)), profile)
     typed = typed.drop(index=list({p.row for p in problems}))
