@@ -28,6 +28,7 @@ PARAMS ?=
 SWEEP ?=
 PIPELINE_SPEC ?= pipeline.yaml
 BATCH_SPEC ?= pipeline-batch.yaml
+MONITOR_SPEC ?= pipeline-monitor.yaml
 # Batch scoring: the model version to price with (default: the prod version of MODEL_NAME, resolved at the start).
 MODEL ?=
 # KFP API through a port-forward of the dashboard (make ui, or make submit opens one for itself).
@@ -35,6 +36,10 @@ KFP_PORT ?= 8081
 KFP_HOST ?= http://127.0.0.1:$(KFP_PORT)
 WAIT ?=
 NO_CACHE ?=
+# Monitoring: RETRAIN=1 starts the training pipeline on the new listings when they drifted (default: report only).
+RETRAIN ?=
+# When the cluster's recurring monitoring run starts: 5 cron fields (KFP's 6, seconds first, also do).
+CRON ?= 0 6 * * *
 # 1: print kfp.local's whole output (every task's input and logs) instead of a line per step and a log file.
 VERBOSE ?=
 
@@ -56,7 +61,8 @@ IMAGE_NAMES ?=
 # The kind cluster's targets (cluster, deploy, load-images, serve, ui, predict-cluster, down, checkov).
 include manifests/cluster.mk
 
-.PHONY: help venv mlflow mlflow-stop run run-docker compile submit predict-batch submit-batch test test-core serve-local predict promote rollback bench bench-serve \
+.PHONY: help venv mlflow mlflow-stop run run-docker compile submit predict-batch submit-batch monitor schedule \
+        unschedule test test-core serve-local predict promote rollback bench bench-serve \
         base-image images test-images clean
 
 help:  ## List the targets
@@ -103,9 +109,10 @@ run: venv mlflow  ## Run the whole pipeline locally (kfp.local, no cluster, no D
 run-docker: venv mlflow  ## Run the whole pipeline locally with every task in its image (make images first)
 	$(PY) pipeline.py run --runner docker $(RUN_PARAMS) $(if $(VERBOSE),--verbose)
 
-compile: venv  ## Compile the KFP pipeline specs: training to $(PIPELINE_SPEC), batch scoring to $(BATCH_SPEC)
+compile: venv  ## Compile the KFP pipeline specs: training, batch scoring and monitoring ($(PIPELINE_SPEC), $(BATCH_SPEC), $(MONITOR_SPEC))
 	$(PY) pipeline.py compile --output $(PIPELINE_SPEC)
 	$(PY) pipeline.py compile --pipeline batch --output $(BATCH_SPEC)
+	$(PY) pipeline.py compile --pipeline monitor --output $(MONITOR_SPEC)
 
 BATCH_PARAMS = $(if $(DATA_URL),--param source=$(DATA_URL)) $(if $(MODEL),--param model=$(MODEL)) \
   $(foreach p,$(PARAMS),--param '$(p)')
@@ -113,20 +120,35 @@ BATCH_PARAMS = $(if $(DATA_URL),--param source=$(DATA_URL)) $(if $(MODEL),--para
 predict-batch: venv mlflow  ## Price every listing of DATA_URL with MODEL (default prod) locally; prints where the predictions are
 	$(PY) pipeline.py run --pipeline batch $(BATCH_PARAMS) $(if $(VERBOSE),--verbose)
 
-submit: venv compile  ## Upload $(PIPELINE_SPEC) to KFP and start a run (port-forwards if needed); WAIT=1 waits, NO_CACHE=1 reuses nothing
-	@if ! curl -sf -o /dev/null $(KFP_HOST)/apis/v2beta1/healthz; then \
+MONITOR_PARAMS = $(if $(DATA_URL),--param source=$(DATA_URL)) $(if $(RETRAIN),--param retrain=true) \
+  $(foreach p,$(PARAMS),--param '$(p)')
+
+monitor: venv mlflow  ## New listings of DATA_URL against prod's data locally: prints the verdict (ok, drift, invalid) and the report; RETRAIN=1
+	$(PY) pipeline.py run --pipeline monitor $(MONITOR_PARAMS) $(if $(VERBOSE),--verbose)
+
+# The KFP API at KFP_HOST as it is, or through a port-forward of the dashboard for the recipe's duration.
+KFP_API = if ! curl -sf -o /dev/null $(KFP_HOST)/apis/v2beta1/healthz; then \
 	  $(KUBECTL) port-forward -n kubeflow svc/ml-pipeline-ui $(KFP_PORT):80 >/dev/null & trap "kill $$!" EXIT; \
 	  curl -sf -o /dev/null --retry 30 --retry-connrefused --retry-delay 1 $(KFP_HOST)/apis/v2beta1/healthz; \
-	fi; \
+	fi
+
+submit: venv compile  ## Upload $(PIPELINE_SPEC) to KFP and start a run (port-forwards if needed); WAIT=1 waits, NO_CACHE=1 reuses nothing
+	@$(KFP_API); \
 	$(PY) pipeline.py submit --spec $(PIPELINE_SPEC) --host $(KFP_HOST) $(RUN_PARAMS) $(if $(WAIT),--wait) \
 	  $(if $(NO_CACHE),--no-cache)
 
 submit-batch: venv compile  ## Start a batch scoring run on KFP (DATA_URL= an s3:// source, MODEL=); outputs in MinIO; WAIT=1 waits
-	@if ! curl -sf -o /dev/null $(KFP_HOST)/apis/v2beta1/healthz; then \
-	  $(KUBECTL) port-forward -n kubeflow svc/ml-pipeline-ui $(KFP_PORT):80 >/dev/null & trap "kill $$!" EXIT; \
-	  curl -sf -o /dev/null --retry 30 --retry-connrefused --retry-delay 1 $(KFP_HOST)/apis/v2beta1/healthz; \
-	fi; \
+	@$(KFP_API); \
 	$(PY) pipeline.py submit --pipeline batch --spec $(BATCH_SPEC) --host $(KFP_HOST) $(BATCH_PARAMS) $(if $(WAIT),--wait)
+
+schedule: venv compile  ## Monitoring as a KFP recurring run at CRON, one run at a time (DATA_URL= an s3:// source, RETRAIN=1)
+	@$(KFP_API); \
+	$(PY) pipeline.py schedule --cron "$(CRON)" --spec $(MONITOR_SPEC) --training-spec $(PIPELINE_SPEC) \
+	  --host $(KFP_HOST) $(MONITOR_PARAMS)
+
+unschedule: venv  ## Remove the monitoring recurring run from KFP
+	@$(KFP_API); \
+	$(PY) pipeline.py unschedule --host $(KFP_HOST)
 
 test: venv checkov  ## Unit, compile, manifest and end-to-end tests (starts its own MLflow server)
 	$(PY) -m pytest
@@ -169,4 +191,4 @@ test-images: venv images  ## Image checks and the whole pipeline with every task
 	$(PY) -m pytest -m images -s
 
 clean:  ## Remove local run outputs (keeps .venv and the MLflow data)
-	rm -rf local_outputs $(PIPELINE_SPEC) $(BATCH_SPEC) .pytest_cache
+	rm -rf local_outputs $(PIPELINE_SPEC) $(BATCH_SPEC) $(MONITOR_SPEC) .pytest_cache

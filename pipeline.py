@@ -1,10 +1,12 @@
-"""The NYC rental-price pipelines as KFP v2 DAGs (training, batch scoring), and their command line.
+"""The NYC rental-price pipelines as KFP v2 DAGs (training, batch scoring, monitoring), and their command line.
 
     python pipeline.py compile [--output pipeline.yaml]
     python pipeline.py run [--param key=value ...] [--no-cache] [--verbose]   # kfp.local, no cluster, no Docker
     python pipeline.py run --runner docker ...                       # kfp.local, each task in its image
     python pipeline.py run --pipeline batch --param source=... [--param model=models:/rental-price/3]
+    python pipeline.py run --pipeline monitor --param source=... [--param retrain=true]
     python pipeline.py submit [--host URL] [--wait]                  # upload pipeline.yaml to KFP and start a run
+    python pipeline.py schedule [--cron "0 6 * * *"] | unschedule     # monitoring as a KFP recurring run
     python pipeline.py promote --version N | rollback                # move the `prod` alias by hand
     python pipeline.py seed-data --to s3://data/KEY                  # put the shipped sample into S3/MinIO
 """
@@ -30,7 +32,7 @@ from typing import NamedTuple
 import mlflow
 from kfp import compiler, dsl, kubernetes, local
 
-from components import data, rollout, steps, tracking
+from components import data, kfp_api, rollout, steps, tracking
 from components.errors import StepError
 from components.progress import ANSI, Progress
 from components.model import ModelParams
@@ -66,6 +68,8 @@ RESOURCES = {  # step: (cpu request, cpu limit, memory request, memory limit)
     "evaluate": ("500m", "1", "1G", "3G"),
     "register": ("250m", "1", "512M", "1G"),
     "score": ("500m", "1", "1G", "2G"),
+    "monitor": ("250m", "1", "512M", "1G"),
+    "retrain": ("100m", "500m", "256M", "512M"),
 }
 # Defaults of the box and the model live with the code that uses them.
 BOX, MODEL, DRIFT = data.Box(), ModelParams(), data.DriftLimits()
@@ -202,9 +206,66 @@ def build_batch(cluster: bool = True):
     return rental_price_batch
 
 
+MONITOR_NAME = kfp_api.MONITOR
+MonitorOutputs = NamedTuple("MonitorOutputs", verdict=str, summary=str)
+
+
+@functools.cache
+def build_monitor(cluster: bool = True):
+    """Monitoring: new listings against prod's data with the check step's checks, then (on the cluster, when asked)
+    the training pipeline started on them if they drifted. Locally, `run` starts training itself."""
+
+    @dsl.pipeline(name=MONITOR_NAME, description="New listings against prod's data: ok, drift or invalid.",
+                  pipeline_root=CLUSTER_PIPELINE_ROOT if cluster else None)
+    def rental_price_monitor(
+        source: str = data.CLUSTER_SOURCE if cluster else data.DEFAULT_SOURCE,
+        source_sha256: str = "",
+        model_name: str = MODEL_NAME,
+        min_price: float = 10.0,
+        max_price: float = 350.0,
+        min_longitude: float = BOX.min_lon,
+        max_longitude: float = BOX.max_lon,
+        min_latitude: float = BOX.min_lat,
+        max_latitude: float = BOX.max_lat,
+        min_rows: int = 1000,
+        max_rows: int = 1_000_000,
+        max_category_psi: float = DRIFT.max_category_psi,
+        max_error_ratio: float = DRIFT.max_error_ratio,
+        warn_psi: float = DRIFT.warn_psi,
+        warn_ks: float = DRIFT.warn_ks,
+        warn_error_ratio: float = DRIFT.warn_error_ratio,
+        retrain: bool = False,
+        kfp_host: str = kfp_api.IN_CLUSTER_HOST,
+        training_version: str = "",
+    ) -> MonitorOutputs:
+        box = dict(min_longitude=min_longitude, max_longitude=max_longitude,
+                   min_latitude=min_latitude, max_latitude=max_latitude)
+        download = steps.download(source=source, expected_sha256=source_sha256)
+        clean = steps.clean(raw_data=download.outputs["raw_data"], min_price=min_price, max_price=max_price,
+                            keep_unpriced=True, **box)
+        monitor = steps.monitor(
+            clean_data=clean.outputs["clean_data"], model_name=model_name, min_price=min_price, max_price=max_price,
+            min_rows=min_rows, max_rows=max_rows, max_category_psi=max_category_psi, max_error_ratio=max_error_ratio,
+            warn_psi=warn_psi, warn_ks=warn_ks, warn_error_ratio=warn_error_ratio, **box)
+        monitor.set_caching_options(False)  # prod and its data may have moved since
+        if cluster:
+            tasks = dict(download=download, clean=clean, monitor=monitor)
+            with dsl.If(monitor.outputs["verdict"] == "drift", "drifted"), dsl.If(retrain == True, "retrain"):  # noqa: E712
+                tasks["retrain"] = steps.retrain(
+                    raw_data=download.outputs["raw_data"], source=source, model_name=model_name, kfp_host=kfp_host,
+                    training_version=training_version, drift=monitor.outputs["summary"])
+                tasks["retrain"].set_caching_options(False)
+            for step, task in tasks.items():
+                for_cluster(step, task)
+        return MonitorOutputs(verdict=monitor.outputs["verdict"], summary=monitor.outputs["summary"])
+
+    return rental_price_monitor
+
+
 # Each pipeline: how it is built, its steps and its spec file by default.
 PIPELINES = {"training": (build, TRAINING_STEPS, "pipeline.yaml"),
-             "batch": (build_batch, ["download", "score"], "pipeline-batch.yaml")}
+             "batch": (build_batch, ["download", "score"], "pipeline-batch.yaml"),
+             "monitor": (build_monitor, ["download", "clean", "monitor"], "pipeline-monitor.yaml")}
 
 
 # ---------------------------------------------------------------- command line
@@ -404,7 +465,9 @@ def run_local(params: dict, pipeline_root: str, cache: bool, runner: str = "subp
         with contextlib.redirect_stdout(io.StringIO()):  # MLflow prints a link for each run it ends
             tracking.close_runs(kfp_run, "FAILED")  # whatever a killed step left RUNNING
     if failed is not None:
-        print(f"\nFAILED: {failed} (its error is printed above)" if verbose else progress.failure(), file=sys.stderr)
+        why = f"\nFAILED: {failed} (its error is printed above)" if verbose else progress.failure()
+        # A monitored file that cannot be read or fails the data's own checks is the third verdict.
+        print(f"\nverdict: invalid: {why.strip()}" if pipeline == "monitor" else why, file=sys.stderr)
         return 1
     reused = sorted(set(step_names) - tracking.steps_run(kfp_run))
     if reused:
@@ -417,6 +480,8 @@ def run_local(params: dict, pipeline_root: str, cache: bool, runner: str = "subp
         print(f"predictions: {summary['predictions']} (Parquet), {summary['predictions_csv']} (CSV)")
         print(f"rejected rows, each with why: {summary['rejected_rows']}")
         return 0
+    if pipeline == "monitor":
+        return monitored(json.loads(outputs["summary"]), params, pipeline_root, cache, runner, verbose)
     print(f"\nregistered model {params.get('model_name', 'rental-price')!r} version {outputs['version']}: "
           f"{'now prod' if outputs['promoted'] else 'prod unchanged'}; test MAE {outputs['test_mae']:.2f}")
     print(f"why: {outputs['reason']}")
@@ -424,11 +489,58 @@ def run_local(params: dict, pipeline_root: str, cache: bool, runner: str = "subp
     return 0
 
 
+def monitored(summary: dict, params: dict, pipeline_root: str, cache: bool, runner: str, verbose: bool) -> int:
+    """What a monitoring run found; on drift with retrain=true, the training pipeline on the same data."""
+    print(f"\nnew listings against prod version {summary['prod_version']} of {summary['model_name']!r}: "
+          f"{summary['rows']} rows ({summary['priced_rows']} with a price), {summary['checks']} checks")
+    if "prod_error_ratio" in summary:
+        print(f"prod's MAE on the new priced rows: {summary['prod_mae_now']:.2f}, {summary['prod_error_ratio']:.2f} x "
+              f"its {summary['prod_mae_registered']:.2f} at registration")
+    elif "prod_error_unknown" in summary:
+        print(f"prod's error on the new rows is not measured: {summary['prod_error_unknown']}")
+    print(f"drift report: {summary['report']} (MLflow: {summary['report_link']})")
+    drifted = "; ".join(f"{name} {figure}" for name, figure in summary["drifted"].items())
+    print(f"verdict: {summary['verdict']}" + (f": {drifted}" if drifted else ""))
+    if summary["verdict"] != "drift" or not params.get("retrain"):
+        return 0
+    print("\nretrain=true: running the training pipeline on the same data")
+    training = {k: v for k, v in params.items() if k in pipeline_parameters("training") and k != "source_sha256"}
+    return run_local(training, pipeline_root, cache, runner, verbose)
+
+
+def schedule(host: str, cron: str, params: dict, monitor_spec: str, training_spec: str) -> int:
+    for spec in (monitor_spec, training_spec):
+        if not Path(spec).is_file():
+            sys.exit(f"pipeline.py schedule: no pipeline spec at {spec}: run `make compile` first")
+    try:
+        made = kfp_api.schedule(host, monitor_spec, training_spec, cron, params)
+    except StepError as exc:
+        sys.exit(f"pipeline.py {exc}")
+    except Exception as exc:  # KFP's API errors
+        sys.exit(f"pipeline.py schedule: KFP at {host} refused ({type(exc).__name__}: {str(exc)[:300]})")
+    print(f"scheduled {MONITOR_NAME} at {kfp_api.cron_schedule(cron)!r} (KFP cron: seconds first), one run at a "
+          f"time: {host.rstrip('/')}/#/recurringrun/details/{made}")
+    return 0
+
+
+def unschedule(host: str) -> int:
+    try:
+        removed = kfp_api.unschedule(host)
+    except StepError as exc:
+        sys.exit(f"pipeline.py {exc}")
+    except Exception as exc:
+        sys.exit(f"pipeline.py unschedule: KFP at {host} refused ({type(exc).__name__}: {str(exc)[:300]})")
+    print(f"removed the recurring run(s) of {MONITOR_NAME}: {', '.join(removed)}" if removed
+          else f"nothing to remove: {MONITOR_NAME} is not scheduled")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     compile_cmd = commands.add_parser("compile", help="write the KFP pipeline spec")
-    compile_cmd.add_argument("--output", default="", help="default: pipeline.yaml, pipeline-batch.yaml for batch")
+    compile_cmd.add_argument("--output", default="", help="default: pipeline.yaml, pipeline-batch.yaml for batch, "
+                             "pipeline-monitor.yaml for monitor")
     run_cmd = commands.add_parser("run", help="run the pipeline locally with kfp.local")
     run_cmd.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
     run_cmd.add_argument("--sweep", default="", metavar="GRID",
@@ -447,6 +559,14 @@ def main(argv: list[str] | None = None) -> int:
     submit_cmd.add_argument("--wait", action="store_true", help="wait for the run; fail unless it succeeds")
     submit_cmd.add_argument("--timeout", type=int, default=3600)
     submit_cmd.add_argument("--no-cache", action="store_true", help="re-run every step, reusing nothing")
+    schedule_cmd = commands.add_parser("schedule", help="run the monitoring pipeline on KFP on a cron schedule")
+    schedule_cmd.add_argument("--cron", default="0 6 * * *", help="5 fields, or KFP's 6 with seconds first")
+    schedule_cmd.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    schedule_cmd.add_argument("--spec", default=PIPELINES["monitor"][2])
+    schedule_cmd.add_argument("--training-spec", default=PIPELINES["training"][2])
+    unschedule_cmd = commands.add_parser("unschedule", help="remove the monitoring pipeline's recurring run")
+    for command in (schedule_cmd, unschedule_cmd):
+        command.add_argument("--host", default=os.environ.get("KFP_HOST", "http://127.0.0.1:8081"))
     seed_cmd = commands.add_parser("seed-data", help="copy a data source (default: the shipped sample) to s3://")
     seed_cmd.add_argument("--source", default=data.DEFAULT_SOURCE)
     seed_cmd.add_argument("--to", default=data.CLUSTER_SOURCE, help="s3://bucket/key (endpoint: S3_ENDPOINT_URL)")
@@ -459,7 +579,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "kubeconfig context to the new prod (make promote-cluster / rollback-cluster)")
     for command in (compile_cmd, run_cmd, submit_cmd):
         command.add_argument("--pipeline", choices=list(PIPELINES), default="training",
-                             help="training (default): data to a registered model; batch: price a file of listings")
+                             help="training (default): data to a registered model; batch: price a file of "
+                             "listings; monitor: new listings against prod's data")
     args = parser.parse_args(argv)
     if getattr(args, "sweep", ""):
         if any(pair.startswith("sweep=") for pair in args.param):
@@ -475,6 +596,10 @@ def main(argv: list[str] | None = None) -> int:
         return submit(args.spec or PIPELINES[args.pipeline][2], args.host, parse_params(args.param, args.pipeline),
                       args.experiment, args.wait, args.timeout,
                       cache=not args.no_cache)
+    if args.command == "schedule":
+        return schedule(args.host, args.cron, parse_params(args.param, "monitor"), args.spec, args.training_spec)
+    if args.command == "unschedule":
+        return unschedule(args.host)
     if args.command == "seed-data":
         return seed_data(args.source, args.to)
     if args.command in ("promote", "rollback"):

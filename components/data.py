@@ -208,9 +208,10 @@ def parse_column(df: pd.DataFrame, column: str, step: str, kind: str) -> pd.Seri
 
 
 def clean_listings(
-    df: pd.DataFrame, min_price: float, max_price: float, box: Box
+    df: pd.DataFrame, min_price: float, max_price: float, box: Box, keep_unpriced: bool = False
 ) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Apply the cleaning rules; return the clean frame and how many rows each rule dropped."""
+    """Apply the cleaning rules; return the clean frame and how many rows each rule dropped. `keep_unpriced` keeps
+    listings with no price (monitoring looks at them too; training cannot learn from them)."""
     require_columns(df, ["id", "price", "latitude", "longitude", "last_review"], "clean")
     df = df.copy()
     for column in ("price", "latitude", "longitude"):
@@ -218,7 +219,7 @@ def clean_listings(
     df["last_review"] = parse_column(df, "last_review", "clean", "date")
 
     dropped = {}
-    keep = df["price"].between(min_price, max_price)
+    keep = df["price"].between(min_price, max_price) | (keep_unpriced & df["price"].isna())
     dropped["price_range"] = int((~keep).sum())
     df = df[keep]
     keep = box.contains(df)
@@ -255,6 +256,8 @@ _KIND_TEST = {
 
 
 PASS, WARN, FAIL, SKIP = "pass", "warn", "fail", "skipped"
+# The observed value of a check that could not be measured (a warning, but no evidence of drift).
+UNKNOWN = "unknown"
 
 
 @dataclass(frozen=True)
@@ -274,6 +277,14 @@ def failed(checks: list[Check]) -> list[str]:
 
 def warned(checks: list[Check]) -> list[str]:
     return [c.message for c in checks if c.status == WARN]
+
+
+def drifted(checks: list[Check]) -> dict[str, str]:
+    """What moved, as a monitor names it: each drift check (by column) and prod's error check that warned or
+    failed, with its figure. A check that could not measure says nothing either way."""
+    return {c.check.removesuffix(" drift"): c.observed for c in checks
+            if c.status in (WARN, FAIL) and c.observed != UNKNOWN
+            and (c.check.endswith(" drift") or c.check == ERROR_CHECK)}
 
 
 def _check(check: str, bad: bool, observed: str, threshold: str, message: str) -> Check:
@@ -304,7 +315,7 @@ def deterministic_checks(
     checks.append(_check("row count", not min_rows <= len(df) <= max_rows, str(len(df)), f"[{min_rows}, {max_rows}]",
                          f"row count: {len(df)} not within [{min_rows}, {max_rows}]"))
     if "price" in df.columns:
-        outside = int((~df["price"].between(min_price, max_price)).sum())
+        outside = int((df["price"].notna() & ~df["price"].between(min_price, max_price)).sum())
         checks.append(_check("price range", outside > 0, f"{outside} row(s) outside", f"[{min_price}, {max_price}]",
                              f"price: {outside} row(s) outside [{min_price}, {max_price}]"))
     return checks
@@ -328,6 +339,7 @@ class DriftLimits:
 
 
 CATEGORY_COLUMNS = ["neighbourhood_group", "room_type"]
+ERROR_CHECK = "prod's error on new rows"
 # A share below this counts as this, so that a category or bin missing on one side gives a large, finite PSI.
 PSI_FLOOR = 1e-4
 
@@ -383,6 +395,9 @@ def drift_checks(df: pd.DataFrame, reference: pd.DataFrame, limits: DriftLimits)
         else:
             checks.append(Check(f"{column} drift", PASS, observed, limit))
     for column in DRIFT_COLUMNS:
+        if df[column].isna().all():  # listings with no price yet: nothing to compare
+            checks.append(Check(f"{column} drift", SKIP, "no values in the new data", ""))
+            continue
         psi = figures[f"psi_{column}"] = numeric_psi(df[column], reference[column])
         ks = figures[f"ks_{column}"] = float(ks_2samp(df[column].dropna(), reference[column].dropna()).statistic)
         moved = psi > limits.warn_psi or ks > limits.warn_ks
@@ -401,7 +416,7 @@ def error_check(mae_now: float, mae_registered: float, rows: int, version: str,
     figures = {"prod_mae_now": mae_now, "prod_mae_registered": mae_registered, "prod_error_ratio": ratio}
     text = (f"prod version {version}'s MAE on {rows} rows new to it is {mae_now:.2f}, {ratio:.2f} x its "
             f"{mae_registered:.2f} at registration")
-    name, observed = "prod's error on new rows", f"{ratio:.2f} x (MAE {mae_now:.2f} vs {mae_registered:.2f})"
+    name, observed = ERROR_CHECK, f"{ratio:.2f} x (MAE {mae_now:.2f} vs {mae_registered:.2f})"
     limit = f"fail > {limits.max_error_ratio} x, warn > {limits.warn_error_ratio} x"
     if ratio > limits.max_error_ratio:
         return Check(name, FAIL, observed, limit, f"price: {text} (> {limits.max_error_ratio}): prices no longer "

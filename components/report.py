@@ -224,15 +224,25 @@ def distribution_charts(df: pd.DataFrame, reference: pd.DataFrame, checks: list[
 
 
 def data_report(df: pd.DataFrame, checks: list[data.Check], notes: list[str],
-                reference: pd.DataFrame | None) -> str:
+                reference: pd.DataFrame | None, monitor_verdict: str = "") -> str:
+    """The check step's report; with `monitor_verdict` (ok, drift, invalid), the monitoring pipeline's."""
     failures, warnings = data.failed(checks), data.warned(checks)
     status = data.FAIL if failures else data.WARN if warnings else data.PASS
     summary = (f"{len(failures)} of {len(checks)} checks failed" if failures else
                f"All {len(checks)} checks passed" + (f", {len(warnings)} with a warning" if warnings else ""))
+    headline = verdict(status, summary + ("" if failures else ": the data goes on to training"))
+    title, lede = f"Data report: {len(df)} rows", "The check step's verdict on the clean data, before training."
+    if monitor_verdict:
+        drifted = data.drifted(checks)
+        status = {"ok": data.PASS, "drift": data.WARN}.get(monitor_verdict, data.FAIL)
+        detail = {"ok": "the new listings look like prod's data", "invalid": summary.lower(),
+                  "drift": "; ".join(f"{name} ({figure})" for name, figure in drifted.items())}[monitor_verdict]
+        headline = verdict(status, f"Verdict: {monitor_verdict}: {detail}")
+        title, lede = f"Drift report: {len(df)} new listings", "The monitoring pipeline's verdict on new listings."
     rows = [[c.check, c.status, c.observed, c.threshold] for c in checks]
     problems = [para(m) for m in failures + warnings]
     sections = [
-        verdict(status, summary + ("" if failures else ": the data goes on to training")),
+        headline,
         section("checks", "Checks", table(["check", "result", "observed", "threshold"], rows, badge=1), *problems),
         section("columns", "Columns", table(["column", "type", "missing", "min", "median", "max", "top values"],
                                             column_profile(df), {2})),
@@ -242,8 +252,7 @@ def data_report(df: pd.DataFrame, checks: list[data.Check], notes: list[str],
                                 legend(("new data", NEW), ("prod's data", REFERENCE)),
                                 '<div class="charts">' + "".join(distribution_charts(df, reference, checks)) + "</div>"))
     sections.append(section("notes", "Notes", *[para(n) for n in notes]))
-    return page(f"Data report: {len(df)} rows", "The check step's verdict on the clean data, before training.",
-                *sections)
+    return page(title, lede, *sections)
 
 
 def as_text(html: str) -> str:

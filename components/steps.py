@@ -1,4 +1,4 @@
-"""The seven KFP components. Each unpacks its artifacts and calls one function of components.tasks.
+"""The KFP components. Each unpacks its artifacts and calls one function of components.tasks.
 
 The bodies run inside the step's image (or the local interpreter), where the `components` package is
 installed, so they import it at run time; kfp itself is baked into the images (install_kfp_package=False).
@@ -30,13 +30,14 @@ def download(source: str, expected_sha256: str, raw_data: Output[Dataset]):
 @_component("clean")
 def clean(
     raw_data: Input[Dataset], clean_data: Output[Dataset], min_price: float, max_price: float,
-    min_longitude: float, max_longitude: float, min_latitude: float, max_latitude: float,
+    min_longitude: float, max_longitude: float, min_latitude: float, max_latitude: float, keep_unpriced: bool = False,
 ):
-    """Keep listings with a plausible price inside the geographic box; drop duplicate ids."""
+    """Keep listings with a plausible price (or none, with keep_unpriced) inside the geographic box; drop duplicate
+    ids."""
     from components import data, tasks
 
     box = data.Box(min_longitude, max_longitude, min_latitude, max_latitude)
-    clean_data.metadata.update(tasks.clean(raw_data.path, clean_data.path, min_price, max_price, box))
+    clean_data.metadata.update(tasks.clean(raw_data.path, clean_data.path, min_price, max_price, box, keep_unpriced))
 
 
 @_component("check")
@@ -148,3 +149,38 @@ def score(
     tasks.write_metrics(metrics, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
     return (json.dumps({**summary, "predictions": predictions.uri, "predictions_csv": predictions_csv.uri,
                         "rejected_rows": rejected_rows.uri}),)
+
+
+@_component("monitor")
+def monitor(
+    clean_data: Input[Dataset], drift_report: Output[HTML], metrics: Output[Metrics], model_name: str,
+    min_price: float, max_price: float, min_longitude: float, max_longitude: float, min_latitude: float,
+    max_latitude: float, min_rows: int, max_rows: int, max_category_psi: float, max_error_ratio: float,
+    warn_psi: float, warn_ks: float, warn_error_ratio: float,
+) -> NamedTuple("Monitored", verdict=str, summary=str):
+    """New listings against prod's data, with the check step's checks: ok, drift (what moved, how much) or invalid;
+    the drift report (HTML) shows each check."""
+    import json
+
+    from components import data, tasks
+
+    box = data.Box(min_longitude, max_longitude, min_latitude, max_latitude)
+    limits = data.DriftLimits(max_category_psi, max_error_ratio, warn_psi, warn_ks, warn_error_ratio)
+    summary = tasks.monitor(clean_data.path, drift_report.path, model_name, min_price, max_price, box, min_rows,
+                            max_rows, limits)
+    tasks.write_metrics(metrics, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    return (summary["verdict"], json.dumps({**summary, "report": drift_report.uri}))
+
+
+@_component("retrain")
+def retrain(raw_data: Input[Dataset], source: str, model_name: str, kfp_host: str, training_version: str,
+            drift: str) -> str:
+    """Start the training pipeline (as uploaded to KFP) on the listings that drifted, the same bytes by their
+    sha256; returns its run id."""
+    import json
+
+    from components import kfp_api
+
+    drifted = json.loads(drift)["drifted"]
+    return kfp_api.start_training(kfp_host, source, raw_data.metadata["sha256"], model_name, training_version,
+                                  ", ".join(f"{name} {figure}" for name, figure in drifted.items()))

@@ -35,6 +35,7 @@ MIN_COMPARE_ROWS = 200
 ERROR_CHECK_ROWS = 50_000
 # Where the check and register runs keep their HTML reports in MLflow (KFP's output files have no extension).
 DATA_REPORT, MODEL_CARD = "reports/data_report.html", "reports/model_card.html"
+DRIFT_REPORT = "reports/drift_report.html"
 
 
 def download(source: str, out_path: str, expected_sha256: str = "") -> dict:
@@ -64,10 +65,12 @@ def keep_raw_data(raw: bytes, sha256: str, run_id: str) -> str:
     return f"runs:/{run_id}/raw/{path.name}"
 
 
-def clean(raw_path: str, out_path: str, min_price: float, max_price: float, box: data.Box) -> dict:
-    params = {"min_price": min_price, "max_price": max_price, **vars(box)}
+def clean(raw_path: str, out_path: str, min_price: float, max_price: float, box: data.Box,
+          keep_unpriced: bool = False) -> dict:
+    params = {"min_price": min_price, "max_price": max_price, **vars(box), "keep_unpriced": keep_unpriced}
     with tracking.step_run("clean", params=params) as run:
-        df, dropped = data.clean_listings(data.parse_csv(Path(raw_path).read_bytes(), "clean"), min_price, max_price, box)
+        df, dropped = data.clean_listings(data.parse_csv(Path(raw_path).read_bytes(), "clean"), min_price, max_price,
+                                          box, keep_unpriced)
         data.write_listings(df, out_path)
         counts = {"rows": len(df), **{f"dropped_{rule}": n for rule, n in dropped.items()}}
         mlflow.log_metrics(counts)
@@ -88,33 +91,92 @@ def check(
     params = {"min_rows": min_rows, "max_rows": max_rows, **vars(limits)}
     with tracking.step_run("check", params=params) as run:
         df = data.read_listings(clean_path)
-        checks = data.deterministic_checks(df, min_price, max_price, box, min_rows, max_rows)
-        notes, reference = [], None
-        prod = tracking.prod_version(model_name)
-        if data.failed(checks):
-            # The comparisons with prod assume the schema the deterministic checks just found broken.
-            notes.append("Checks against prod skipped: the deterministic checks failed.")
-        elif prod is None:
-            notes.append(f"Checks against prod skipped: model {model_name!r} has no '{tracking.PROD_ALIAS}' "
-                         "version yet.")
-        else:
-            found, figures, notes, reference = checks_against_prod(model_name, prod, df, limits)
-            checks += found
-            mlflow.log_metrics(figures)
-        html = report.data_report(df, checks, notes, reference)
-        Path(report_path).write_text(html)
-        mlflow.log_text(html, DATA_REPORT)
+        own, against, notes, reference, _ = run_checks(df, model_name, tracking.prod_version(model_name), min_price,
+                                                       max_price, box, min_rows, max_rows, limits)
+        checks = own + against
+        keep_report(report.data_report(df, checks, notes, reference), report_path, DATA_REPORT)
         failures, warnings = data.failed(checks), data.warned(checks)
         mlflow.log_metrics({"checks": len(checks), "failed": len(failures), "warnings": len(warnings)})
         for warning in warnings:
             print(f"check: warning: {warning}")
         if failures:
-            subjects = ", ".join(dict.fromkeys(f.split(":")[0] for f in failures))
-            raise StepError("check", subjects, f"{len(failures)} check(s) failed (data report: "
-                            f"{tracking.artifact_link(run, DATA_REPORT)}):\n  - "
-                            + "\n  - ".join(failures))
+            raise StepError("check", subjects(failures), f"{len(failures)} check(s) failed (data report: "
+                            f"{tracking.artifact_link(run, DATA_REPORT)}):\n  - " + "\n  - ".join(failures))
         print(f"check: {len(checks)} checks passed" + (f", {len(warnings)} with a warning" if warnings else ""))
         return checks
+
+
+def run_checks(df: pd.DataFrame, model_name: str, prod, min_price: float, max_price: float, box: data.Box,
+               min_rows: int, max_rows: int, limits: data.DriftLimits):
+    """The data's own checks and, when they pass and there is a prod, those against prod (their figures logged):
+    (own, against prod, notes, prod's data, figures)."""
+    own = data.deterministic_checks(df, min_price, max_price, box, min_rows, max_rows)
+    if data.failed(own):
+        # The comparisons with prod assume the schema the deterministic checks just found broken.
+        return own, [], ["Checks against prod skipped: the deterministic checks failed."], None, {}
+    if prod is None:
+        return own, [], [f"Checks against prod skipped: model {model_name!r} has no '{tracking.PROD_ALIAS}' "
+                         "version yet."], None, {}
+    against, figures, notes, reference = checks_against_prod(model_name, prod, df, limits)
+    mlflow.log_metrics(figures)
+    return own, against, notes, reference, figures
+
+
+def keep_report(html: str, path: str, artifact: str) -> None:
+    """The report as the step's output file and in its MLflow run (written before any failure, to explain it)."""
+    Path(path).write_text(html)
+    mlflow.log_text(html, artifact)
+
+
+def subjects(failures: list[str]) -> str:
+    """The fields failed checks name ("price: ..." -> price), once each."""
+    return ", ".join(dict.fromkeys(f.split(":")[0] for f in failures))
+
+
+OK, DRIFT, INVALID = "ok", "drift", "invalid"
+
+
+def monitor(
+    clean_path: str, report_path: str, model_name: str, min_price: float, max_price: float, box: data.Box,
+    min_rows: int, max_rows: int, limits: data.DriftLimits,
+) -> dict:
+    """New listings against prod's data with the check step's checks: a verdict (ok, drift naming what moved and
+    how much, or invalid), the drift report, and prod's error on the new rows when they have prices. Fails on
+    invalid data, after keeping the report; drift is a finding, not a failure."""
+    params = {"model_name": model_name, "min_rows": min_rows, "max_rows": max_rows, **vars(limits)}
+    with tracking.step_run("monitor", params=params, last=True) as run:
+        prod = tracking.prod_version(model_name)
+        if prod is None or not prod.tags.get("reference_data"):
+            why = ("has no 'prod' version" if prod is None else
+                   f"prod version {prod.version} names no reference data (tag reference_data)")
+            raise StepError("monitor", "model_name", f"model {model_name!r} {why}: there is nothing to compare the "
+                                                     "new listings with; register a model with the training pipeline")
+        df = data.read_listings(clean_path)
+        own, against, notes, reference, figures = run_checks(df, model_name, prod, min_price, max_price, box,
+                                                             min_rows, max_rows, limits)
+        checks, drifted = own + against, data.drifted(against)
+        verdict = INVALID if data.failed(own) else DRIFT if drifted else OK
+        keep_report(report.data_report(df, checks, notes, reference, monitor_verdict=verdict), report_path,
+                    DRIFT_REPORT)
+        link = tracking.artifact_link(run, DRIFT_REPORT)
+        mlflow.set_tags({"verdict": verdict, "drifted": ", ".join(drifted), "prod_version": prod.version})
+        priced = int(df["price"].notna().sum())
+        summary = {"verdict": verdict, "drifted": drifted, "model_name": model_name, "prod_version": int(prod.version),
+                   "rows": len(df), "priced_rows": priced, "checks": len(checks), "report_link": link,
+                   **{k: v for k, v in figures.items() if k.startswith("prod_")}}
+        for c in against:
+            if c.check == data.ERROR_CHECK and c.observed == data.UNKNOWN:  # no priced rows new to prod, say
+                summary["prod_error_unknown"] = (c.message.removeprefix("price: ")
+                                                 .removeprefix("prod's error on this data is unknown: "))
+        mlflow.log_metrics({"rows": len(df), "priced_rows": priced, "drifted_columns": len(drifted),
+                            "drift": int(verdict == DRIFT)})
+        if verdict == INVALID:
+            failures = data.failed(own)
+            raise StepError("monitor", subjects(failures), f"the new listings are invalid: {len(failures)} check(s) "
+                            f"failed (drift report: {link}):\n  - " + "\n  - ".join(failures))
+        said = "; ".join(f"{name} {figure}" for name, figure in drifted.items())
+        print(f"monitor: {verdict}" + (f": {said}" if said else f" against prod version {prod.version}"))
+        return summary
 
 
 def checks_against_prod(model_name: str, prod, df, limits: data.DriftLimits):
@@ -128,19 +190,19 @@ def checks_against_prod(model_name: str, prod, df, limits: data.DriftLimits):
         checks, figures = data.drift_checks(df, reference, limits)
         notes.append(f"Drift is measured against the data of prod version {prod.version} ({len(reference)} rows).")
     else:
-        checks.append(data.Check(drift, data.WARN, "unknown", "", f"drift: prod version {prod.version} names no "
+        checks.append(data.Check(drift, data.WARN, data.UNKNOWN, "", f"drift: prod version {prod.version} names no "
                                  "reference data (tag reference_data)"))
     rows, why = new_rows(prod, df)
-    error = "prod's error on new rows"
+    error = data.ERROR_CHECK
     if rows is None:
-        checks.append(data.Check(error, data.WARN, "unknown", "", f"price: prod's error on this data is unknown: {why}"))
+        checks.append(data.Check(error, data.WARN, data.UNKNOWN, "", f"price: prod's error on this data is unknown: {why}"))
         return checks, figures, notes, reference
     new = len(rows)
     rows = rows.sample(min(new, ERROR_CHECK_ROWS), random_state=0)
     try:
         predicted = predict_with(model_name, prod, rows, "check")
     except Exception as exc:  # a prod that cannot score this data: report it, the candidate may still be fine
-        checks.append(data.Check(error, data.WARN, "unknown", "", f"price: prod version {prod.version} cannot score "
+        checks.append(data.Check(error, data.WARN, data.UNKNOWN, "", f"price: prod version {prod.version} cannot score "
                                  f"this data ({type(exc).__name__}: {str(exc)[:200]})"))
         return checks, figures, notes, reference
     mae_now = float((rows[model.TARGET] - predicted).abs().mean())
@@ -162,10 +224,10 @@ def new_rows(prod, df) -> tuple[pd.DataFrame | None, str]:
             seen = pd.read_csv(mlflow.artifacts.download_artifacts(ids_uri, dst_path=tmp))["id"]
     except (MlflowException, OSError, KeyError, ValueError) as exc:
         return None, f"the training rows of prod version {prod.version} ({ids_uri}) cannot be read: {exc}"
-    rows = df[~df["id"].isin(seen)]
+    rows = df[~df["id"].isin(seen) & df["price"].notna()]  # listings with no price yet say nothing of the error
     if len(rows) < MIN_COMPARE_ROWS:
-        return None, (f"only {len(rows)} of {len(df)} rows are new to prod version {prod.version} (at least "
-                      f"{MIN_COMPARE_ROWS} are needed)")
+        return None, (f"only {len(rows)} of {len(df)} rows are priced and new to prod version {prod.version} (at "
+                      f"least {MIN_COMPARE_ROWS} are needed)")
     return rows, ""
 
 

@@ -1,5 +1,5 @@
-"""The compiled specs: training's eight steps (train inside the sweep's loop), batch scoring's two, their
-dependencies and images, and a golden file of each that shows any DAG change.
+"""The compiled specs: training's eight steps (train inside the sweep's loop), batch scoring's two, monitoring's
+three and its retrain step, their dependencies and images, and a golden file of each that shows any DAG change.
 
 After an intended change to the DAG: UPDATE_GOLDEN=1 pytest tests/test_compile.py
 """
@@ -16,6 +16,7 @@ from images import catalog
 
 GOLDEN = Path(__file__).parent / "golden" / "pipeline.yaml"
 GOLDEN_BATCH = Path(__file__).parent / "golden" / "pipeline-batch.yaml"
+GOLDEN_MONITOR = Path(__file__).parent / "golden" / "pipeline-monitor.yaml"
 DEPENDENCIES = {
     "download": set(),
     "clean": {"download"},
@@ -52,7 +53,8 @@ def step_tasks(spec) -> dict:
 def test_the_steps_with_their_dependencies(spec):
     tasks = spec["root"]["dag"]["tasks"]
     assert {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()} == DEPENDENCIES
-    assert set(step_tasks(spec)) == set(pipeline.TRAINING_STEPS) == set(catalog.step_images()) - {"score"}
+    assert set(step_tasks(spec)) == set(pipeline.TRAINING_STEPS) == set(catalog.step_images()) - {"score", "monitor",
+                                                                                                   "retrain"}
 
 
 def test_the_sweep_is_a_parallel_for_over_the_sweep_parameter_gathered_by_select(spec):
@@ -155,3 +157,52 @@ def test_batch_spec_matches_the_golden_file(batch_text):
     if os.environ.get("UPDATE_GOLDEN"):
         GOLDEN_BATCH.write_text(normalized(batch_text))
     assert normalized(batch_text) == GOLDEN_BATCH.read_text(), "DAG changed: review, then UPDATE_GOLDEN=1 to accept"
+
+
+@pytest.fixture(scope="module")
+def monitor_text(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("spec") / "pipeline-monitor.yaml"
+    pipeline.compile_pipeline(str(path), "monitor")
+    return path.read_text()
+
+
+def test_monitoring_is_training_download_clean_then_monitor_and_retrain_only_on_drift_when_asked(monitor_text):
+    spec, platform = yaml.safe_load_all(monitor_text)
+    tasks = spec["root"]["dag"]["tasks"]
+    assert {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()} == {
+        "download": set(), "clean": {"download"}, "monitor": {"clean"}, "condition-1": {"monitor", "download"}}
+    training = next(yaml.safe_load_all(GOLDEN.read_text()))
+    assert spec["components"]["comp-download"] == training["components"]["comp-download"]
+    # The same clean component, told to keep listings that have no price yet.
+    assert spec["components"]["comp-clean"] == training["components"]["comp-clean"]
+    assert tasks["clean"]["inputs"]["parameters"]["keep_unpriced"] == {"runtimeValue": {"constant": True}}
+    assert not tasks["monitor"].get("cachingOptions", {}).get("enableCache")
+    # retrain runs inside two conditions: the verdict is drift, and the run asked for it (default: report only).
+    drifted = tasks["condition-1"]
+    assert drifted["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--monitor-verdict'] == 'drift'"
+    inner = spec["components"][drifted["componentRef"]["name"]]["dag"]["tasks"]
+    (asked,) = inner.values()
+    assert asked["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--retrain'] == true"
+    retrain = spec["components"][asked["componentRef"]["name"]]["dag"]["tasks"]["retrain"]
+    assert not retrain.get("cachingOptions", {}).get("enableCache")
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    assert parameters["retrain"]["defaultValue"] is False
+    images = catalog.step_images()
+    executors = spec["deploymentSpec"]["executors"]
+    for step in ("download", "clean", "monitor", "retrain"):
+        assert executors[f"exec-{step}"]["container"]["image"] == images[step]
+    assert set(platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]) == {
+        "exec-download", "exec-clean", "exec-monitor", "exec-retrain"}
+
+
+def test_monitoring_takes_the_check_steps_parameters_with_the_same_defaults():
+    monitor, training = pipeline.pipeline_parameters("monitor"), pipeline.pipeline_parameters("training")
+    shared = set(monitor) & set(training)
+    assert shared >= {"min_price", "max_error_ratio", "warn_ks", "min_rows", "max_latitude", "model_name"}
+    assert all(monitor[name].default == training[name].default for name in shared)
+
+
+def test_monitor_spec_matches_the_golden_file(monitor_text):
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN_MONITOR.write_text(normalized(monitor_text))
+    assert normalized(monitor_text) == GOLDEN_MONITOR.read_text(), "DAG changed: review, then UPDATE_GOLDEN=1 to accept"

@@ -146,3 +146,14 @@ def test_whole_pipeline_with_every_task_in_its_image(mlflow_server, tmp_path):
     assert priced and priced.group(2) == model and int(priced.group(1)) > 19000, result.stdout
     (predictions,) = (tmp_path / "out").glob("rental-price-batch-*/score/predictions")
     assert predictions.read_bytes()[:4] == b"PAR1"  # Parquet, written in the image
+    # Monitoring the same listings against that prod, its monitor step in the data image: nothing moved.
+    result = subprocess.run(
+        [sys.executable, "pipeline.py", "run", "--runner", "docker", "--pipeline", "monitor", "--pipeline-root",
+         str(tmp_path / "out"), "--param", f"model_name={model}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-3000:]
+    logged = Path(re.search(r"^steps \(full log: (.*)\):$", result.stdout, re.M).group(1)).read_text()
+    assert f"Found image {images['monitor']!r}" in logged
+    assert result.stdout.strip().splitlines()[-1] == "verdict: ok"
+    (report,) = (tmp_path / "out").glob("rental-price-monitor-*/monitor/drift_report")
+    assert "Verdict: ok" in report.read_text()

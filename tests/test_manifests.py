@@ -623,6 +623,20 @@ def test_make_dry_run_of_batch_scoring_locally_and_on_the_cluster(tmp_path):
     assert -1 not in positions and positions == sorted(positions), result.stdout
 
 
+def test_make_dry_run_of_monitoring_locally_and_scheduled_on_the_cluster():
+    result = make("-n", "monitor", "schedule", "unschedule", "DATA_URL=s3://data/new.csv", "RETRAIN=1",
+                  "CRON=0 7 * * 1", f"PYTHON={sys.executable}")
+    assert result.returncode == 0, result.stderr
+    steps = ["pipeline.py run --pipeline monitor --param source=s3://data/new.csv --param retrain=true",
+             "pipeline.py compile --pipeline monitor --output pipeline-monitor.yaml",
+             "port-forward -n kubeflow svc/ml-pipeline-ui 8081:80",
+             'pipeline.py schedule --cron "0 7 * * 1" --spec pipeline-monitor.yaml --training-spec pipeline.yaml',
+             "--host http://127.0.0.1:8081 --param source=s3://data/new.csv --param retrain=true",
+             "pipeline.py unschedule --host"]
+    positions = [result.stdout.find(step) for step in steps]
+    assert -1 not in positions and positions == sorted(positions), result.stdout
+
+
 FAKE_KUBECTL = """\
 #!{python}
 # Stands in for kubectl: records each call, renders what `apply` would send, says "not found" to `get`.

@@ -1,0 +1,255 @@
+"""Monitoring: `pipeline.py run --pipeline monitor` (kfp.local) against a real MLflow server and a prod trained by the
+training pipeline on one half of the sample; the monitor step's logic called directly; scheduling and the retrain
+step against a stand-in for KFP's API server (tests/kfp_standin.py), as no cluster runs here."""
+
+import hashlib
+import os
+import subprocess
+import sys
+import uuid
+
+import mlflow
+import pandas as pd
+import pytest
+from conftest import ROOT
+from kfp_standin import KfpStandIn
+
+import pipeline
+from components import data, kfp_api, report, tasks
+from components.errors import StepError
+
+LIMITS = data.DriftLimits()
+
+
+def run(mlflow_uri: str, experiment: str, root, *params: str, pipeline_name: str = "monitor"):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "MLFLOW_EXPERIMENT_NAME": experiment}
+    command = [sys.executable, "pipeline.py", "run", "--pipeline", pipeline_name, "--pipeline-root", str(root)]
+    for param in params:
+        command += ["--param", param]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def halves(sample) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Two disjoint random halves of the real sample, raw as published."""
+    first = sample.sample(frac=0.5, random_state=7)
+    return first, sample.drop(first.index)
+
+
+@pytest.fixture(scope="module")
+def prod(mlflow_server, halves, tmp_path_factory) -> dict:
+    """A prod registered by the training pipeline on the first half: its model name and experiment."""
+    home = tmp_path_factory.mktemp("monitor")
+    names = {"model": f"monitor-{uuid.uuid4().hex[:6]}", "experiment": f"monitor-{uuid.uuid4().hex[:6]}",
+             "home": home}
+    halves[0].to_csv(home / "first.csv", index=False)
+    result = run(mlflow_server, names["experiment"], home / "out", f"source={home / 'first.csv'}",
+                 f"model_name={names['model']}", pipeline_name="training")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return names
+
+
+def monitor_run(prod: dict, verdict: str) -> mlflow.entities.Run:
+    experiment = mlflow.get_experiment_by_name(prod["experiment"])
+    (found,) = mlflow.search_runs([experiment.experiment_id], output_format="list", max_results=1,
+                                  filter_string=f"tags.verdict = '{verdict}'", order_by=["start_time DESC"])
+    return found
+
+
+def test_a_disjoint_half_of_the_same_listings_is_ok(prod, mlflow_server, halves, tmp_path):
+    source = tmp_path / "second.csv"
+    halves[1].to_csv(source, index=False)
+    result = run(mlflow_server, prod["experiment"], tmp_path / "out", f"source={source}", f"model_name={prod['model']}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "verdict: ok"
+    # prod's error on rows it never saw, against its own at registration: about the same.
+    assert "prod's MAE on the new priced rows:" in result.stdout
+    mlflow.set_tracking_uri(mlflow_server)
+    found = monitor_run(prod, "ok")
+    assert 0.9 < found.data.metrics["prod_error_ratio"] < LIMITS.warn_error_ratio
+    assert found.data.metrics["drift"] == 0 and found.data.tags["drifted"] == ""
+    (report_file,) = (tmp_path / "out").glob("rental-price-monitor-*/monitor/drift_report")
+    assert "Verdict: ok: the new listings look like prod's data" in report.as_text(report_file.read_text())
+    assert f"drift report: {report_file} (MLflow: {mlflow_server}/#/experiments/" in result.stdout
+
+
+def test_a_shifted_copy_is_drift_naming_the_shifted_columns_and_retrain_trains_on_it(prod, mlflow_server, halves,
+                                                                                      tmp_path):
+    shifted = halves[1].assign(minimum_nights=halves[1]["minimum_nights"] * 3,
+                               availability_365=(halves[1]["availability_365"] + 120).clip(upper=365))
+    source = tmp_path / "shifted.csv"
+    shifted.to_csv(source, index=False)
+    result = run(mlflow_server, prod["experiment"], tmp_path / "out", f"source={source}",
+                 f"model_name={prod['model']}", "retrain=true")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    mlflow.set_tracking_uri(mlflow_server)
+    found = monitor_run(prod, "drift")
+    assert found.data.tags["drifted"] == "minimum_nights, availability_365"
+    assert found.data.metrics["ks_minimum_nights"] > LIMITS.warn_ks and found.data.metrics["drift"] == 1
+    verdict = next(line for line in result.stdout.splitlines() if line.startswith("verdict: "))
+    assert verdict.startswith("verdict: drift: minimum_nights PSI ") and "; availability_365 PSI " in verdict
+    # retrain=true: the training pipeline ran on the same bytes and registered a version from them.
+    assert "retrain=true: running the training pipeline on the same data" in result.stdout
+    assert f"registered model {prod['model']!r} version 2" in result.stdout
+    client = mlflow.MlflowClient()
+    version = client.get_model_version(prod["model"], "2")
+    assert version.tags["data_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    client.set_registered_model_alias(prod["model"], "prod", "1")  # the other tests compare with the first half's
+
+
+def test_a_broken_file_is_invalid_at_the_step_that_cannot_read_it(prod, mlflow_server, halves, tmp_path):
+    source = tmp_path / "broken.csv"
+    halves[1].drop(columns=["latitude"]).to_csv(source, index=False)
+    result = run(mlflow_server, prod["experiment"], tmp_path / "out", f"source={source}",
+                 f"model_name={prod['model']}", "retrain=true")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "verdict: invalid: FAILED at clean: clean: latitude: column missing from the data")
+    assert "retrain" not in result.stdout.split("steps (full log")[1]  # nothing trained on it
+
+
+def clean_file(rows: pd.DataFrame, path, keep_unpriced: bool = True) -> str:
+    df, _ = data.clean_listings(rows, 10, 350, data.Box(), keep_unpriced)
+    data.write_listings(df, str(path))
+    return str(path)
+
+
+def monitor(prod, rows, tmp_path, **limits) -> dict:
+    return tasks.monitor(clean_file(rows, tmp_path / "clean.csv"), str(tmp_path / "report.html"), prod["model"],
+                         10, 350, data.Box(), 1000, 1_000_000, data.DriftLimits(**limits))
+
+
+def test_prices_up_by_a_third_is_drift_of_price_and_of_prods_error(prod, tracking, halves, tmp_path):
+    rows = halves[1].assign(price=halves[1]["price"] * 1.3)
+    summary = monitor(prod, rows, tmp_path)
+    assert summary["verdict"] == "drift"
+    assert set(summary["drifted"]) == {"price", data.ERROR_CHECK}
+    assert summary["prod_error_ratio"] > LIMITS.max_error_ratio  # training would refuse this data; monitoring reports
+    assert "Verdict: drift: price (PSI" in report.as_text((tmp_path / "report.html").read_text())
+
+
+def test_listings_with_no_price_are_compared_on_the_rest_and_prods_error_is_not_measured(prod, tracking, halves,
+                                                                                        tmp_path):
+    summary = monitor(prod, halves[1].assign(price=None), tmp_path)
+    assert summary["verdict"] == "ok" and summary["priced_rows"] == 0 and summary["rows"] > 9000
+    assert "prod_error_ratio" not in summary
+    assert summary["prod_error_unknown"].startswith("only 0 of ")
+    text = report.as_text((tmp_path / "report.html").read_text())
+    assert "price drift skipped no values in the new data" in text
+
+
+def test_values_the_checks_refuse_make_the_monitor_step_fail_as_invalid_after_keeping_its_report(prod, tracking, halves,
+                                                                                                tmp_path):
+    rows = halves[1].copy()
+    rows.loc[rows.index[:30], "neighbourhood_group"] = "Atlantis"
+    with pytest.raises(StepError, match=r"monitor: neighbourhood_group: the new listings are invalid: 1 check\(s\) "
+                                        r"failed \(drift report: http://.*drift_report.html\):\n  - neighbourhood_group: "
+                                        r"unknown values \['Atlantis'\]"):
+        monitor(prod, rows, tmp_path)
+    assert "Verdict: invalid: 1 of" in report.as_text((tmp_path / "report.html").read_text())
+    assert monitor_run(prod | {"experiment": tracking["experiment"]}, "invalid").info.status == "FAILED"
+
+
+def test_with_no_prod_to_compare_with_the_monitor_refuses(tracking, halves, tmp_path):
+    with pytest.raises(StepError, match=r"monitor: model_name: model 'nobody' has no 'prod' version: there is nothing "
+                                        "to compare the new listings with"):
+        tasks.monitor(clean_file(halves[1], tmp_path / "c.csv"), str(tmp_path / "r.html"), "nobody", 10, 350,
+                      data.Box(), 1000, 1_000_000, LIMITS)
+
+
+def test_drifted_names_what_moved_but_not_what_could_not_be_measured():
+    checks = [data.Check("price drift", data.WARN, "PSI 0.2, KS 0.1", ""),
+              data.Check("room_type drift", data.FAIL, "PSI 0.4", ""),
+              data.Check("latitude drift", data.PASS, "PSI 0.0, KS 0.0", ""),
+              data.Check(data.ERROR_CHECK, data.WARN, data.UNKNOWN, ""),
+              data.Check("row count", data.FAIL, "3", "")]
+    assert data.drifted(checks) == {"price": "PSI 0.2, KS 0.1", "room_type": "PSI 0.4"}
+
+
+# ---------------------------------------------------------------- the cluster's side, against a stand-in KFP API
+
+@pytest.fixture(scope="module")
+def specs(tmp_path_factory) -> dict:
+    home = tmp_path_factory.mktemp("specs")
+    paths = {name: str(home / f"{name}.yaml") for name in ("training", "monitor")}
+    for name, path in paths.items():
+        pipeline.compile_pipeline(path, name)
+    return paths
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "pipeline.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def schedule(kfp: KfpStandIn, specs: dict, *extra: str) -> subprocess.CompletedProcess:
+    return cli("schedule", "--host", kfp.url, "--spec", specs["monitor"], "--training-spec", specs["training"], *extra)
+
+
+def test_schedule_makes_one_recurring_monitoring_run_and_unschedule_removes_it(specs):
+    with KfpStandIn() as kfp:
+        result = schedule(kfp, specs, "--cron", "30 6 * * 1", "--param", "source=s3://data/new.csv",
+                          "--param", "retrain=true")
+        assert result.returncode == 0, result.stderr
+        (recurring,) = kfp.recurring_runs.values()
+        assert recurring["display_name"] == "rental-price-monitor"
+        assert recurring["trigger"]["cron_schedule"]["cron"] == "0 30 6 * * 1"  # KFP's cron: seconds first
+        assert int(recurring["max_concurrency"]) == 1 and recurring["no_catchup"] is True
+        monitor_version = kfp.versions[recurring["pipeline_version_reference"]["pipeline_version_id"]]
+        assert monitor_version["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "rental-price-monitor"
+        parameters = recurring["runtime_config"]["parameters"]
+        # The retrain step will start exactly the training pipeline uploaded beside it.
+        training_version = kfp.versions[parameters["training_version"]]
+        assert training_version["pipeline_spec"]["pipeline_spec"]["pipelineInfo"]["name"] == "rental-price"
+        assert parameters["source"] == "s3://data/new.csv" and parameters["retrain"] is True
+        assert "scheduled rental-price-monitor at '0 30 6 * * 1'" in result.stdout
+
+        # Again: the new schedule replaces the old.
+        result = schedule(kfp, specs, "--cron", "0 0 7 * * *")
+        assert result.returncode == 0, result.stderr
+        (recurring,) = kfp.recurring_runs.values()
+        assert recurring["trigger"]["cron_schedule"]["cron"] == "0 0 7 * * *"
+        assert len(kfp.pipelines) == 2
+        versions = dict(kfp.versions)  # a version is named by its spec's sha256 (KFP names a first one as its pipeline)
+
+        # A refused create leaves the schedule there was; the same specs are not uploaded again.
+        kept = dict(kfp.recurring_runs)
+        kfp.fail_next(503, "apiserver is restarting", on="POST /recurringruns")
+        result = schedule(kfp, specs)
+        assert result.returncode == 1 and kfp.recurring_runs == kept and kfp.versions == versions
+        assert result.stderr.strip().startswith("pipeline.py schedule: KFP at http://127.0.0.1:")
+        assert "apiserver is restarting" in result.stderr
+
+        result = cli("unschedule", "--host", kfp.url)
+        assert result.returncode == 0 and not kfp.recurring_runs
+        assert result.stdout.strip().endswith(f"removed the recurring run(s) of rental-price-monitor: {next(iter(kept))}")
+        result = cli("unschedule", "--host", kfp.url)
+        assert result.stdout.strip() == "nothing to remove: rental-price-monitor is not scheduled"
+
+
+@pytest.mark.parametrize("cron, expected", [("0 6 * * *", "0 0 6 * * *"), ("15 0 6 * * 1-5", "15 0 6 * * 1-5")])
+def test_cron_takes_five_fields_or_kfps_six(cron, expected):
+    assert kfp_api.cron_schedule(cron) == expected
+
+
+def test_a_cron_of_other_lengths_is_refused_naming_the_field(specs):
+    with KfpStandIn() as kfp:
+        result = schedule(kfp, specs, "--cron", "6 * *")
+        assert result.returncode != 0 and not kfp.requests
+        assert "schedule: cron: '6 * *' has 3 fields: expected 5" in result.stderr
+
+
+def test_the_retrain_step_starts_the_named_training_version_on_the_same_bytes(specs):
+    with KfpStandIn() as kfp:
+        with pytest.raises(StepError, match="retrain: pipeline: KFP has no pipeline named 'rental-price' to start: "
+                                            "`make schedule` uploads it"):
+            kfp_api.start_training(kfp.url, "s3://data/new.csv", "ab" * 32, "rental-price", "", "price PSI 0.2")
+        client = kfp_api.connect(kfp.url, "test")
+        _, first = kfp_api.upload(client, specs["training"], kfp_api.TRAINING)
+        _, newest = kfp_api.upload(client, specs["monitor"], kfp_api.TRAINING)  # any newer version will do
+        for asked, started in (("", newest), (first, first)):
+            run_id = kfp_api.start_training(kfp.url, "s3://data/new.csv", "ab" * 32, "m", asked, "price PSI 0.2")
+            made = kfp.runs[run_id]
+            assert made["pipeline_version_reference"]["pipeline_version_id"] == started
+            assert made["runtime_config"]["parameters"] == {"source": "s3://data/new.csv", "source_sha256": "ab" * 32,
+                                                            "model_name": "m"}
+            assert made["display_name"] == "retrain on drift (abababababab)"
