@@ -197,7 +197,9 @@ def build_batch(cluster: bool = True):
         download = steps.download(source=source, expected_sha256=source_sha256)
         score = steps.score(raw_data=download.outputs["raw_data"], model=model, price_unfamiliar=price_unfamiliar,
                             max_rejected=max_rejected)
-        score.set_caching_options(False)  # an alias names a new version when it moves
+        # New listings arrive behind the same source: read it every time. An alias names a new version when it moves.
+        for task in (download, score):
+            task.set_caching_options(False)
         if cluster:
             for step, task in (("download", download), ("score", score)):
                 for_cluster(step, task)
@@ -247,7 +249,9 @@ def build_monitor(cluster: bool = True):
             clean_data=clean.outputs["clean_data"], model_name=model_name, min_price=min_price, max_price=max_price,
             min_rows=min_rows, max_rows=max_rows, max_category_psi=max_category_psi, max_error_ratio=max_error_ratio,
             warn_psi=warn_psi, warn_ks=warn_ks, warn_error_ratio=warn_error_ratio, **box)
-        monitor.set_caching_options(False)  # prod and its data may have moved since
+        # New listings arrive behind the same source, and prod may have moved: every run reads both afresh.
+        for task in (download, clean, monitor):
+            task.set_caching_options(False)
         if cluster:
             tasks = dict(download=download, clean=clean, monitor=monitor)
             with dsl.If(monitor.outputs["verdict"] == "drift", "drifted"), dsl.If(retrain == True, "retrain"):  # noqa: E712
@@ -356,6 +360,22 @@ def submit(spec: str, host: str, params: dict, experiment: str, wait: bool, time
     return 0 if state == "SUCCEEDED" else 1
 
 
+def pin_source(params: dict) -> dict:
+    """Training's params with the sha256 of its source when this machine can read it: the cluster reuses a cached
+    download only for the same source *and* hash, so new bytes behind the same key are read."""
+    source = params.get("source", data.CLUSTER_SOURCE)
+    if "source_sha256" in params:
+        return params
+    if source.startswith("s3://") and not os.environ.get("S3_ENDPOINT_URL"):
+        print(f"note: {source} cannot be read from here (no S3_ENDPOINT_URL) to pin its sha256: the cluster reuses a "
+              "cached download of the same source; after replacing the file, submit with NO_CACHE=1")
+        return params
+    try:
+        return {**params, "source_sha256": hashlib.sha256(data.fetch(source)).hexdigest()}
+    except StepError as exc:
+        sys.exit(f"pipeline.py submit: {exc}")
+
+
 def seed_data(source: str, to: str) -> int:
     """Copy the bytes of `source` as stored (the sample stays gzipped) to an s3:// location."""
     try:
@@ -426,8 +446,9 @@ def run_local(params: dict, pipeline_root: str, cache: bool, runner: str = "subp
         print(f"closed the MLflow runs that pipeline run {closed} left RUNNING when its process ended")
     # The data's content drives the cache: download is cached on the source and its sha256, read here first. A
     # source that cannot be read is left to download, which says why.
-    try:
-        params["source_sha256"] = hashlib.sha256(data.fetch(params.get("source", data.DEFAULT_SOURCE))).hexdigest()
+    try:  # unless given: monitoring hands training the sha256 of the bytes it judged
+        params["source_sha256"] = params.get("source_sha256") or hashlib.sha256(
+            data.fetch(params.get("source", data.DEFAULT_SOURCE))).hexdigest()
     except StepError:
         params["source_sha256"] = ""
     # Cached outputs name MLflow runs: one cache per server and experiment; a reset server makes a new experiment.
@@ -466,8 +487,10 @@ def run_local(params: dict, pipeline_root: str, cache: bool, runner: str = "subp
             tracking.close_runs(kfp_run, "FAILED")  # whatever a killed step left RUNNING
     if failed is not None:
         why = f"\nFAILED: {failed} (its error is printed above)" if verbose else progress.failure()
-        # A monitored file that cannot be read or fails the data's own checks is the third verdict.
-        print(f"\nverdict: invalid: {why.strip()}" if pipeline == "monitor" else why, file=sys.stderr)
+        # A monitored file that cannot be read or fails the data's own checks is the third verdict; a fault of
+        # MLflow, the registry or the parameters is not the data's.
+        print(f"\nverdict: invalid: {why.strip()}" if pipeline == "monitor" and INVALID_DATA.search(why) else why,
+              file=sys.stderr)
         return 1
     reused = sorted(set(step_names) - tracking.steps_run(kfp_run))
     if reused:
@@ -489,6 +512,13 @@ def run_local(params: dict, pipeline_root: str, cache: bool, runner: str = "subp
     return 0
 
 
+# The errors of a monitoring run that mean the data is invalid: download cannot read it as a CSV table, clean
+# finds a column missing or unparsable, or the monitor's own data checks fail.
+INVALID_DATA = re.compile(r"FAILED(?: at)? (download: download: source: (the file is empty|not a (readable )?CSV|the CSV "
+                          r"has a header)|clean: clean: (?!MLFLOW_TRACKING_URI)|monitor: monitor: .*: the new listings "
+                          r"are invalid)")
+
+
 def monitored(summary: dict, params: dict, pipeline_root: str, cache: bool, runner: str, verbose: bool) -> int:
     """What a monitoring run found; on drift with retrain=true, the training pipeline on the same data."""
     print(f"\nnew listings against prod version {summary['prod_version']} of {summary['model_name']!r}: "
@@ -503,8 +533,13 @@ def monitored(summary: dict, params: dict, pipeline_root: str, cache: bool, runn
     print(f"verdict: {summary['verdict']}" + (f": {drifted}" if drifted else ""))
     if summary["verdict"] != "drift" or not params.get("retrain"):
         return 0
+    if not summary["trainable"]:
+        print("\nretrain=true, but training's checks would refuse this data, so it was not started: "
+              + "; ".join(summary["not_trainable_because"]))
+        return 0
     print("\nretrain=true: running the training pipeline on the same data")
-    training = {k: v for k, v in params.items() if k in pipeline_parameters("training") and k != "source_sha256"}
+    training = {**summary["training_params"], "source": params.get("source", data.DEFAULT_SOURCE),
+                "source_sha256": params["source_sha256"]}
     return run_local(training, pipeline_root, cache, runner, verbose)
 
 
@@ -593,9 +628,11 @@ def main(argv: list[str] | None = None) -> int:
         compile_pipeline(args.output or PIPELINES[args.pipeline][2], args.pipeline)
         return 0
     if args.command == "submit":
-        return submit(args.spec or PIPELINES[args.pipeline][2], args.host, parse_params(args.param, args.pipeline),
-                      args.experiment, args.wait, args.timeout,
-                      cache=not args.no_cache)
+        params = parse_params(args.param, args.pipeline)
+        if args.pipeline == "training" and not args.no_cache:
+            params = pin_source(params)
+        return submit(args.spec or PIPELINES[args.pipeline][2], args.host, params, args.experiment, args.wait,
+                      args.timeout, cache=not args.no_cache)
     if args.command == "schedule":
         return schedule(args.host, args.cron, parse_params(args.param, "monitor"), args.spec, args.training_spec)
     if args.command == "unschedule":

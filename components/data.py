@@ -233,6 +233,12 @@ def clean_listings(
     return df, dropped
 
 
+def clean_counts(df: pd.DataFrame, dropped: dict[str, int]) -> dict[str, int]:
+    """What clean kept and dropped by each rule, as its step logs them (and the monitor compares them)."""
+    return {"rows": len(df), **{f"dropped_{rule}": n for rule, n in dropped.items()},
+            "kept_unpriced": int(df["price"].isna().sum())}
+
+
 def write_listings(df: pd.DataFrame, path: str) -> None:
     df.to_csv(path, index=False, date_format="%Y-%m-%d")
 
@@ -340,6 +346,11 @@ class DriftLimits:
 
 CATEGORY_COLUMNS = ["neighbourhood_group", "room_type"]
 ERROR_CHECK = "prod's error on new rows"
+# Fewer values than this in a numeric column and its drift is not measured: KS between two samples of one
+# distribution exceeds warn_ks by chance at 30 values, and stays under it from about 100.
+MIN_DRIFT_VALUES = 200
+# How clean sorts the rows it reads (its `dropped` counts, and the rows kept).
+CLEAN_OUTCOMES = ["rows", "dropped_price_range", "dropped_outside_box", "dropped_duplicate_id"]
 # A share below this counts as this, so that a category or bin missing on one side gives a large, finite PSI.
 PSI_FLOOR = 1e-4
 
@@ -395,8 +406,10 @@ def drift_checks(df: pd.DataFrame, reference: pd.DataFrame, limits: DriftLimits)
         else:
             checks.append(Check(f"{column} drift", PASS, observed, limit))
     for column in DRIFT_COLUMNS:
-        if df[column].isna().all():  # listings with no price yet: nothing to compare
-            checks.append(Check(f"{column} drift", SKIP, "no values in the new data", ""))
+        values = int(df[column].notna().sum())
+        if values < MIN_DRIFT_VALUES:  # listings with no price yet, say: too few to tell a shift from chance
+            checks.append(Check(f"{column} drift", SKIP, f"{values} value(s) in the new data",
+                                f"at least {MIN_DRIFT_VALUES} values"))
             continue
         psi = figures[f"psi_{column}"] = numeric_psi(df[column], reference[column])
         ks = figures[f"ks_{column}"] = float(ks_2samp(df[column].dropna(), reference[column].dropna()).statistic)
@@ -406,6 +419,26 @@ def drift_checks(df: pd.DataFrame, reference: pd.DataFrame, limits: DriftLimits)
                                 f"{column}: distribution moved (PSI {psi:.3f}, KS statistic {ks:.3f}; warn above "
                                 f"{limits.warn_psi} / {limits.warn_ks})") or ""))
     return checks, figures
+
+
+def cleaning_check(counts: dict, reference: dict, limits: DriftLimits) -> tuple[Check, dict[str, float]]:
+    """The shares of rows clean kept and dropped by each rule, against those of prod's data (PSI): new listings
+    priced or placed out of range never reach the other checks, so a rise in what clean drops is drift too."""
+    name = "rows clean drops drift"
+    # Listings kept with no price could not be dropped for their price: they are left out of the shares.
+    counts = {**counts, "rows": counts["rows"] - counts.get("kept_unpriced", 0)}
+    if counts["rows"] < MIN_DRIFT_VALUES:
+        return Check(name, SKIP, f"{counts['rows']} priced row(s) kept", f"at least {MIN_DRIFT_VALUES}"), {}
+    share = lambda c: np.array([float(c.get(k, 0)) for k in CLEAN_OUTCOMES]) / max(sum(  # noqa: E731
+        float(c.get(k, 0)) for k in CLEAN_OUTCOMES), 1)
+    now, before = share(counts), share(reference)
+    psi = _psi(now, before)
+    observed = (f"PSI {psi:.3f}: {1 - now[0]:.1%} dropped (" + ", ".join(
+        f"{k.removeprefix('dropped_')} {v:.1%}" for k, v in zip(CLEAN_OUTCOMES[1:], now[1:]))
+        + f"); prod's data {1 - before[0]:.1%}")
+    moved = psi > limits.warn_psi
+    return (Check(name, WARN if moved else PASS, observed, f"warn > {limits.warn_psi}",
+                  f"rows clean drops: {observed}" if moved else ""), {"psi_clean_drops": psi})
 
 
 def error_check(mae_now: float, mae_registered: float, rows: int, version: str,

@@ -237,6 +237,9 @@ def data_report(df: pd.DataFrame, checks: list[data.Check], notes: list[str],
         status = {"ok": data.PASS, "drift": data.WARN}.get(monitor_verdict, data.FAIL)
         detail = {"ok": "the new listings look like prod's data", "invalid": summary.lower(),
                   "drift": "; ".join(f"{name} ({figure})" for name, figure in drifted.items())}[monitor_verdict]
+        unmeasured = [c.check for c in checks if c.status == data.SKIP or c.observed == data.UNKNOWN]
+        if unmeasured and monitor_verdict != "invalid":
+            detail += f" (not measured: {', '.join(unmeasured)})"
         headline = verdict(status, f"Verdict: {monitor_verdict}: {detail}")
         title, lede = f"Drift report: {len(df)} new listings", "The monitoring pipeline's verdict on new listings."
     rows = [[c.check, c.status, c.observed, c.threshold] for c in checks]

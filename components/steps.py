@@ -167,7 +167,7 @@ def monitor(
     box = data.Box(min_longitude, max_longitude, min_latitude, max_latitude)
     limits = data.DriftLimits(max_category_psi, max_error_ratio, warn_psi, warn_ks, warn_error_ratio)
     summary = tasks.monitor(clean_data.path, drift_report.path, model_name, min_price, max_price, box, min_rows,
-                            max_rows, limits)
+                            max_rows, limits, dict(clean_data.metadata))
     tasks.write_metrics(metrics, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
     return (summary["verdict"], json.dumps({**summary, "report": drift_report.uri}))
 
@@ -176,11 +176,16 @@ def monitor(
 def retrain(raw_data: Input[Dataset], source: str, model_name: str, kfp_host: str, training_version: str,
             drift: str) -> str:
     """Start the training pipeline (as uploaded to KFP) on the listings that drifted, the same bytes by their
-    sha256; returns its run id."""
+    sha256 and with the monitor's check parameters; returns its run id, or nothing when training would refuse
+    the data."""
     import json
 
     from components import kfp_api
 
-    drifted = json.loads(drift)["drifted"]
-    return kfp_api.start_training(kfp_host, source, raw_data.metadata["sha256"], model_name, training_version,
-                                  ", ".join(f"{name} {figure}" for name, figure in drifted.items()))
+    summary = json.loads(drift)
+    if not summary["trainable"]:
+        print("retrain: not started: training's checks would refuse this data: "
+              + "; ".join(summary["not_trainable_because"]))
+        return ""
+    return kfp_api.start_training(kfp_host, source, raw_data.metadata["sha256"], summary["training_params"],
+                                  training_version, "; ".join(f"{k} {v}" for k, v in summary["drifted"].items()))

@@ -72,7 +72,7 @@ def clean(raw_path: str, out_path: str, min_price: float, max_price: float, box:
         df, dropped = data.clean_listings(data.parse_csv(Path(raw_path).read_bytes(), "clean"), min_price, max_price,
                                           box, keep_unpriced)
         data.write_listings(df, out_path)
-        counts = {"rows": len(df), **{f"dropped_{rule}": n for rule, n in dropped.items()}}
+        counts = data.clean_counts(df, dropped)
         mlflow.log_metrics(counts)
         # The clean data is the reference for later statistical checks, so it is kept in MLflow too.
         mlflow.log_artifact(out_path, "data")
@@ -138,11 +138,13 @@ OK, DRIFT, INVALID = "ok", "drift", "invalid"
 
 def monitor(
     clean_path: str, report_path: str, model_name: str, min_price: float, max_price: float, box: data.Box,
-    min_rows: int, max_rows: int, limits: data.DriftLimits,
+    min_rows: int, max_rows: int, limits: data.DriftLimits, clean_counts: dict | None = None,
 ) -> dict:
-    """New listings against prod's data with the check step's checks: a verdict (ok, drift naming what moved and
-    how much, or invalid), the drift report, and prod's error on the new rows when they have prices. Fails on
-    invalid data, after keeping the report; drift is a finding, not a failure."""
+    """New listings against prod's data with the check step's checks, and what clean dropped (`clean_counts`, its
+    metadata) against what it dropped of prod's data: a verdict (ok, drift naming what moved and how much, or
+    invalid), the drift report, and prod's error on the new rows when they have prices. Fails on invalid data,
+    after keeping the report; drift is a finding, not a failure. The summary says whether training would take
+    this data (`trainable`: none of the checks it applies failed) and with which parameters."""
     params = {"model_name": model_name, "min_rows": min_rows, "max_rows": max_rows, **vars(limits)}
     with tracking.step_run("monitor", params=params, last=True) as run:
         prod = tracking.prod_version(model_name)
@@ -154,6 +156,12 @@ def monitor(
         df = data.read_listings(clean_path)
         own, against, notes, reference, figures = run_checks(df, model_name, prod, min_price, max_price, box,
                                                              min_rows, max_rows, limits)
+        trainable = not data.failed(own + against)
+        if not data.failed(own):
+            dropped, dropped_figures = clean_drops_check(prod, clean_counts or {}, limits)
+            against.append(dropped)
+            figures |= dropped_figures
+            mlflow.log_metrics(dropped_figures)
         checks, drifted = own + against, data.drifted(against)
         verdict = INVALID if data.failed(own) else DRIFT if drifted else OK
         keep_report(report.data_report(df, checks, notes, reference, monitor_verdict=verdict), report_path,
@@ -163,6 +171,11 @@ def monitor(
         priced = int(df["price"].notna().sum())
         summary = {"verdict": verdict, "drifted": drifted, "model_name": model_name, "prod_version": int(prod.version),
                    "rows": len(df), "priced_rows": priced, "checks": len(checks), "report_link": link,
+                   "trainable": trainable, "not_trainable_because": data.failed(against),
+                   "training_params": {"model_name": model_name, "min_price": min_price, "max_price": max_price,
+                                       "min_longitude": box.min_lon, "max_longitude": box.max_lon,
+                                       "min_latitude": box.min_lat, "max_latitude": box.max_lat,
+                                       "min_rows": min_rows, "max_rows": max_rows, **vars(limits)},
                    **{k: v for k, v in figures.items() if k.startswith("prod_")}}
         for c in against:
             if c.check == data.ERROR_CHECK and c.observed == data.UNKNOWN:  # no priced rows new to prod, say
@@ -177,6 +190,19 @@ def monitor(
         said = "; ".join(f"{name} {figure}" for name, figure in drifted.items())
         print(f"monitor: {verdict}" + (f": {said}" if said else f" against prod version {prod.version}"))
         return summary
+
+
+def clean_drops_check(prod, counts: dict, limits: data.DriftLimits) -> tuple[data.Check, dict]:
+    """What clean dropped of the new listings against what it dropped of prod's data (its clean run's counts)."""
+    name = "rows clean drops drift"
+    run_id = prod.tags["reference_data"].removeprefix("runs:/").split("/")[0]
+    try:
+        reference = mlflow.tracking.MlflowClient().get_run(run_id).data.metrics
+    except MlflowException as exc:
+        return data.Check(name, data.SKIP, data.UNKNOWN, "", f"prod's clean run {run_id} cannot be read: {exc}"), {}
+    if "rows" not in counts or "rows" not in reference:
+        return data.Check(name, data.SKIP, data.UNKNOWN, "", "clean's counts are not known"), {}
+    return data.cleaning_check(counts, reference, limits)
 
 
 def checks_against_prod(model_name: str, prod, df, limits: data.DriftLimits):

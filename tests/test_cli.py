@@ -1,5 +1,6 @@
 """pipeline.py's command line: parameters, and submit against a fake kfp.Client (no KFP runs here)."""
 
+import hashlib
 import shlex
 import subprocess
 import types
@@ -91,6 +92,24 @@ def test_submit_without_wait_does_not_wait_and_can_reuse_nothing(monkeypatch, tm
     assert pipeline.main(["submit", "--spec", str(tmp_path / "p.yaml"), "--host", "http://h", "--no-cache"]) == 0
     assert [c[0] for c in FakeClient.calls] == ["host", "create"]
     assert FakeClient.calls[1][-1] is False  # enable_caching
+
+
+def test_submit_pins_the_sha256_of_a_source_it_can_read_so_the_clusters_cache_sees_new_bytes(monkeypatch, tmp_path,
+                                                                                             capsys):
+    FakeClient.calls = []
+    monkeypatch.setattr(kfp, "Client", FakeClient)
+    (tmp_path / "p.yaml").write_text("{}")
+    source = tmp_path / "listings.csv"
+    for content in (b"id,price\n1,80\n", b"id,price\n1,95\n"):
+        source.write_bytes(content)
+        pipeline.main(["submit", "--spec", str(tmp_path / "p.yaml"), "--host", "http://h", "--param",
+                       f"source={source}"])
+        assert FakeClient.calls[-1][2] == {"source": str(source), "source_sha256": hashlib.sha256(content).hexdigest()}
+    # The cluster's own MinIO is out of reach from here: it says what that means.
+    monkeypatch.delenv("S3_ENDPOINT_URL", raising=False)
+    pipeline.main(["submit", "--spec", str(tmp_path / "p.yaml"), "--host", "http://h"])
+    assert FakeClient.calls[-1][2] == {}
+    assert "cannot be read from here (no S3_ENDPOINT_URL) to pin its sha256" in capsys.readouterr().out
 
 
 def test_submit_names_what_is_missing(monkeypatch, tmp_path):

@@ -64,7 +64,7 @@ def test_image_is_lean_non_root_and_pinned(name):
 def test_missing_image_says_which_and_what_to_do(monkeypatch):
     monkeypatch.setattr(catalog, "images", lambda: {"data": "rental-price-data:0.0.0-notbuilt"})
     with pytest.raises(catalog.ImageError, match=r"image rental-price-data:0.0.0-notbuilt \(steps: download, "
-                                                 r"clean, check, split\) is not built: run `make images`"):
+                                                 r"clean, check, split, monitor, retrain\) is not built: run `make images`"):
         catalog.check(["data"])
 
 

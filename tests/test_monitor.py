@@ -3,6 +3,7 @@ training pipeline on one half of the sample; the monitor step's logic called dir
 step against a stand-in for KFP's API server (tests/kfp_standin.py), as no cluster runs here."""
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -97,45 +98,72 @@ def test_a_shifted_copy_is_drift_naming_the_shifted_columns_and_retrain_trains_o
     client.set_registered_model_alias(prod["model"], "prod", "1")  # the other tests compare with the first half's
 
 
-def test_a_broken_file_is_invalid_at_the_step_that_cannot_read_it(prod, mlflow_server, halves, tmp_path):
-    source = tmp_path / "broken.csv"
-    halves[1].drop(columns=["latitude"]).to_csv(source, index=False)
-    result = run(mlflow_server, prod["experiment"], tmp_path / "out", f"source={source}",
-                 f"model_name={prod['model']}", "retrain=true")
+@pytest.mark.parametrize("case, last_line", [
+    ("no latitude", "verdict: invalid: FAILED at clean: clean: latitude: column missing from the data"),
+    # Not the data's fault: a plain failure, no verdict.
+    ("no prod", "FAILED at monitor: monitor: model_name: model 'nobody' has no 'prod' version"),
+])
+def test_a_broken_file_is_invalid_at_the_step_that_cannot_read_it(prod, mlflow_server, halves, tmp_path, case,
+                                                                  last_line):
+    source = tmp_path / "new.csv"
+    (halves[1].drop(columns=["latitude"]) if case == "no latitude" else halves[1]).to_csv(source, index=False)
+    model = prod["model"] if case == "no latitude" else "nobody"
+    result = run(mlflow_server, prod["experiment"], tmp_path / "out", f"source={source}", f"model_name={model}",
+                 "retrain=true")
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        "verdict: invalid: FAILED at clean: clean: latitude: column missing from the data")
+    assert result.stderr.strip().splitlines()[-1].startswith(last_line), result.stderr[-2000:]
     assert "retrain" not in result.stdout.split("steps (full log")[1]  # nothing trained on it
 
 
-def clean_file(rows: pd.DataFrame, path, keep_unpriced: bool = True) -> str:
-    df, _ = data.clean_listings(rows, 10, 350, data.Box(), keep_unpriced)
+def clean_file(rows: pd.DataFrame, path) -> tuple[str, dict]:
+    """Clean as the monitoring pipeline does: the file and clean's counts (its metadata)."""
+    df, dropped = data.clean_listings(rows, 10, 350, data.Box(), keep_unpriced=True)
     data.write_listings(df, str(path))
-    return str(path)
+    return str(path), data.clean_counts(df, dropped)
 
 
 def monitor(prod, rows, tmp_path, **limits) -> dict:
-    return tasks.monitor(clean_file(rows, tmp_path / "clean.csv"), str(tmp_path / "report.html"), prod["model"],
-                         10, 350, data.Box(), 1000, 1_000_000, data.DriftLimits(**limits))
+    path, counts = clean_file(rows, tmp_path / "clean.csv")
+    return tasks.monitor(path, str(tmp_path / "report.html"), prod["model"], 10, 350, data.Box(), 1000, 1_000_000,
+                         data.DriftLimits(**limits), counts)
 
 
-def test_prices_up_by_a_third_is_drift_of_price_and_of_prods_error(prod, tracking, halves, tmp_path):
+def test_prices_up_by_a_third_is_drift_of_price_and_of_prods_error_which_training_would_refuse(prod, tracking, halves,
+                                                                                              tmp_path):
     rows = halves[1].assign(price=halves[1]["price"] * 1.3)
     summary = monitor(prod, rows, tmp_path)
     assert summary["verdict"] == "drift"
     assert set(summary["drifted"]) == {"price", data.ERROR_CHECK}
-    assert summary["prod_error_ratio"] > LIMITS.max_error_ratio  # training would refuse this data; monitoring reports
+    assert summary["prod_error_ratio"] > LIMITS.max_error_ratio
+    # So retrain=true would not start training: its check step fails on exactly this.
+    assert not summary["trainable"] and summary["not_trainable_because"][0].startswith("price: prod version 1's MAE")
     assert "Verdict: drift: price (PSI" in report.as_text((tmp_path / "report.html").read_text())
 
 
-def test_listings_with_no_price_are_compared_on_the_rest_and_prods_error_is_not_measured(prod, tracking, halves,
-                                                                                        tmp_path):
-    summary = monitor(prod, halves[1].assign(price=None), tmp_path)
-    assert summary["verdict"] == "ok" and summary["priced_rows"] == 0 and summary["rows"] > 9000
-    assert "prod_error_ratio" not in summary
-    assert summary["prod_error_unknown"].startswith("only 0 of ")
-    text = report.as_text((tmp_path / "report.html").read_text())
-    assert "price drift skipped no values in the new data" in text
+def test_listings_priced_out_of_range_are_drift_though_clean_drops_them(prod, tracking, halves, tmp_path):
+    """What clean drops never reaches the other checks: its share is compared with what it dropped of prod's data."""
+    rows = halves[1].copy()
+    moved = rows.sample(frac=0.2, random_state=1).index
+    rows.loc[moved, "price"] += 400
+    summary = monitor(prod, rows, tmp_path)
+    assert summary["verdict"] == "drift" and set(summary["drifted"]) == {"rows clean drops"}
+    assert summary["drifted"]["rows clean drops"].endswith("prod's data 4.9%")
+    assert summary["trainable"]  # training would drop those rows and learn from the rest
+
+
+def test_listings_with_few_or_no_prices_are_compared_on_the_rest_and_say_what_was_not_measured(prod, tracking, halves,
+                                                                                              tmp_path):
+    for priced in (0, 30):
+        rows = halves[1].copy()
+        rows.loc[rows.index[priced:], "price"] = None
+        summary = monitor(prod, rows, tmp_path)
+        assert summary["verdict"] == "ok" and summary["priced_rows"] == priced and summary["rows"] > 9000
+        assert "prod_error_ratio" not in summary
+        assert summary["prod_error_unknown"].startswith(f"only {priced} of ")
+        text = report.as_text((tmp_path / "report.html").read_text())
+        assert f"price drift skipped {priced} value(s) in the new data" in text
+        assert ("Verdict: ok: the new listings look like prod's data (not measured: price drift, prod's error on "
+                "new rows, rows clean drops drift)") in text
 
 
 def test_values_the_checks_refuse_make_the_monitor_step_fail_as_invalid_after_keeping_its_report(prod, tracking, halves,
@@ -153,7 +181,7 @@ def test_values_the_checks_refuse_make_the_monitor_step_fail_as_invalid_after_ke
 def test_with_no_prod_to_compare_with_the_monitor_refuses(tracking, halves, tmp_path):
     with pytest.raises(StepError, match=r"monitor: model_name: model 'nobody' has no 'prod' version: there is nothing "
                                         "to compare the new listings with"):
-        tasks.monitor(clean_file(halves[1], tmp_path / "c.csv"), str(tmp_path / "r.html"), "nobody", 10, 350,
+        tasks.monitor(clean_file(halves[1], tmp_path / "c.csv")[0], str(tmp_path / "r.html"), "nobody", 10, 350,
                       data.Box(), 1000, 1_000_000, LIMITS)
 
 
@@ -247,9 +275,33 @@ def test_the_retrain_step_starts_the_named_training_version_on_the_same_bytes(sp
         _, first = kfp_api.upload(client, specs["training"], kfp_api.TRAINING)
         _, newest = kfp_api.upload(client, specs["monitor"], kfp_api.TRAINING)  # any newer version will do
         for asked, started in (("", newest), (first, first)):
-            run_id = kfp_api.start_training(kfp.url, "s3://data/new.csv", "ab" * 32, "m", asked, "price PSI 0.2")
+            run_id = kfp_api.start_training(kfp.url, "s3://data/new.csv", "ab" * 32, {"model_name": "m"}, asked,
+                                            "price PSI 0.2")
             made = kfp.runs[run_id]
             assert made["pipeline_version_reference"]["pipeline_version_id"] == started
             assert made["runtime_config"]["parameters"] == {"source": "s3://data/new.csv", "source_sha256": "ab" * 32,
                                                             "model_name": "m"}
             assert made["display_name"] == "retrain on drift (abababababab)"
+
+
+class Artifact:
+    metadata = {"sha256": "cd" * 32}
+
+
+def test_the_retrain_component_trains_on_the_bytes_monitored_with_the_monitors_parameters_unless_training_would_refuse(
+        specs):
+    """The component's own body, as the cluster runs it (its Input[Dataset] stood in for)."""
+    retrain = pipeline.steps.retrain.python_func
+    training_params = {"model_name": "m", "max_error_ratio": 1.5, "min_rows": 300}
+    summary = {"drifted": {"price": "PSI 0.2, KS 0.1"}, "trainable": True, "not_trainable_because": [],
+               "training_params": training_params}
+    with KfpStandIn() as kfp:
+        kfp_api.upload(kfp_api.connect(kfp.url, "test"), specs["training"], kfp_api.TRAINING)
+        run_id = retrain(raw_data=Artifact(), source="s3://data/new.csv", model_name="m", kfp_host=kfp.url,
+                         training_version="", drift=json.dumps(summary))
+        assert kfp.runs[run_id]["runtime_config"]["parameters"] == {
+            **training_params, "source": "s3://data/new.csv", "source_sha256": "cd" * 32}
+        refused = summary | {"trainable": False, "not_trainable_because": ["price: prod's MAE ... 1.37 x"]}
+        assert retrain(raw_data=Artifact(), source="s3://data/new.csv", model_name="m", kfp_host=kfp.url,
+                       training_version="", drift=json.dumps(refused)) == ""
+        assert len(kfp.runs) == 1
