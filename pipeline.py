@@ -39,7 +39,7 @@ from components.model import ModelParams
 from images import catalog
 
 ROOT = Path(__file__).resolve().parent
-PIPELINE_NAME = "rental-price"
+PIPELINE_NAME = kfp_api.TRAINING
 MODEL_NAME = "rental-price"  # the registered model, unless model_name says otherwise
 
 
@@ -588,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     submit_cmd = commands.add_parser("submit", help="upload the compiled spec to KFP and start a run")
     submit_cmd.add_argument("--spec", default="", help="default: the pipeline's spec file, as compile writes it")
     submit_cmd.add_argument("--host", default=os.environ.get("KFP_HOST", "http://127.0.0.1:8081"))
-    submit_cmd.add_argument("--experiment", default="rental-price")
+    submit_cmd.add_argument("--experiment", default=kfp_api.EXPERIMENT)
     submit_cmd.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
     submit_cmd.add_argument("--sweep", default="", metavar="GRID", help="a grid of trials (as for run)")
     submit_cmd.add_argument("--wait", action="store_true", help="wait for the run; fail unless it succeeds")

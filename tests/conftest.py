@@ -46,6 +46,16 @@ def wait_until(url: str, ok=lambda response: response.ok, process: subprocess.Po
     raise TimeoutError(f"{url} gave no acceptable answer within {timeout} s")
 
 
+def run_pipeline(mlflow_uri: str, experiment: str, root, pipeline: str, *params: str,
+                 timeout: float = 900) -> subprocess.CompletedProcess:
+    """`pipeline.py run --pipeline PIPELINE` (kfp.local) as a person runs it, with `--param` for each of params."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "MLFLOW_EXPERIMENT_NAME": experiment}
+    command = [sys.executable, "pipeline.py", "run", "--pipeline", pipeline, "--pipeline-root", str(root)]
+    for param in params:
+        command += ["--param", param]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory) -> str:
     """A real `mlflow server` for the whole session; tests keep apart by experiment and model name."""

@@ -2,25 +2,19 @@
 and the score step's logic called directly."""
 
 import json
-import os
 import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, listing
+from conftest import listing, run_pipeline
 
 from components import model, tasks, tracking
 from components.errors import StepError
 
 
 def run_batch(mlflow_uri: str, tmp_path, *params: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "MLFLOW_EXPERIMENT_NAME": "batch"}
-    command = [sys.executable, "pipeline.py", "run", "--pipeline", "batch", "--pipeline-root", str(tmp_path / "outputs")]
-    for param in params:
-        command += ["--param", param]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return run_pipeline(mlflow_uri, "batch", tmp_path / "outputs", "batch", *params, timeout=600)
 
 
 def outputs(tmp_path):

@@ -14,9 +14,8 @@ import yaml
 import pipeline
 from images import catalog
 
-GOLDEN = Path(__file__).parent / "golden" / "pipeline.yaml"
-GOLDEN_BATCH = Path(__file__).parent / "golden" / "pipeline-batch.yaml"
-GOLDEN_MONITOR = Path(__file__).parent / "golden" / "pipeline-monitor.yaml"
+GOLDENS = Path(__file__).parent / "golden"  # each pipeline's spec, under the name compile gives it
+GOLDEN = GOLDENS / pipeline.PIPELINES["training"][2]
 DEPENDENCIES = {
     "download": set(),
     "clean": {"download"},
@@ -30,16 +29,18 @@ DEPENDENCIES = {
 
 
 @pytest.fixture(scope="module")
-def spec_text(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("spec") / "pipeline.yaml"
-    pipeline.compile_pipeline(str(path))
-    return path.read_text()
+def texts(tmp_path_factory) -> dict[str, str]:
+    """Each pipeline's compiled spec, by pipeline name."""
+    home = tmp_path_factory.mktemp("spec")
+    for name, (_, _, file) in pipeline.PIPELINES.items():
+        pipeline.compile_pipeline(str(home / file), name)
+    return {name: (home / file).read_text() for name, (_, _, file) in pipeline.PIPELINES.items()}
 
 
 @pytest.fixture(scope="module")
-def spec(spec_text) -> dict:
+def spec(texts) -> dict:
     """The pipeline spec, with the platform (Kubernetes) spec that follows it in a second YAML document."""
-    pipeline_spec, platform_spec = yaml.safe_load_all(spec_text)
+    pipeline_spec, platform_spec = yaml.safe_load_all(texts["training"])
     return {**pipeline_spec, **platform_spec}
 
 
@@ -120,22 +121,17 @@ def normalized(text: str) -> str:
     return re.sub(r"\b([0-9a-f]{40}(-dirty)?|unknown)\b", "GIT_COMMIT", text)
 
 
-def test_spec_matches_the_golden_file(spec_text):
+@pytest.mark.parametrize("name", list(pipeline.PIPELINES))
+def test_spec_matches_the_golden_file(texts, name):
+    golden = GOLDENS / pipeline.PIPELINES[name][2]
     if os.environ.get("UPDATE_GOLDEN"):
-        GOLDEN.parent.mkdir(exist_ok=True)
-        GOLDEN.write_text(normalized(spec_text))
-    assert normalized(spec_text) == GOLDEN.read_text(), "DAG changed: review, then UPDATE_GOLDEN=1 to accept"
+        golden.parent.mkdir(exist_ok=True)
+        golden.write_text(normalized(texts[name]))
+    assert normalized(texts[name]) == golden.read_text(), "DAG changed: review, then UPDATE_GOLDEN=1 to accept"
 
 
-@pytest.fixture(scope="module")
-def batch_text(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("spec") / "pipeline-batch.yaml"
-    pipeline.compile_pipeline(str(path), "batch")
-    return path.read_text()
-
-
-def test_batch_scoring_is_training_download_then_score_in_the_model_image(batch_text):
-    spec, platform = yaml.safe_load_all(batch_text)
+def test_batch_scoring_is_training_download_then_score_in_the_model_image(texts):
+    spec, platform = yaml.safe_load_all(texts["batch"])
     tasks = spec["root"]["dag"]["tasks"]
     assert {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()} == {
         "download": set(), "score": {"download"}}
@@ -153,21 +149,8 @@ def test_batch_scoring_is_training_download_then_score_in_the_model_image(batch_
     assert set(platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]) == {"exec-download", "exec-score"}
 
 
-def test_batch_spec_matches_the_golden_file(batch_text):
-    if os.environ.get("UPDATE_GOLDEN"):
-        GOLDEN_BATCH.write_text(normalized(batch_text))
-    assert normalized(batch_text) == GOLDEN_BATCH.read_text(), "DAG changed: review, then UPDATE_GOLDEN=1 to accept"
-
-
-@pytest.fixture(scope="module")
-def monitor_text(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("spec") / "pipeline-monitor.yaml"
-    pipeline.compile_pipeline(str(path), "monitor")
-    return path.read_text()
-
-
-def test_monitoring_is_training_download_clean_then_monitor_and_retrain_only_on_drift_when_asked(monitor_text):
-    spec, platform = yaml.safe_load_all(monitor_text)
+def test_monitoring_is_training_download_clean_then_monitor_and_retrain_only_on_drift_when_asked(texts):
+    spec, platform = yaml.safe_load_all(texts["monitor"])
     tasks = spec["root"]["dag"]["tasks"]
     assert {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()} == {
         "download": set(), "clean": {"download"}, "monitor": {"clean"}, "condition-1": {"monitor", "download"}}
@@ -201,9 +184,3 @@ def test_monitoring_takes_the_check_steps_parameters_with_the_same_defaults():
     shared = set(monitor) & set(training)
     assert shared >= {"min_price", "max_error_ratio", "warn_ks", "min_rows", "max_latitude", "model_name"}
     assert all(monitor[name].default == training[name].default for name in shared)
-
-
-def test_monitor_spec_matches_the_golden_file(monitor_text):
-    if os.environ.get("UPDATE_GOLDEN"):
-        GOLDEN_MONITOR.write_text(normalized(monitor_text))
-    assert normalized(monitor_text) == GOLDEN_MONITOR.read_text(), "DAG changed: review, then UPDATE_GOLDEN=1 to accept"

@@ -4,7 +4,6 @@ step against a stand-in for KFP's API server (tests/kfp_standin.py), as no clust
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -12,7 +11,7 @@ import uuid
 import mlflow
 import pandas as pd
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_pipeline
 from kfp_standin import KfpStandIn
 
 import pipeline
@@ -23,11 +22,7 @@ LIMITS = data.DriftLimits()
 
 
 def run(mlflow_uri: str, experiment: str, root, *params: str, pipeline_name: str = "monitor"):
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "MLFLOW_EXPERIMENT_NAME": experiment}
-    command = [sys.executable, "pipeline.py", "run", "--pipeline", pipeline_name, "--pipeline-root", str(root)]
-    for param in params:
-        command += ["--param", param]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return run_pipeline(mlflow_uri, experiment, root, pipeline_name, *params)
 
 
 @pytest.fixture(scope="module")
