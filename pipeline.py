@@ -71,8 +71,8 @@ RESOURCES = {  # step: (cpu request, cpu limit, memory request, memory limit)
     "monitor": ("250m", "1", "512M", "1G"),
     "retrain": ("100m", "500m", "256M", "512M"),
 }
-# Defaults of the box and the model live with the code that uses them.
-BOX, MODEL, DRIFT = data.Box(), ModelParams(), data.DriftLimits()
+# Defaults of the city, the model and the drift limits live with the code that uses them.
+CITY, MODEL, DRIFT = data.city(), ModelParams(), data.DriftLimits()
 # Sweep trials at once on the cluster (kfp.local runs two at a time whatever this says).
 SWEEP_PARALLELISM = 4
 # KFP's own bucket on the MinIO of manifests/minio/ (the kfp-launcher ConfigMap holds its endpoint).
@@ -104,14 +104,7 @@ def build(cluster: bool = True):
         source: str = data.CLUSTER_SOURCE if cluster else data.DEFAULT_SOURCE,
         source_sha256: str = "",
         model_name: str = MODEL_NAME,
-        min_price: float = 10.0,
-        max_price: float = 350.0,
-        min_longitude: float = BOX.min_lon,
-        max_longitude: float = BOX.max_lon,
-        min_latitude: float = BOX.min_lat,
-        max_latitude: float = BOX.max_lat,
-        min_rows: int = 1000,
-        max_rows: int = 1_000_000,
+        city: str = CITY.as_param(),
         max_category_psi: float = DRIFT.max_category_psi,
         max_error_ratio: float = DRIFT.max_error_ratio,
         warn_psi: float = DRIFT.warn_psi,
@@ -137,14 +130,12 @@ def build(cluster: bool = True):
         bins: int = MODEL.bins,
         margin: float = 0.1,
     ) -> Outputs:
-        box = dict(min_longitude=min_longitude, max_longitude=max_longitude,
-                   min_latitude=min_latitude, max_latitude=max_latitude)
         download = steps.download(source=source, expected_sha256=source_sha256)
-        clean = steps.clean(raw_data=download.outputs["raw_data"], min_price=min_price, max_price=max_price, **box)
+        clean = steps.clean(raw_data=download.outputs["raw_data"], city=city)
         check = steps.check(
-            clean_data=clean.outputs["clean_data"], model_name=model_name, min_price=min_price, max_price=max_price,
-            min_rows=min_rows, max_rows=max_rows, max_category_psi=max_category_psi, max_error_ratio=max_error_ratio,
-            warn_psi=warn_psi, warn_ks=warn_ks, warn_error_ratio=warn_error_ratio, **box)
+            clean_data=clean.outputs["clean_data"], model_name=model_name, city=city,
+            max_category_psi=max_category_psi, max_error_ratio=max_error_ratio, warn_psi=warn_psi, warn_ks=warn_ks,
+            warn_error_ratio=warn_error_ratio)
         split = steps.split(clean_data=clean.outputs["clean_data"], test_size=test_size, seed=seed).after(check)
         # The sweep: each item of `sweep` changes the parameters above for one trial ({} changes nothing).
         with dsl.ParallelFor(sweep, parallelism=SWEEP_PARALLELISM) as trial:
@@ -223,14 +214,7 @@ def build_monitor(cluster: bool = True):
         source: str = data.CLUSTER_SOURCE if cluster else data.DEFAULT_SOURCE,
         source_sha256: str = "",
         model_name: str = MODEL_NAME,
-        min_price: float = 10.0,
-        max_price: float = 350.0,
-        min_longitude: float = BOX.min_lon,
-        max_longitude: float = BOX.max_lon,
-        min_latitude: float = BOX.min_lat,
-        max_latitude: float = BOX.max_lat,
-        min_rows: int = 1000,
-        max_rows: int = 1_000_000,
+        city: str = CITY.as_param(),
         max_category_psi: float = DRIFT.max_category_psi,
         max_error_ratio: float = DRIFT.max_error_ratio,
         warn_psi: float = DRIFT.warn_psi,
@@ -240,15 +224,12 @@ def build_monitor(cluster: bool = True):
         kfp_host: str = kfp_api.IN_CLUSTER_HOST,
         training_version: str = "",
     ) -> MonitorOutputs:
-        box = dict(min_longitude=min_longitude, max_longitude=max_longitude,
-                   min_latitude=min_latitude, max_latitude=max_latitude)
         download = steps.download(source=source, expected_sha256=source_sha256)
-        clean = steps.clean(raw_data=download.outputs["raw_data"], min_price=min_price, max_price=max_price,
-                            keep_unpriced=True, **box)
+        clean = steps.clean(raw_data=download.outputs["raw_data"], city=city, keep_unpriced=True)
         monitor = steps.monitor(
-            clean_data=clean.outputs["clean_data"], model_name=model_name, min_price=min_price, max_price=max_price,
-            min_rows=min_rows, max_rows=max_rows, max_category_psi=max_category_psi, max_error_ratio=max_error_ratio,
-            warn_psi=warn_psi, warn_ks=warn_ks, warn_error_ratio=warn_error_ratio, **box)
+            clean_data=clean.outputs["clean_data"], model_name=model_name, city=city,
+            max_category_psi=max_category_psi, max_error_ratio=max_error_ratio, warn_psi=warn_psi, warn_ks=warn_ks,
+            warn_error_ratio=warn_error_ratio)
         # New listings arrive behind the same source, and prod may have moved: every run reads both afresh.
         for task in (download, clean, monitor):
             task.set_caching_options(False)
@@ -279,17 +260,23 @@ def pipeline_parameters(pipeline: str = "training") -> dict[str, inspect.Paramet
 
 
 def parse_params(pairs: list[str], pipeline: str = "training") -> dict:
-    """`key=value` pairs, typed by the pipeline's own signature."""
-    params = {}
+    """`key=value` pairs, typed by the pipeline's own signature. `city=NAME` (a shipped profile), `city=PATH.toml`
+    or `city={...}` gives the city's whole profile; a profile's field (`max_price=500`) changes it for this run. A
+    city other than the default gets its own model, rental-price-CITY, unless model_name says otherwise."""
+    params, changes = {}, {}
     known = pipeline_parameters(pipeline) if pairs else {}
+    city_fields = [f for f in CITY.as_dict() if f != "name"] if "city" in known else []
     for pair in pairs:
         key, sep, value = pair.partition("=")
+        if sep and key in city_fields:
+            changes[key] = profile_value(key, value)
+            continue
         if not sep or key not in known:
-            sys.exit(f"pipeline.py: --param {pair!r}: expected key=value with key one of {sorted(known)}")
+            sys.exit(f"pipeline.py: --param {pair!r}: expected key=value with key one of {sorted(known) + city_fields}")
         kind = known[key].annotation
         try:
             params[key] = (sweep_trials(json.loads(value)) if kind is list else boolean(value) if kind is bool
-                           else kind(value))
+                           else city_param(value) if key == "city" else kind(value))
         except ValueError as exc:
             sys.exit(f"pipeline.py: --param {key}: {value!r} is not a valid {kind.__name__}"
                      + (f" of trials: {exc}" if kind is list else ""))
@@ -297,7 +284,36 @@ def parse_params(pairs: list[str], pipeline: str = "training") -> dict:
         ModelParams(**{k: v for k, v in params.items() if k in ModelParams.__dataclass_fields__})
     except ValueError as exc:
         sys.exit(f"pipeline.py: --param {exc}")
+    if "city" in params or changes:
+        try:
+            city = data.City.from_dict({**params.get("city", CITY.as_dict()), **changes}, "pipeline.py")
+        except StepError as exc:
+            sys.exit(str(exc))
+        params["city"], name = city.as_param(), city.name
+        if name != data.DEFAULT_CITY and "model_name" in known and "model_name" not in params:
+            params["model_name"] = f"{MODEL_NAME}-{name}"
     return params
+
+
+def city_param(value: str) -> dict:
+    """A city's whole profile from `city=`: a shipped profile's name, a .toml file, or the profile as JSON."""
+    if value.lstrip().startswith("{"):
+        found = json.loads(value)
+        if not isinstance(found, dict):
+            raise ValueError(value)
+        return found
+    try:
+        return data.city_profile(value, "pipeline.py")
+    except StepError as exc:
+        sys.exit(str(exc))
+
+
+def profile_value(key: str, value: str):
+    """A profile field from the command line: a number, a JSON list, or for a list field its items by commas."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value.split(",") if key in ("area_groups", "date_formats") else value
 
 
 def boolean(value: str) -> bool:
@@ -467,7 +483,8 @@ def run_local(params: dict, pipeline_root: str, cache: bool, runner: str = "subp
         chosen = local.SubprocessRunner(use_venv=False)
     local.init(runner=chosen, pipeline_root=pipeline_root, enable_caching=cache, cache_root=cache_root,
                raise_on_error=True)
-    shown = {**params, **({"source": data.shown_source(params["source"])} if "source" in params else {})}
+    shown = {**params, **({"source": data.shown_source(params["source"])} if "source" in params else {}),
+             **({"city": json.loads(params["city"])} if "city" in params else {})}  # not JSON inside JSON
     print(f"pipeline run {kfp_run} ({runner}): {json.dumps(shown, sort_keys=True)}")
     print("cache: " + ("on: a step is reused when its inputs (the data by its sha256), parameters and code are "
                        "unchanged" if cache else "off (--no-cache)"))

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import gzip
 import hashlib
 import io
+import json
+import re
 import os
 import time
 import urllib.error
@@ -18,7 +22,8 @@ import pandas as pd
 
 from components.errors import StepError
 
-# The raw listings schema: column -> kind. Order matters (the check step compares it exactly).
+# The listings columns Inside Airbnb's summary listings.csv has had, column -> kind, in the order clean writes them.
+# The 2019 format has the first 16 (REQUIRED); today's adds OPTIONAL, used when present.
 SCHEMA: dict[str, str] = {
     "id": "int",
     "name": "str",
@@ -36,8 +41,14 @@ SCHEMA: dict[str, str] = {
     "reviews_per_month": "float",
     "calculated_host_listings_count": "int",
     "availability_365": "int",
+    "number_of_reviews_ltm": "int",
+    "license": "str",
 }
-COLUMNS = list(SCHEMA)
+OPTIONAL = ["number_of_reviews_ltm", "license"]
+REQUIRED = [c for c in SCHEMA if c not in OPTIONAL]
+IDS = ["id", "host_id"]
+TEXT_COLUMNS = [c for c, kind in SCHEMA.items() if kind == "str"]
+NUMBER_COLUMNS = [c for c, kind in SCHEMA.items() if kind in ("int", "float") and c not in IDS]
 # The default data: 20,000 real NYC listings of 2019, shipped gzipped in components/sample/ so that the pipeline
 # runs with no network. `sample://NAME` names a file there, inside any image or checkout of the project.
 SAMPLE_SCHEME = "sample://"
@@ -50,27 +61,139 @@ PUBLIC_SOURCE = (
 )
 # In the cluster the default data enters through MinIO: `make deploy` puts the sample there.
 CLUSTER_SOURCE = "s3://data/" + SAMPLE_FILE
-NEIGHBOURHOOD_GROUPS = ("Bronx", "Brooklyn", "Manhattan", "Queens", "Staten Island")
-# Numeric columns whose distribution is compared with prod's data.
+# Numeric columns whose distribution is compared with prod's data (those the data has).
 DRIFT_COLUMNS = [
     "price", "latitude", "longitude", "minimum_nights", "number_of_reviews",
-    "reviews_per_month", "calculated_host_listings_count", "availability_365",
+    "reviews_per_month", "calculated_host_listings_count", "availability_365", "number_of_reviews_ltm",
 ]
 
 
 @dataclass(frozen=True)
 class Box:
-    """Geographic bounding box (NYC by default)."""
+    """Geographic bounding box."""
 
-    min_lon: float = -74.25
-    max_lon: float = -73.50
-    min_lat: float = 40.5
-    max_lat: float = 41.2
+    min_lon: float
+    max_lon: float
+    min_lat: float
+    max_lat: float
 
     def contains(self, df: pd.DataFrame) -> pd.Series:
         return df["longitude"].between(self.min_lon, self.max_lon) & df["latitude"].between(
             self.min_lat, self.max_lat
         )
+
+
+# ---------------------------------------------------------------- city profiles
+
+# Shipped profiles: components/cities/<name>.toml. A run carries its whole profile as the `city` parameter.
+CITIES = "cities"
+DEFAULT_CITY = "nyc"
+
+
+@dataclass(frozen=True)
+class City:
+    """What is particular to one city's listings: where they are, which prices and how many rows are plausible,
+    its area groups (neighbourhood_group; none in most cities) and how its export writes dates (besides ISO)."""
+
+    name: str
+    min_longitude: float
+    max_longitude: float
+    min_latitude: float
+    max_latitude: float
+    min_price: float
+    max_price: float
+    min_rows: int
+    max_rows: int
+    area_groups: tuple[str, ...] = ()
+    date_formats: tuple[str, ...] = ()
+
+    @property
+    def box(self) -> Box:
+        return Box(self.min_longitude, self.max_longitude, self.min_latitude, self.max_latitude)
+
+    def as_dict(self) -> dict:
+        return {f: list(v) if isinstance(v, tuple) else v for f, v in vars(self).items()}
+
+    def as_param(self) -> str:
+        """The profile as a run's `city` parameter: JSON with sorted keys, so that the same profile is the same
+        text (and cache key) every time."""
+        return json.dumps(self.as_dict(), sort_keys=True)
+
+    @classmethod
+    def from_param(cls, given: str | dict, step: str) -> "City":
+        """A run's `city` parameter: the profile as JSON (or a dict), or a shipped profile's name."""
+        if isinstance(given, dict):
+            return cls.from_dict(given, step)
+        if not given.strip().startswith("{"):
+            return cls.from_dict(city_profile(given.strip(), step), step)
+        try:
+            found = json.loads(given)
+        except ValueError as exc:
+            raise StepError(step, "city", f"not a profile in JSON: {exc}") from exc
+        if not isinstance(found, dict):
+            raise StepError(step, "city", f"expected a JSON object, got {given[:100]!r}")
+        return cls.from_dict(found, step)
+
+    @classmethod
+    def from_dict(cls, given: dict, step: str) -> "City":
+        """The profile a run's `city` parameter holds, checked field by field. {"name": N, ...} with only some
+        fields takes the others from the shipped profile N."""
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = sorted(set(given) - set(fields))
+        if unknown:
+            raise StepError(step, "city", f"unknown field(s) {unknown} (a profile has {list(fields)})")
+        name = given.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
+            raise StepError(step, "city.name", f"expected the city's name in lower case letters, digits, - and _ "
+                                               f"(it names its model: rental-price-NAME), got {name!r}")
+        values = dict(given)
+        if set(fields) - set(given) - {"area_groups", "date_formats"}:
+            values = {**city_profile(name, step), **given}
+        typed = {}
+        for field, kind in fields.items():
+            value, where = values.get(field), f"city.{field}"
+            if field in ("area_groups", "date_formats"):
+                value = [] if value is None else value
+                if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                    raise StepError(step, where, f"expected a list of non-empty strings, got {value!r}")
+                typed[field] = tuple(value)
+            elif field != "name":
+                number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+                if number is None or number != number or (kind == "int" and number != int(number)):
+                    raise StepError(step, where, f"expected {'a whole number' if kind == 'int' else 'a number'}, "
+                                                 f"got {value!r}")
+                typed[field] = int(number) if kind == "int" else float(number)
+        for low, high in (("min_longitude", "max_longitude"), ("min_latitude", "max_latitude"),
+                          ("min_price", "max_price"), ("min_rows", "max_rows")):
+            if typed[low] >= typed[high]:
+                raise StepError(step, f"city.{low}", f"{typed[low]} is not below {high} {typed[high]}")
+        for code in typed["date_formats"]:
+            if "%" not in code:
+                raise StepError(step, "city.date_formats", f"{code!r} is not a strptime format such as '%m/%d/%y'")
+        return cls(name=name, **typed)
+
+
+def city_profile(name: str, step: str = "city") -> dict:
+    """A shipped profile (components/cities/NAME.toml) or the profile file at the path NAME, as a dict."""
+    import tomllib
+    from importlib import resources
+
+    folder = resources.files("components") / CITIES
+    path = Path(name) if name.endswith(".toml") else Path(str(folder / f"{name}.toml"))
+    if not path.is_file():
+        shipped = sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
+        raise StepError(step, "city", f"no city profile {name!r}: shipped ones are {shipped}; or give the path to "
+                                      "a .toml file written like components/cities/nyc.toml")
+    try:
+        return tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise StepError(step, "city", f"{path} is not a readable TOML file: {exc}") from exc
+
+
+@functools.cache
+def city(name: str = DEFAULT_CITY) -> City:
+    """A shipped city's profile as a City."""
+    return City.from_dict(city_profile(name), "city")
 
 
 # ---------------------------------------------------------------- download
@@ -169,15 +292,16 @@ def upload_s3(raw: bytes, uri: str) -> None:
 
 
 def parse_csv(raw: bytes, step: str = "download") -> pd.DataFrame:
-    """Parse raw bytes as a listings CSV, with an error that says what is wrong with the file."""
+    """Parse raw bytes as a listings CSV, with an error that says what is wrong with the file. Text columns and ids
+    stay text (a zip code is not a number; an id is checked digit by digit in clean)."""
     if not raw.strip():
         raise StepError(step, "source", "the file is empty")
     try:
-        df = pd.read_csv(io.BytesIO(raw), encoding="utf-8")
+        df = pd.read_csv(io.BytesIO(raw), encoding="utf-8", dtype={c: "str" for c in TEXT_COLUMNS + IDS})
     except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
         raise StepError(step, "source", f"not a readable CSV file: {exc}") from exc
     if df.shape[1] < 2:
-        raise StepError(step, "source", f"not a CSV table: found {df.shape[1]} column(s), expected {len(COLUMNS)}")
+        raise StepError(step, "source", f"not a CSV table: found {df.shape[1]} column(s), expected {len(REQUIRED)}")
     if df.empty:
         raise StepError(step, "source", "the CSV has a header but no rows")
     return df
@@ -192,44 +316,99 @@ def describe_download(source: str, raw: bytes, df: pd.DataFrame) -> dict:
 def require_columns(df: pd.DataFrame, columns: list[str], step: str) -> None:
     missing = [c for c in columns if c not in df.columns]
     if missing:
-        raise StepError(step, missing[0], f"column missing from the data (missing: {missing}; found: {list(df.columns)})")
+        raise StepError(step, ", ".join(missing), f"{len(missing)} column(s) missing from the data: {missing} "
+                                                  f"(found: {list(df.columns)})")
 
 
-def parse_column(df: pd.DataFrame, column: str, step: str, kind: str) -> pd.Series:
+def listing_format(columns) -> str:
+    """Which of Inside Airbnb's summary formats the columns are."""
+    extra = [c for c in OPTIONAL if c in columns]
+    return ("the current format (18 columns)" if extra == OPTIONAL else
+            "the 2019 format (16 columns)" + (f" with {', '.join(extra)}" if extra else ""))
+
+
+def known_columns(df: pd.DataFrame, step: str) -> tuple[pd.DataFrame, list[str]]:
+    """The listings' known columns in schema order, and the names of the others (ignored). Every missing required
+    column is named at once."""
+    require_columns(df, REQUIRED, step)
+    ignored = [c for c in df.columns if c not in SCHEMA]
+    return df[[c for c in SCHEMA if c in df.columns]], ignored
+
+
+def parse_column(df: pd.DataFrame, column: str, step: str, kind: str, date_formats=()) -> pd.Series:
     """The column as numbers or dates; a value that is present but does not parse is an error naming it."""
+    text = df[column]
     if kind == "number":
-        values, expected = pd.to_numeric(df[column], errors="coerce"), "numbers"
+        if column == "price" and not pd.api.types.is_numeric_dtype(text):  # "$1,250.00", as in detailed listings
+            text = text.map(lambda v: v.strip().removeprefix("$").replace(",", "") if isinstance(v, str) else v)
+        values, expected = pd.to_numeric(text, errors="coerce"), "numbers"
     else:
-        values, expected = pd.to_datetime(df[column], format="%Y-%m-%d", errors="coerce"), "dates (YYYY-MM-DD)"
+        values = read_dates(text, date_formats)
+        expected = f"dates as {' or '.join(['YYYY-MM-DD', *date_formats])}"
+        if not date_formats:
+            expected += " (name the file's own format in the city profile's date_formats, e.g. '%m/%d/%y')"
     bad = df[column][values.isna() & df[column].notna()]
     if len(bad):
         raise StepError(step, column, f"{len(bad)} value(s) are not {expected}, e.g. {bad.head(3).tolist()}")
     return values
 
 
+def read_dates(text: pd.Series, date_formats=()) -> pd.Series:
+    """Dates in ISO or one of `date_formats`, each value in the first that reads it; NaT for any other."""
+    values = pd.to_datetime(text, format="ISO8601", errors="coerce")
+    for code in date_formats:
+        rest = values.isna() & text.notna()
+        if rest.any():
+            values[rest] = pd.to_datetime(text[rest], format=code, errors="coerce")
+    return values
+
+
+def parse_ids(df: pd.DataFrame, column: str, step: str) -> pd.Series:
+    """Ids as exact integers: a spreadsheet writes a long id as 7.13172E+17, and two listings then share it."""
+    text = df[column].astype("str").str.strip() if not pd.api.types.is_integer_dtype(df[column]) else None
+    if text is None:
+        return df[column].astype("int64")
+    whole = text.str.fullmatch(r"\d{1,19}").fillna(False).astype(bool)
+    whole &= text.str.len().fillna(0).lt(19) | text.fillna("").lt(str(np.iinfo("int64").max))  # fits in int64
+    bad = df[column][~whole]
+    if len(bad):
+        raise StepError(step, column, f"{len(bad)} value(s) are empty or not whole numbers as written, e.g. "
+                        f"{bad.head(3).fillna('').tolist()}: ids must be exact (a spreadsheet rounds long ids to forms like "
+                        "7.13172E+17); take the file as downloaded, not as a spreadsheet saved it")
+    return text.astype("int64")
+
+
 def clean_listings(
-    df: pd.DataFrame, min_price: float, max_price: float, box: Box, keep_unpriced: bool = False
+    df: pd.DataFrame, city: City, keep_unpriced: bool = False
 ) -> tuple[pd.DataFrame, dict[str, int]]:
-    """Apply the cleaning rules; return the clean frame and how many rows each rule dropped. `keep_unpriced` keeps
-    listings with no price (monitoring looks at them too; training cannot learn from them)."""
-    require_columns(df, ["id", "price", "latitude", "longitude", "last_review"], "clean")
+    """Type the known columns and apply the cleaning rules; return the clean frame and how many rows each rule
+    dropped. `keep_unpriced` keeps listings with no price (monitoring looks at them too; training cannot learn
+    from them)."""
+    df, _ = known_columns(df, "clean")
     df = df.copy()
-    for column in ("price", "latitude", "longitude"):
-        df[column] = parse_column(df, column, "clean", "number")
-    df["last_review"] = parse_column(df, "last_review", "clean", "date")
+    for column in IDS:
+        df[column] = parse_ids(df, column, "clean")
+    for column in NUMBER_COLUMNS:
+        if column in df.columns:
+            df[column] = parse_column(df, column, "clean", "number")
+    for column in TEXT_COLUMNS:
+        if column in df.columns:  # a zip code read as a number, or a column empty in every row, is still text
+            df[column] = df[column].astype("str")
+    df["last_review"] = parse_column(df, "last_review", "clean", "date", city.date_formats)
 
     dropped = {}
-    keep = df["price"].between(min_price, max_price) | (keep_unpriced & df["price"].isna())
+    keep = df["price"].between(city.min_price, city.max_price) | (keep_unpriced & df["price"].isna())
     dropped["price_range"] = int((~keep).sum())
     df = df[keep]
-    keep = box.contains(df)
+    keep = city.box.contains(df)
     dropped["outside_box"] = int((~keep).sum())
     df = df[keep]
     keep = ~df["id"].duplicated()
     dropped["duplicate_id"] = int((~keep).sum())
     df = df[keep].reset_index(drop=True)
     if df.empty:
-        raise StepError("clean", "price/latitude/longitude", f"every row was filtered out (dropped: {dropped})")
+        raise StepError("clean", "price/latitude/longitude", f"every row was filtered out (dropped: {dropped}; "
+                        f"city {city.name}: price [{city.min_price}, {city.max_price}], box {city.box})")
     return df, dropped
 
 
@@ -244,8 +423,8 @@ def write_listings(df: pd.DataFrame, path: str) -> None:
 
 
 def read_listings(path: str) -> pd.DataFrame:
-    """Read a CSV written by `write_listings`, restoring the date column."""
-    df = pd.read_csv(path)
+    """Read a CSV written by `write_listings`, restoring the text and date columns."""
+    df = pd.read_csv(path, dtype={c: "str" for c in TEXT_COLUMNS})
     if "last_review" in df.columns:
         df["last_review"] = pd.to_datetime(df["last_review"], format="%Y-%m-%d")
     return df
@@ -253,8 +432,13 @@ def read_listings(path: str) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- check
 
+def _whole_numbers(s: pd.Series) -> bool:
+    return pd.api.types.is_integer_dtype(s) or (pd.api.types.is_numeric_dtype(s) and bool(
+        (s.dropna() % 1 == 0).all()))
+
+
 _KIND_TEST = {
-    "int": pd.api.types.is_integer_dtype,
+    "int": _whole_numbers,  # a column with empty cells reads as floats
     "float": pd.api.types.is_numeric_dtype,
     "str": lambda s: pd.api.types.is_string_dtype(s) or pd.api.types.is_object_dtype(s),
     "datetime": pd.api.types.is_datetime64_any_dtype,
@@ -297,33 +481,44 @@ def _check(check: str, bad: bool, observed: str, threshold: str, message: str) -
     return Check(check, FAIL if bad else PASS, observed, threshold, message if bad else "")
 
 
-def deterministic_checks(
-    df: pd.DataFrame, min_price: float, max_price: float, box: Box, min_rows: int, max_rows: int
-) -> list[Check]:
-    """Every check of the data on its own, passed or failed (data.failed lists the failures' messages)."""
-    columns = list(df.columns)
-    checks = [_check("columns", columns != COLUMNS, "as the schema" if columns == COLUMNS else ", ".join(columns),
-                     f"the {len(COLUMNS)} columns of the schema, in order", f"columns: expected {COLUMNS}, got {columns}")]
+def deterministic_checks(df: pd.DataFrame, city: City, ignored: list[str] = ()) -> list[Check]:
+    """Every check of the data on its own against its city's profile, passed or failed (data.failed lists the
+    failures' messages); `ignored` names the unknown columns clean left out (a warning)."""
+    missing = [c for c in REQUIRED if c not in df.columns]
+    checks = [_check("columns", bool(missing), listing_format(df.columns) if not missing else f"missing {missing}",
+                     f"the {len(REQUIRED)} columns of the 2019 format, or the {len(SCHEMA)} of today's",
+                     f"columns: {len(missing)} missing: {missing}")]
+    if ignored:
+        checks.append(Check("unknown columns", WARN, ", ".join(ignored), "none",
+                            f"columns: ignored {len(ignored)} unknown column(s): {list(ignored)}"))
     for column, kind in SCHEMA.items():
         if column in df.columns:
             dtype = str(df[column].dtype)
             checks.append(_check(f"dtype of {column}", not _KIND_TEST[kind](df[column]), dtype, kind,
                                  f"dtype of {column}: expected {kind}, got {dtype}"))
     if "neighbourhood_group" in df.columns:
-        unknown = sorted(set(df["neighbourhood_group"].dropna()) - set(NEIGHBOURHOOD_GROUPS))
-        checks.append(_check("neighbourhood_group values", bool(unknown), f"unknown: {unknown}" if unknown else
-                             "all known", ", ".join(NEIGHBOURHOOD_GROUPS),
-                             f"neighbourhood_group: unknown values {unknown}"))
+        present = set(df["neighbourhood_group"].dropna())
+        if city.area_groups:
+            unknown = sorted(present - set(city.area_groups))
+            checks.append(_check("neighbourhood_group values", bool(unknown), f"unknown: {unknown}" if unknown else
+                                 "all known", ", ".join(city.area_groups),
+                                 f"neighbourhood_group: unknown values {unknown} (city {city.name}'s area groups: "
+                                 f"{list(city.area_groups)})"))
+        else:
+            checks.append(Check("neighbourhood_group values", PASS, f"{len(present)} value(s)" if present else
+                                "empty: no area groups", f"any (city {city.name} names no area groups)"))
     if {"latitude", "longitude"} <= set(df.columns):
-        outside = int((~box.contains(df)).sum())
-        checks.append(_check("latitude/longitude in the box", outside > 0, f"{outside} row(s) outside", str(box),
-                             f"latitude/longitude: {outside} row(s) outside the box {box}"))
-    checks.append(_check("row count", not min_rows <= len(df) <= max_rows, str(len(df)), f"[{min_rows}, {max_rows}]",
-                         f"row count: {len(df)} not within [{min_rows}, {max_rows}]"))
+        outside = int((~city.box.contains(df)).sum())
+        checks.append(_check("latitude/longitude in the box", outside > 0, f"{outside} row(s) outside",
+                             str(city.box), f"latitude/longitude: {outside} row(s) outside the box {city.box}"))
+    low, high = city.min_rows, city.max_rows
+    checks.append(_check("row count", not low <= len(df) <= high, str(len(df)), f"[{low}, {high}]",
+                         f"row count: {len(df)} not within [{low}, {high}]"))
     if "price" in df.columns:
-        outside = int((df["price"].notna() & ~df["price"].between(min_price, max_price)).sum())
-        checks.append(_check("price range", outside > 0, f"{outside} row(s) outside", f"[{min_price}, {max_price}]",
-                             f"price: {outside} row(s) outside [{min_price}, {max_price}]"))
+        low, high = city.min_price, city.max_price
+        outside = int((df["price"].notna() & ~df["price"].between(low, high)).sum())
+        checks.append(_check("price range", outside > 0, f"{outside} row(s) outside", f"[{low}, {high}]",
+                             f"price: {outside} row(s) outside [{low}, {high}]"))
     return checks
 
 
@@ -386,6 +581,11 @@ def numeric_psi(current: pd.Series, reference: pd.Series, bins: int = 10) -> flo
     return _psi(*numeric_shares(current, reference, bins)[1:])
 
 
+def drift_columns(df: pd.DataFrame, reference: pd.DataFrame) -> list[str]:
+    """The numeric columns compared: those both the new data and prod's have."""
+    return [c for c in DRIFT_COLUMNS if c in df.columns and c in reference.columns]
+
+
 def drift_checks(df: pd.DataFrame, reference: pd.DataFrame, limits: DriftLimits) -> tuple[list[Check], dict]:
     """Distribution shift of each column against prod's data: (every check, its figures)."""
     from scipy.stats import ks_2samp  # here, not at the top: every step imports this module, only check needs it
@@ -405,7 +605,7 @@ def drift_checks(df: pd.DataFrame, reference: pd.DataFrame, limits: DriftLimits)
                                 f"{column}: distribution moved (PSI {psi:.3f} > {limits.warn_psi}{missing})"))
         else:
             checks.append(Check(f"{column} drift", PASS, observed, limit))
-    for column in DRIFT_COLUMNS:
+    for column in drift_columns(df, reference):
         values = int(df[column].notna().sum())
         if values < MIN_DRIFT_VALUES:  # listings with no price yet, say: too few to tell a shift from chance
             checks.append(Check(f"{column} drift", SKIP, f"{values} value(s) in the new data",
@@ -461,16 +661,27 @@ def error_check(mae_now: float, mae_registered: float, rows: int, version: str,
 
 # ---------------------------------------------------------------- split
 
+def strata(df: pd.DataFrame) -> pd.Series | None:
+    """What a split is stratified by: the area groups, when the city has them (groups of under 10 rows together,
+    as too few to spread), else nothing."""
+    groups = df["neighbourhood_group"]
+    if groups.isna().all():
+        return None
+    sizes = groups.map(groups.value_counts())
+    return groups.where(sizes >= 10, "(small groups)").fillna("(none)")
+
+
 def split_listings(
     df: pd.DataFrame, size: float, seed: int, step: str = "split", field: str = "test_size"
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Split off a `size` fraction, stratified by neighbourhood_group (train+validation / test, train / validation)."""
+    """Split off a `size` fraction, stratified by area group when there are groups (train+validation / test,
+    train / validation)."""
     from sklearn.model_selection import train_test_split
 
     if not 0 < size < 1:
         raise StepError(step, field, f"must be between 0 and 1, got {size}")
     try:
-        rest, part = train_test_split(df, test_size=size, random_state=seed, stratify=df["neighbourhood_group"])
-    except ValueError as exc:  # too few rows in a group to stratify
-        raise StepError(step, "neighbourhood_group", f"cannot stratify: {exc}") from exc
+        rest, part = train_test_split(df, test_size=size, random_state=seed, stratify=strata(df))
+    except ValueError as exc:  # too few rows to split, or in a group to stratify
+        raise StepError(step, "neighbourhood_group", f"cannot split: {exc}") from exc
     return rest.reset_index(drop=True), part.reset_index(drop=True)

@@ -36,7 +36,34 @@ AREA = "neighbourhood"
 DATE = "last_review"
 TEXT = "name"
 ID, HOST = "id", "host_id"  # ids grow with time, and a host's listings share a price level
-FEATURES = ORDINAL + ONE_HOT + [AREA] + NUMERIC + [DATE, TEXT, ID, HOST]
+# Read when the listings have them: today's format counts the reviews of the last twelve months.
+OPTIONAL_NUMERIC = ["number_of_reviews_ltm"]
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The input columns a model reads, by role: the ones the city's listings have (a city without area groups
+    has an empty neighbourhood_group; today's format adds OPTIONAL_NUMERIC)."""
+
+    one_hot: tuple[str, ...] = tuple(ONE_HOT)
+    numeric: tuple[str, ...] = tuple(NUMERIC)
+
+    @classmethod
+    def of(cls, df: pd.DataFrame) -> "Columns":
+        has = lambda c: c in df.columns and bool(df[c].notna().any())  # noqa: E731
+        return cls(tuple(c for c in ONE_HOT if has(c)), tuple(NUMERIC + [c for c in OPTIONAL_NUMERIC if has(c)]))
+
+    @property
+    def categories(self) -> list[str]:
+        return ORDINAL + list(self.one_hot) + [AREA]
+
+    @property
+    def features(self) -> list[str]:
+        return ORDINAL + list(self.one_hot) + [AREA] + list(self.numeric) + [DATE, TEXT, ID, HOST]
+
+
+# The inputs of a model of NYC's 2019 listings (and of every model saved before others).
+FEATURES = Columns().features
 # How reports name each input column.
 LABELS = {
     "room_type": "room type", "neighbourhood_group": "borough", "neighbourhood": "neighbourhood",
@@ -44,7 +71,7 @@ LABELS = {
     "reviews_per_month": "reviews per month", "calculated_host_listings_count": "host's listing count",
     "availability_365": "days available a year", "longitude": "longitude", "latitude": "latitude",
     "last_review": "date of last review", "name": "listing title", "id": "listing id (age)",
-    "host_id": "host id (age)",
+    "host_id": "host id (age)", "number_of_reviews_ltm": "reviews in the last 12 months",
 }
 
 # The feature functions a model holds live in a module named after the content of features.py, shipped with the
@@ -140,15 +167,16 @@ GBM_FIELDS = ("learning_rate", "max_iter", "max_leaf_nodes", "l2_regularization"
 SWEEPABLE = ("learner",) + FOREST_FIELDS + GBM_FIELDS
 
 
-def build_model(params: ModelParams, reference_date: str, feats: ModuleType | None = None) -> Pipeline:
-    """Preprocessing + the learner, taking the raw listing columns in FEATURES."""
+def build_model(params: ModelParams, reference_date: str, feats: ModuleType | None = None,
+                cols: Columns = Columns()) -> Pipeline:
+    """Preprocessing + the learner, taking the raw listing columns cols.features."""
     feats = feats or shipped_features()
     if params.learner == "random_forest":
-        return build_forest(params, feats, reference_date)
-    return build_gbm(params, feats, reference_date)
+        return build_forest(params, feats, reference_date, cols)
+    return build_gbm(params, feats, reference_date, cols)
 
 
-def build_forest(params: ModelParams, feats: ModuleType, reference_date: str) -> Pipeline:
+def build_forest(params: ModelParams, feats: ModuleType, reference_date: str, cols: Columns) -> Pipeline:
     """The reference: a random forest on absolute error, over encoded columns and a small TF-IDF of the name."""
     from sklearn.compose import ColumnTransformer
     from sklearn.ensemble import RandomForestRegressor
@@ -161,8 +189,8 @@ def build_forest(params: ModelParams, feats: ModuleType, reference_date: str) ->
         [
             ("ordinal", OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=-1), ORDINAL),
             ("one_hot", make_pipeline(SimpleImputer(strategy="most_frequent"),
-                                      OneHotEncoder(handle_unknown="ignore")), ONE_HOT),
-            ("numeric", SimpleImputer(strategy="constant", fill_value=0), NUMERIC),
+                                      OneHotEncoder(handle_unknown="ignore")), list(cols.one_hot)),
+            ("numeric", SimpleImputer(strategy="constant", fill_value=0), list(cols.numeric)),
             ("days_since_review", FunctionTransformer(
                 feats.days_since, kw_args={"reference_date": reference_date}), [DATE]),
             ("name_tfidf", make_pipeline(
@@ -183,10 +211,9 @@ def build_forest(params: ModelParams, feats: ModuleType, reference_date: str) ->
 # Columns of features.listing_features that the booster reads as numbers, besides NUMERIC.
 DERIVED = ["days_since_review", "months_reviewed", "name_length", "name_words", "name_capitals",
            "name_exclamations", "bedrooms", "baths", "sleeps", ID, HOST]
-CATEGORIES = ORDINAL + ONE_HOT + [AREA]
 
 
-def build_gbm(params: ModelParams, feats: ModuleType, reference_date: str) -> Pipeline:
+def build_gbm(params: ModelParams, feats: ModuleType, reference_date: str, cols: Columns) -> Pipeline:
     """Histogram gradient boosting on absolute error over the listing's own columns, row-wise features of them,
     cross-fitted target encodings of the neighbourhood and the host, and (stacked) the out-of-fold prices of a
     ridge model that reads the words of the name. Chosen on validation rows: README, "The model"."""
@@ -199,11 +226,12 @@ def build_gbm(params: ModelParams, feats: ModuleType, reference_date: str) -> Pi
     from sklearn.preprocessing import (FunctionTransformer, KBinsDiscretizer, OneHotEncoder, OrdinalEncoder,
                                        TargetEncoder)
 
+    numeric, categories = list(cols.numeric), cols.categories
     linear_inputs = ColumnTransformer([
         ("words", TfidfVectorizer(min_df=2, sublinear_tf=True), TEXT),
         ("words_by_room", TfidfVectorizer(min_df=2, sublinear_tf=True, token_pattern=r"\S+"), "name_by_room"),
         ("bins", KBinsDiscretizer(n_bins=params.bins, encode="onehot", strategy="quantile",
-                                  quantile_method="averaged_inverted_cdf"), NUMERIC),
+                                  quantile_method="averaged_inverted_cdf"), numeric),
         ("one_hot", OneHotEncoder(handle_unknown="ignore"), ORDINAL + [AREA, HOST]),
     ])
     # 3 folds, not 5: a third less ridge fitting (10 s of 50 at 500k rows) for validation MAE 29.94 against 29.90
@@ -212,19 +240,19 @@ def build_gbm(params: ModelParams, feats: ModuleType, reference_date: str) -> Pi
                         ("ridge", feats.OutOfFold(Ridge(alpha=params.ridge_alpha, random_state=params.seed), folds=3,
                                                   seed=params.seed))])
     columns = ColumnTransformer([
-        ("numeric", "passthrough", NUMERIC + DERIVED),
+        ("numeric", "passthrough", numeric + DERIVED),
         ("categories", OrdinalEncoder(handle_unknown="use_encoded_value", unknown_value=np.nan,
-                                      encoded_missing_value=np.nan), CATEGORIES),
+                                      encoded_missing_value=np.nan), categories),
         # Cross-fitted on 5 folds of rows the split already shuffled (an int would shuffle them again, unseeded).
         ("target_encoded", TargetEncoder(target_type="continuous", cv=KFold(5)), [AREA, HOST]),
-        ("stacked", stacked, [TEXT, "name_by_room", AREA, HOST] + ORDINAL + NUMERIC),
+        ("stacked", stacked, [TEXT, "name_by_room", AREA, HOST] + ORDINAL + numeric),
     ])
-    first_category = len(NUMERIC + DERIVED)
+    first_category = len(numeric + DERIVED)
     gbm = HistGradientBoostingRegressor(
         loss="absolute_error", learning_rate=params.learning_rate, max_iter=params.max_iter,
         max_leaf_nodes=params.max_leaf_nodes, min_samples_leaf=40, l2_regularization=params.l2_regularization,
         max_features=0.5, early_stopping=False, random_state=params.seed,
-        categorical_features=list(range(first_category, first_category + len(CATEGORIES))))
+        categorical_features=list(range(first_category, first_category + len(categories))))
     rows = FunctionTransformer(feats.listing_features, kw_args={"reference_date": reference_date})
     return Pipeline([("listing_features", rows), ("columns", columns), ("hist_gbm", gbm)])
 
@@ -238,7 +266,8 @@ def fit(train: pd.DataFrame, params: ModelParams, feats: ModuleType | None = Non
     with warnings.catch_warnings():
         # Counts have many ties, so some quantile bins are empty and dropped: expected, not worth a warning.
         warnings.filterwarnings("ignore", message="Bins whose width are too small", category=UserWarning)
-        model = build_model(params, newest_review(train), feats).fit(train[FEATURES], train[TARGET])
+        cols = Columns.of(train)
+        model = build_model(params, newest_review(train), feats, cols).fit(train[cols.features], train[TARGET])
     if params.learner == "random_forest":
         # Train on every core, predict on one: thread start-up costs a one-row call more than it saves
         # (measured in-process: 1 row 34 -> 12 ms, 1,000 rows 47 -> 30 ms; make bench-serve).
@@ -246,9 +275,14 @@ def fit(train: pd.DataFrame, params: ModelParams, feats: ModuleType | None = Non
     return model
 
 
+def features_of(model: Pipeline) -> list[str]:
+    """The input columns a fitted model reads (each city's model reads the columns its listings had)."""
+    return list(getattr(model, "feature_names_in_", FEATURES))
+
+
 def predictions(model: Pipeline, df: pd.DataFrame) -> pd.Series:
     """The model's prices for the listings of `df`, indexed like it."""
-    return pd.Series(model.predict(df[FEATURES]), index=df.index)
+    return pd.Series(model.predict(df[features_of(model)]), index=df.index)
 
 
 def score(model: Pipeline, df: pd.DataFrame) -> dict[str, float]:
@@ -267,10 +301,10 @@ def feature_importances(model: Pipeline, df: pd.DataFrame, rows: int = 2000, rep
     when that column is shuffled. The same for both learners, and named by the raw columns a person knows."""
     from sklearn.inspection import permutation_importance
 
-    rows = df.sample(min(rows, len(df)), random_state=seed)
-    found = permutation_importance(model, rows[FEATURES], rows[TARGET], scoring="neg_mean_absolute_error",
+    rows, features = df.sample(min(rows, len(df)), random_state=seed), features_of(model)
+    found = permutation_importance(model, rows[features], rows[TARGET], scoring="neg_mean_absolute_error",
                                    n_repeats=repeats, random_state=seed)
-    return pd.Series(found.importances_mean, index=FEATURES).sort_values()
+    return pd.Series(found.importances_mean, index=features).sort_values()
 
 
 def importance_figure(importances: pd.Series):
@@ -285,9 +319,9 @@ def importance_figure(importances: pd.Series):
     return fig
 
 
-def input_example(df: pd.DataFrame, rows: int = 5) -> pd.DataFrame:
+def input_example(model: Pipeline, df: pd.DataFrame, rows: int = 5) -> pd.DataFrame:
     # Counts stay integers: MLflow's schema refuses int64 input for a double column.
-    return df[FEATURES].head(rows).reset_index(drop=True)
+    return df[features_of(model)].head(rows).reset_index(drop=True)
 
 
 # ---------------------------------------------------------------- inputs the model can price
@@ -296,7 +330,7 @@ def input_example(df: pd.DataFrame, rows: int = 5) -> pd.DataFrame:
 # (a category or a number outside what the model was trained on) is refused too, unless the caller asks to have
 # such rows priced and flagged.
 
-NUMBER_FIELDS = NUMERIC + [ID, HOST]
+NUMBER_FIELDS = NUMERIC + OPTIONAL_NUMERIC + [ID, HOST]
 
 
 @dataclass(frozen=True)
@@ -311,28 +345,31 @@ class Problem:
 
 
 def input_profile(train: pd.DataFrame) -> dict:
-    """What the model was trained on, kept with it: each category's values, each number's range (ids excepted: new
-    listings have new ids), and the fields that were never null."""
+    """What the model was trained on, kept with it: its input columns, each category's values, each number's range
+    (ids excepted: new listings have new ids), and the fields that were never null."""
+    cols = Columns.of(train)
     return {
-        "categories": {c: sorted(train[c].dropna().astype(str).unique().tolist()) for c in ORDINAL + ONE_HOT + [AREA]},
-        "ranges": {c: [float(train[c].min()), float(train[c].max())] for c in NUMERIC},
-        "required": [c for c in FEATURES if train[c].notna().all()],
+        "features": cols.features,
+        "categories": {c: sorted(train[c].dropna().astype(str).unique().tolist()) for c in cols.categories},
+        "ranges": {c: [float(train[c].min()), float(train[c].max())] for c in cols.numeric},
+        "required": [c for c in cols.features if train[c].notna().all()],
     }
 
 
 def check_inputs(rows: pd.DataFrame, profile: dict | None) -> tuple[pd.DataFrame, list[Problem]]:
-    """The rows as the model takes them (FEATURES, typed), and every problem found, row by row (0-based).
+    """The rows as the model takes them (its features, typed), and every problem found, row by row (0-based).
 
     Cell by cell in plain Python: a request of one row is checked in well under a millisecond."""
-    missing = [c for c in FEATURES if c not in rows.columns]
+    profile = profile or {}
+    features = profile.get("features", FEATURES)
+    missing = [c for c in features if c not in rows.columns]
     if missing:
         return rows, [Problem(-1, c, "missing from the input", True) for c in missing]
-    profile = profile or {}
     required, categories, ranges = (set(profile.get("required", [])), profile.get("categories", {}),
                                     profile.get("ranges", {}))
     problems: list[Problem] = []
     typed = {}
-    for column in FEATURES:
+    for column in features:
         values = rows[column].tolist()
         null = [v is None or (isinstance(v, float) and v != v) or v is pd.NaT for v in values]
         if column in NUMBER_FIELDS:
@@ -368,8 +405,8 @@ def check_inputs(rows: pd.DataFrame, profile: dict | None) -> tuple[pd.DataFrame
             elif low_high is not None and not low <= value <= high:
                 problems.append(Problem(row, column, f"{value:g} is outside the range the model was trained on "
                                                      f"({low_high[0]:g} to {low_high[1]:g})", False))
-    order = {c: i for i, c in enumerate(FEATURES)}
-    return pd.DataFrame(typed, columns=FEATURES), sorted(problems, key=lambda p: (p.row, order[p.field]))
+    order = {c: i for i, c in enumerate(features)}
+    return pd.DataFrame(typed, columns=features), sorted(problems, key=lambda p: (p.row, order[p.field]))
 
 
 def numbers_from_text(rows: pd.DataFrame) -> pd.DataFrame:

@@ -13,8 +13,10 @@ from components.errors import StepError
 
 
 def payload(listings) -> dict:
-    """The MLflow scoring protocol's `dataframe_split` for the model's feature columns."""
-    return {"dataframe_split": json.loads(listings[model.FEATURES].to_json(orient="split", index=False, date_format="iso"))}
+    """The MLflow scoring protocol's `dataframe_split` of the listings' known columns but the price (the server takes
+    those its model reads)."""
+    columns = [c for c in data.SCHEMA if c in listings.columns and c != model.TARGET]
+    return {"dataframe_split": json.loads(listings[columns].to_json(orient="split", index=False, date_format="iso"))}
 
 
 def predict(url: str, listings) -> tuple[list[float], str]:
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rows", type=int, default=5)
     args = parser.parse_args(argv)
     try:
-        listings = data.parse_csv(data.fetch(args.data), "predict").head(args.rows)
+        listings = model.numbers_from_text(data.parse_csv(data.fetch(args.data), "predict").head(args.rows))
     except StepError as exc:
         raise SystemExit(f"predict: {exc} (choose the listings with --data / DATA_URL=)")
     prices, version = predict(args.url, listings)

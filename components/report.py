@@ -207,7 +207,7 @@ def distribution_charts(df: pd.DataFrame, reference: pd.DataFrame, checks: list[
     found = {c.check.removesuffix(" drift"): c for c in checks}
     series = lambda now, then: [("new data", NEW, list(now * 100)), ("prod's data", REFERENCE, list(then * 100))]  # noqa: E731
     charts = []
-    for column in data.CATEGORY_COLUMNS + data.DRIFT_COLUMNS:
+    for column in data.CATEGORY_COLUMNS + data.drift_columns(df, reference):
         if column in data.CATEGORY_COLUMNS:
             labels, now, then = data.category_shares(df[column], reference[column])
             labels, what = [str(v) for v in labels], "per category"
@@ -287,6 +287,8 @@ def model_card(card: dict, predictions: pd.DataFrame, importance: pd.Series) -> 
                ["R²", f"{scores['val_r2']:.3f}", f"{scores['test_r2']:.3f}"]]
     by_group = []
     for column in ("neighbourhood_group", "room_type"):
+        if predictions[column].isna().all():  # a city without area groups
+            continue
         found = error_by(predictions, column)
         by_group += [table([model_label(column), "test rows", "mean price ($)", "MAE ($)"],
                            [[k, int(r["rows"]), money(r["mean price"]), money(r["MAE"])] for k, r in found.iterrows()],
@@ -317,7 +319,8 @@ def model_card(card: dict, predictions: pd.DataFrame, importance: pd.Series) -> 
             hbars("Feature importance", readable, unit=" $"),
             "How much the test MAE grows ($) when the column is shuffled (permutation importance)", "importance")
             + "</div>"),
-        section("data", "Data", pairs({"source": c["source"], "sha256": c["sha256"], "kept at": c["data_uri"]}),
+        section("data", "Data", pairs({"city": c.get("city", "-"), "source": c["source"], "sha256": c["sha256"],
+                                       "kept at": c["data_uri"]}),
                 table(["step", "rows"], [[step, rows] for step, rows in c["rows"].items()], {1})),
         section("parameters", "Parameters", table(["parameter", "value"], sorted(c["parameters"].items())),
                 *sweep_table(c["sweep"], c.get("sweep_choice", ""))),
@@ -361,7 +364,7 @@ def model_card_markdown(card: dict, link: str) -> str:
     lines = [f"**{'Promoted to prod' if c['promoted'] else 'Not promoted'}**: {c['reason']}", "",
              "| | validation | test |", "|---|---|---|",
              f"| MAE ($) | {s['val_mae']:.2f} | {s['test_mae']:.2f} |", f"| R² | {s['val_r2']:.3f} | {s['test_r2']:.3f} |",
-             "", f"Data: `{c['source']}` (sha256 `{c['sha256'][:12]}`), "
+             "", f"Data: {c.get('city', '-')} listings, `{c['source']}` (sha256 `{c['sha256'][:12]}`), "
              + ", ".join(f"{step} {rows}" for step, rows in c["rows"].items()) + " rows."]
     if comparison.get("comparable"):
         lines.append(f"Against prod version {comparison['prod_version']} on {comparison['rows']} rows: MAE "

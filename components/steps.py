@@ -28,32 +28,25 @@ def download(source: str, expected_sha256: str, raw_data: Output[Dataset]):
 
 
 @_component("clean")
-def clean(
-    raw_data: Input[Dataset], clean_data: Output[Dataset], min_price: float, max_price: float,
-    min_longitude: float, max_longitude: float, min_latitude: float, max_latitude: float, keep_unpriced: bool = False,
-):
-    """Keep listings with a plausible price (or none, with keep_unpriced) inside the geographic box; drop duplicate
-    ids."""
-    from components import data, tasks
+def clean(raw_data: Input[Dataset], clean_data: Output[Dataset], city: str, keep_unpriced: bool = False):
+    """Type the listings' known columns as the city's profile says; keep those with a plausible price (or none,
+    with keep_unpriced) inside its box; drop duplicate ids."""
+    from components import tasks
 
-    box = data.Box(min_longitude, max_longitude, min_latitude, max_latitude)
-    clean_data.metadata.update(tasks.clean(raw_data.path, clean_data.path, min_price, max_price, box, keep_unpriced))
+    clean_data.metadata.update(tasks.clean(raw_data.path, clean_data.path, city, keep_unpriced))
 
 
 @_component("check")
 def check(
-    clean_data: Input[Dataset], data_report: Output[HTML], model_name: str, min_price: float, max_price: float,
-    min_longitude: float, max_longitude: float, min_latitude: float, max_latitude: float,
-    min_rows: int, max_rows: int, max_category_psi: float, max_error_ratio: float, warn_psi: float, warn_ks: float,
-    warn_error_ratio: float,
+    clean_data: Input[Dataset], data_report: Output[HTML], model_name: str, city: str, max_category_psi: float,
+    max_error_ratio: float, warn_psi: float, warn_ks: float, warn_error_ratio: float,
 ):
-    """The data's own checks, then its drift from prod's data and prod's error on it; the data report (HTML) shows
-    each, passed or not."""
+    """The data's own checks against the city's profile, then its drift from prod's data and prod's error on it; the
+    data report (HTML) shows each, passed or not."""
     from components import data, tasks
 
-    box = data.Box(min_longitude, max_longitude, min_latitude, max_latitude)
     limits = data.DriftLimits(max_category_psi, max_error_ratio, warn_psi, warn_ks, warn_error_ratio)
-    tasks.check(clean_data.path, data_report.path, model_name, min_price, max_price, box, min_rows, max_rows, limits)
+    tasks.check(clean_data.path, data_report.path, model_name, city, limits, dict(clean_data.metadata))
 
 
 @_component("split")
@@ -61,7 +54,7 @@ def split(
     clean_data: Input[Dataset], trainval_data: Output[Dataset], test_data: Output[Dataset],
     test_size: float, seed: int,
 ):
-    """Train+validation / test split, stratified by neighbourhood_group."""
+    """Train+validation / test split, stratified by area group (neighbourhood_group) when the city has them."""
     from components import tasks
 
     trainval_meta, test_meta = tasks.split(clean_data.path, trainval_data.path, test_data.path, test_size, seed)
@@ -153,10 +146,8 @@ def score(
 
 @_component("monitor")
 def monitor(
-    clean_data: Input[Dataset], drift_report: Output[HTML], metrics: Output[Metrics], model_name: str,
-    min_price: float, max_price: float, min_longitude: float, max_longitude: float, min_latitude: float,
-    max_latitude: float, min_rows: int, max_rows: int, max_category_psi: float, max_error_ratio: float,
-    warn_psi: float, warn_ks: float, warn_error_ratio: float,
+    clean_data: Input[Dataset], drift_report: Output[HTML], metrics: Output[Metrics], model_name: str, city: str,
+    max_category_psi: float, max_error_ratio: float, warn_psi: float, warn_ks: float, warn_error_ratio: float,
 ) -> NamedTuple("Monitored", verdict=str, summary=str):
     """New listings against prod's data, with the check step's checks: ok, drift (what moved, how much) or invalid;
     the drift report (HTML) shows each check."""
@@ -164,10 +155,8 @@ def monitor(
 
     from components import data, tasks
 
-    box = data.Box(min_longitude, max_longitude, min_latitude, max_latitude)
     limits = data.DriftLimits(max_category_psi, max_error_ratio, warn_psi, warn_ks, warn_error_ratio)
-    summary = tasks.monitor(clean_data.path, drift_report.path, model_name, min_price, max_price, box, min_rows,
-                            max_rows, limits, dict(clean_data.metadata))
+    summary = tasks.monitor(clean_data.path, drift_report.path, model_name, city, limits, dict(clean_data.metadata))
     tasks.write_metrics(metrics, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
     return (summary["verdict"], json.dumps({**summary, "report": drift_report.uri}))
 

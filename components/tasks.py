@@ -65,34 +65,44 @@ def keep_raw_data(raw: bytes, sha256: str, run_id: str) -> str:
     return f"runs:/{run_id}/raw/{path.name}"
 
 
-def clean(raw_path: str, out_path: str, min_price: float, max_price: float, box: data.Box,
-          keep_unpriced: bool = False) -> dict:
-    params = {"min_price": min_price, "max_price": max_price, **vars(box), "keep_unpriced": keep_unpriced}
+def clean(raw_path: str, out_path: str, city: str | dict, keep_unpriced: bool = False) -> dict:
+    """Clean the listings as the city's profile (`city`, a run's parameter) says. Its metadata carries the profile
+    as used, and the unknown columns clean ignored."""
+    profile = data.City.from_param(city, "clean")
+    params = {**{"city" if k == "name" else k: json.dumps(v) if isinstance(v, list) else v
+                 for k, v in profile.as_dict().items()}, "keep_unpriced": keep_unpriced}
     with tracking.step_run("clean", params=params) as run:
-        df, dropped = data.clean_listings(data.parse_csv(Path(raw_path).read_bytes(), "clean"), min_price, max_price,
-                                          box, keep_unpriced)
+        df, ignored = data.known_columns(data.parse_csv(Path(raw_path).read_bytes(), "clean"), "clean")
+        listing_format = data.listing_format(df.columns)
+        df, dropped = data.clean_listings(df, profile, keep_unpriced)
         data.write_listings(df, out_path)
         counts = data.clean_counts(df, dropped)
         mlflow.log_metrics(counts)
+        mlflow.set_tags({"city": profile.name, "format": listing_format, "ignored_columns": ", ".join(ignored)})
         # The clean data is the reference for later statistical checks, so it is kept in MLflow too.
         mlflow.log_artifact(out_path, "data")
         reference = f"runs:/{run.info.run_id}/data/{Path(out_path).name}"
-        print(f"clean: {len(df)} rows kept; dropped {', '.join(f'{n} ({rule})' for rule, n in dropped.items())}")
-        return {**counts, "mlflow_run_id": run.info.run_id, "reference_uri": reference}
+        ignoring = f", ignoring {len(ignored)} unknown column(s) ({', '.join(ignored)})" if ignored else ""
+        print(f"clean: {profile.name} listings in {listing_format}{ignoring}: {len(df)} rows kept; dropped "
+              f"{', '.join(f'{n} ({rule})' for rule, n in dropped.items())}")
+        return {**counts, "mlflow_run_id": run.info.run_id, "reference_uri": reference, "city": profile.as_dict(),
+                "format": listing_format, "ignored_columns": ignored}
 
 
 def check(
-    clean_path: str, report_path: str, model_name: str, min_price: float, max_price: float, box: data.Box,
-    min_rows: int, max_rows: int, limits: data.DriftLimits,
+    clean_path: str, report_path: str, model_name: str, city: str | dict, limits: data.DriftLimits,
+    clean_meta: dict | None = None,
 ) -> list[data.Check]:
-    """Every check: the data's own (schema, ranges) and, against prod, its drift and prod's error on it. Writes the
-    data report (HTML) to `report_path` and MLflow, then fails on any failure, listing each; warnings are reported
-    and the run goes on."""
-    params = {"min_rows": min_rows, "max_rows": max_rows, **vars(limits)}
+    """Every check: the data's own (schema, ranges, as its city's profile says) and, against prod, its drift and
+    prod's error on it. Writes the data report (HTML) to `report_path` and MLflow, then fails on any failure,
+    listing each; warnings are reported and the run goes on."""
+    profile = data.City.from_param(city, "check")
+    params = {"city": profile.name, **vars(limits)}
     with tracking.step_run("check", params=params) as run:
         df = data.read_listings(clean_path)
-        own, against, notes, reference, _ = run_checks(df, model_name, tracking.prod_version(model_name), min_price,
-                                                       max_price, box, min_rows, max_rows, limits)
+        prod = same_city(tracking.prod_version(model_name), model_name, profile, "check")
+        own, against, notes, reference, _ = run_checks(df, model_name, prod, profile, limits,
+                                                       (clean_meta or {}).get("ignored_columns", []))
         checks = own + against
         keep_report(report.data_report(df, checks, notes, reference), report_path, DATA_REPORT)
         failures, warnings = data.failed(checks), data.warned(checks)
@@ -106,11 +116,22 @@ def check(
         return checks
 
 
-def run_checks(df: pd.DataFrame, model_name: str, prod, min_price: float, max_price: float, box: data.Box,
-               min_rows: int, max_rows: int, limits: data.DriftLimits):
+def same_city(prod, model_name: str, city: data.City, step: str):
+    """prod, unless it is a model of another city: then its data, error and place say nothing of these listings,
+    and a new version must not replace it."""
+    theirs = prod.tags.get("city") if prod is not None else None
+    if theirs and theirs != city.name:
+        raise StepError(step, "model_name", f"prod version {prod.version} of {model_name!r} is a model of {theirs}'s "
+                        f"listings, these are {city.name}'s: give each city its own model (model_name="
+                        f"{model_name}-{city.name})")
+    return prod
+
+
+def run_checks(df: pd.DataFrame, model_name: str, prod, city: data.City, limits: data.DriftLimits,
+               ignored: list[str] = ()):
     """The data's own checks and, when they pass and there is a prod, those against prod (their figures logged):
     (own, against prod, notes, prod's data, figures)."""
-    own = data.deterministic_checks(df, min_price, max_price, box, min_rows, max_rows)
+    own = data.deterministic_checks(df, city, ignored)
     if data.failed(own):
         # The comparisons with prod assume the schema the deterministic checks just found broken.
         return own, [], ["Checks against prod skipped: the deterministic checks failed."], None, {}
@@ -137,28 +158,30 @@ OK, DRIFT, INVALID = "ok", "drift", "invalid"
 
 
 def monitor(
-    clean_path: str, report_path: str, model_name: str, min_price: float, max_price: float, box: data.Box,
-    min_rows: int, max_rows: int, limits: data.DriftLimits, clean_counts: dict | None = None,
+    clean_path: str, report_path: str, model_name: str, city: str | dict, limits: data.DriftLimits,
+    clean_meta: dict | None = None,
 ) -> dict:
-    """New listings against prod's data with the check step's checks, and what clean dropped (`clean_counts`, its
+    """New listings against prod's data with the check step's checks, and what clean dropped (`clean_meta`, its
     metadata) against what it dropped of prod's data: a verdict (ok, drift naming what moved and how much, or
     invalid), the drift report, and prod's error on the new rows when they have prices. Fails on invalid data,
     after keeping the report; drift is a finding, not a failure. The summary says whether training would take
     this data (`trainable`: none of the checks it applies failed) and with which parameters."""
-    params = {"model_name": model_name, "min_rows": min_rows, "max_rows": max_rows, **vars(limits)}
+    profile = data.City.from_param(city, "monitor")
+    params = {"model_name": model_name, "city": profile.name, **vars(limits)}
     with tracking.step_run("monitor", params=params, last=True) as run:
-        prod = tracking.prod_version(model_name)
+        prod = same_city(tracking.prod_version(model_name), model_name, profile, "monitor")
         if prod is None or not prod.tags.get("reference_data"):
             why = ("has no 'prod' version" if prod is None else
                    f"prod version {prod.version} names no reference data (tag reference_data)")
             raise StepError("monitor", "model_name", f"model {model_name!r} {why}: there is nothing to compare the "
                                                      "new listings with; register a model with the training pipeline")
         df = data.read_listings(clean_path)
-        own, against, notes, reference, figures = run_checks(df, model_name, prod, min_price, max_price, box,
-                                                             min_rows, max_rows, limits)
+        clean_meta = clean_meta or {}
+        own, against, notes, reference, figures = run_checks(df, model_name, prod, profile, limits,
+                                                             clean_meta.get("ignored_columns", []))
         trainable = not data.failed(own + against)
         if not data.failed(own):
-            dropped, dropped_figures = clean_drops_check(prod, clean_counts or {}, limits)
+            dropped, dropped_figures = clean_drops_check(prod, clean_meta, limits)
             against.append(dropped)
             figures |= dropped_figures
             mlflow.log_metrics(dropped_figures)
@@ -172,10 +195,7 @@ def monitor(
         summary = {"verdict": verdict, "drifted": drifted, "model_name": model_name, "prod_version": int(prod.version),
                    "rows": len(df), "priced_rows": priced, "checks": len(checks), "report_link": link,
                    "trainable": trainable, "not_trainable_because": data.failed(against),
-                   "training_params": {"model_name": model_name, "min_price": min_price, "max_price": max_price,
-                                       "min_longitude": box.min_lon, "max_longitude": box.max_lon,
-                                       "min_latitude": box.min_lat, "max_latitude": box.max_lat,
-                                       "min_rows": min_rows, "max_rows": max_rows, **vars(limits)},
+                   "training_params": {"model_name": model_name, "city": profile.as_param(), **vars(limits)},
                    **{k: v for k, v in figures.items() if k.startswith("prod_")}}
         for c in against:
             if c.check == data.ERROR_CHECK and c.observed == data.UNKNOWN:  # no priced rows new to prod, say
@@ -306,7 +326,7 @@ def train(trainval_path: str, model_path: str, base: dict, val_size: float, tria
         # Saved once, as the step's output; the same files go to MLflow, where register names them.
         with tracking.feature_code(fitted) as code:
             mlflow.sklearn.save_model(fitted, model_path, code_paths=[code], **tracking.model_kwargs(
-                fitted, model.input_example(val_df), model.input_profile(pd.concat([train_df, val_df]))))
+                fitted, model.input_example(fitted, val_df), model.input_profile(pd.concat([train_df, val_df]))))
         mlflow.log_artifacts(model_path, "model")
         # Every row that shaped the model (fit and validation): a later candidate is compared with this one only
         # on rows outside them.
@@ -485,7 +505,7 @@ def model_card_facts(name: str, version, promoted: bool, reason: str, comparison
         "margin": margin, "pipeline_run": pipeline_run, "learner": model_meta.get("learner", "-"),
         "scores": {"val_mae": model_meta["val_mae"], "val_r2": model_meta["val_r2"],
                    "test_mae": scores["candidate_mae"], "test_r2": scores["candidate_r2"]},
-        "rows": rows, "source": tags["data_source"], "sha256": tags["data_sha256"], "data_uri": tags["data_uri"],
+        "rows": rows, "city": tags.get("city") or "-", "source": tags["data_source"], "sha256": tags["data_sha256"], "data_uri": tags["data_uri"],
         "parameters": json.loads(tags["parameters"]), "sweep": json.loads(board) if board else [],
         "sweep_choice": tags["sweep_choice"], "git_commit": tags["git_commit"], "images": json.loads(tags["images"] or "{}"),
     }
@@ -529,6 +549,8 @@ def sweep_tag(model_meta: dict, limit: int = 4000) -> str:
 def lineage(raw_meta: dict, clean_meta: dict, model_meta: dict, git_commit: str, images: str) -> dict[str, str]:
     """Version tags that say where a model came from: data, code, images and every parameter used."""
     client = mlflow.tracking.MlflowClient()
+    # Typed again: KFP hands whole numbers in metadata back as floats.
+    city = data.City.from_dict(clean_meta["city"], "register") if clean_meta.get("city") else None
     params = {}
     for run_id in (clean_meta.get("mlflow_run_id"), model_meta.get("mlflow_run_id")):
         if run_id:
@@ -543,6 +565,9 @@ def lineage(raw_meta: dict, clean_meta: dict, model_meta: dict, git_commit: str,
         "data_sha256": str(raw_meta.get("sha256", "")),
         "data_uri": str(raw_meta.get("data_uri", "")),
         "reference_data": str(clean_meta.get("reference_uri", "")),
+        # The city's profile as the run used it: what its data was checked and cleaned against.
+        "city": city.name if city else "",
+        "city_profile": json.dumps(city.as_dict() if city else {}, sort_keys=True),
         TRAINING_IDS_TAG: str(model_meta.get("training_ids_uri", "")),
         "git_commit": git_commit,
         "images": images,
@@ -577,13 +602,19 @@ def score(raw_path: str, model_uri: str, predictions_path: str, csv_path: str, r
         version = tracking.model_version(model_uri, "score")
         fitted, profile = tracking.load_model(f"models:/{version.name}/{version.version}", "score")
         mlflow.set_tags({"model_name": version.name, "model_version": version.version})
+        # The city's export may write dates its own way: read them as training did (the model takes ISO).
+        date_formats = json.loads(version.tags.get("city_profile") or "{}").get("date_formats", [])
         schema = pa.schema([(model.ID, pa.int64()), (model.HOST, pa.int64()), ("predicted_price", pa.float64()),
                             ("model_version", pa.int64()), ("flags", pa.string())])
         rows, prices, rejected, reasons = 0, [], 0, {}
         with pq.ParquetWriter(predictions_path, schema) as parquet, open(csv_path, "w") as csv, \
                 open(rejected_path, "w") as refused_file:
-            for chunk in pd.read_csv(raw_path, chunksize=SCORE_CHUNK):
+            # Text stays text: a city whose neighbourhoods are zip codes.
+            for chunk in pd.read_csv(raw_path, chunksize=SCORE_CHUNK, dtype={c: "str" for c in data.TEXT_COLUMNS}):
                 chunk = model.numbers_from_text(chunk.reset_index(drop=True))
+                if date_formats and model.DATE in chunk.columns:
+                    dates = data.read_dates(chunk[model.DATE].astype("str"), date_formats)
+                    chunk[model.DATE] = dates.dt.strftime("%Y-%m-%d").where(dates.notna(), chunk[model.DATE])
                 typed, problems = model.check_inputs(chunk, profile)
                 missing = [p.field for p in problems if p.row < 0]
                 if missing:

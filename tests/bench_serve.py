@@ -84,7 +84,7 @@ def main() -> None:
     if alias:
         version = mlflow.tracking.MlflowClient().get_model_version_by_alias(name, alias).version
     uri = f"models:/{name}/{version}" if name else args.model
-    listings, _ = data.clean_listings(data.parse_csv(data.fetch(args.data)), 10, 350, data.Box())
+    listings, _ = data.clean_listings(data.parse_csv(data.fetch(args.data)), data.city())
     one, batch = predict.payload(listings.head(1)), predict.payload(listings.head(1000))
 
     # The floor: the same model in this process.

@@ -124,7 +124,7 @@ def listings(sample) -> pd.DataFrame:
     """The sample, cleaned with the default rules."""
     from components import data
 
-    df, _ = data.clean_listings(sample, 10, 350, data.Box())
+    df, _ = data.clean_listings(sample, data.city())
     return df
 
 
@@ -148,7 +148,7 @@ def register_small(name: str, listings: pd.DataFrame, versions: int = 1) -> None
     for _ in range(versions):
         with mlflow.start_run(), tracking.feature_code(fitted) as code:
             mlflow.sklearn.log_model(fitted, name="model", code_paths=[code], registered_model_name=name,
-                                     **tracking.model_kwargs(fitted, model.input_example(listings),
+                                     **tracking.model_kwargs(fitted, model.input_example(fitted, listings),
                                                              model.input_profile(listings.head(5000))))
 
 

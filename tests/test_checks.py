@@ -12,6 +12,7 @@ from components import data, report, tasks
 from components.errors import StepError
 
 LIMITS = data.DriftLimits()
+CITY = data.city().as_dict()
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def prod(mlflow_server, sample, tmp_path_factory) -> dict:
         mlflow.set_tracking_uri(mlflow_server)
         half_a, half_b = data.split_listings(sample, 0.5, seed=7)
         half_a.to_csv(folder / "a.csv", index=False)
-        clean_meta = tasks.clean(str(folder / "a.csv"), str(folder / "a-clean.csv"), 10, 350, data.Box())
+        clean_meta = tasks.clean(str(folder / "a.csv"), str(folder / "a-clean.csv"), CITY)
         trainval, test = data.split_listings(data.read_listings(str(folder / "a-clean.csv")), 0.2, 42)
         data.write_listings(trainval, str(folder / "trainval.csv"))
         data.write_listings(test, str(folder / "test.csv"))
@@ -37,7 +38,7 @@ def prod(mlflow_server, sample, tmp_path_factory) -> dict:
         tasks.register(str(folder / "model"), meta, scores, comparison, str(folder / "test.csv"), name, 0.1,
                        {"source": "a.csv", "sha256": "a"}, clean_meta, "abc", "{}", importance,
                        str(folder / "card.html"))
-        clean_b, _ = data.clean_listings(half_b, 10, 350, data.Box())
+        clean_b, _ = data.clean_listings(half_b, data.city())
         yield {"name": name, "new": clean_b, "folder": folder, "env": names, "report": str(folder / "data_report.html")}
 
 
@@ -47,7 +48,7 @@ def check(prod, df, monkeypatch) -> tuple[list[data.Check], str]:
         monkeypatch.setenv(key, value)
     path = prod["folder"] / f"{uuid.uuid4().hex[:6]}.csv"
     data.write_listings(df, str(path))
-    checks = tasks.check(str(path), prod["report"], prod["name"], 10, 350, data.Box(), 100, 10 ** 6, LIMITS)
+    checks = tasks.check(str(path), prod["report"], prod["name"], CITY | {"min_rows": 100}, LIMITS)
     return checks, report.as_text(Path(prod["report"]).read_text())
 
 

@@ -1,5 +1,6 @@
 """pipeline.py's command line: parameters, and submit against a fake kfp.Client (no KFP runs here)."""
 
+import dataclasses
 import hashlib
 import shlex
 import subprocess
@@ -9,7 +10,7 @@ import kfp
 import pytest
 
 import pipeline
-from components import progress
+from components import data, progress
 
 
 def test_params_are_typed_by_the_pipeline_signature():
@@ -130,6 +131,9 @@ def test_submit_names_what_is_missing(monkeypatch, tmp_path):
      {"margin": 0.5, "sweep": [{}, {"learner": "random_forest"}]}),
     (["SWEEP=learning_rate=0.03,0.05 max_leaf_nodes=31"],
      {"sweep": [{"learning_rate": 0.03, "max_leaf_nodes": 31}, {"learning_rate": 0.05, "max_leaf_nodes": 31}]}),
+    # The README's other city: a profile and one of its values changed for this run.
+    (["PARAMS=city=nyc max_price=500 date_formats=%m/%d/%y"],
+     {"city": dataclasses.replace(data.city(), max_price=500.0, date_formats=("%m/%d/%y",)).as_param()}),
 ])
 def test_make_run_hands_json_params_and_a_sweep_grid_to_pipeline_py_intact(variables, expected, monkeypatch):
     """The README's `make run PARAMS='sweep=[...]'` and `make run SWEEP="..."`: what make runs parses as meant."""

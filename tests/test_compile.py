@@ -182,5 +182,5 @@ def test_monitoring_is_training_download_clean_then_monitor_and_retrain_only_on_
 def test_monitoring_takes_the_check_steps_parameters_with_the_same_defaults():
     monitor, training = pipeline.pipeline_parameters("monitor"), pipeline.pipeline_parameters("training")
     shared = set(monitor) & set(training)
-    assert shared >= {"min_price", "max_error_ratio", "warn_ks", "min_rows", "max_latitude", "model_name"}
+    assert shared >= {"city", "max_error_ratio", "warn_ks", "model_name"}
     assert all(monitor[name].default == training[name].default for name in shared)

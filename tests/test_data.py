@@ -1,5 +1,6 @@
 """Code tests of the download, clean, check and split logic, on small frames built here."""
 
+import dataclasses
 import functools
 import http.server
 import threading
@@ -12,11 +13,15 @@ from conftest import ROOT, frame, listing
 from components import data
 from components.errors import StepError
 
-BOX = data.Box()
+NYC = data.city()
+
+
+def nyc(**changes) -> data.City:
+    return dataclasses.replace(NYC, **changes)
 
 
 def clean_frame(*rows):
-    df, _ = data.clean_listings(frame(*rows), 10, 350, BOX)
+    df, _ = data.clean_listings(frame(*rows), NYC)
     return df
 
 
@@ -149,7 +154,7 @@ def test_fetch_names_a_missing_source(tmp_path):
     (b"  \n\n", "the file is empty"),
     (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "not a readable CSV file"),
     (b"just one column\n1\n2\n", "not a CSV table: found 1 column"),
-    (",".join(data.COLUMNS).encode() + b"\n", "the CSV has a header but no rows"),
+    (",".join(data.REQUIRED).encode() + b"\n", "the CSV has a header but no rows"),
 ])
 def test_parse_csv_rejects_what_is_not_a_listings_csv(raw, problem):
     with pytest.raises(StepError, match=f"download: source: {problem}"):
@@ -170,15 +175,15 @@ def test_clean_counts_what_each_rule_drops():
     df, dropped = data.clean_listings(frame(
         listing(id=1, price=5), listing(id=2, price=351), listing(id=3, price=10), listing(id=4, price=350),
         listing(id=5, longitude=-75.0), listing(id=6, latitude=41.5), listing(id=3, price=99),
-    ), 10, 350, BOX)
+    ), NYC)
     assert dropped == {"price_range": 2, "outside_box": 2, "duplicate_id": 1}
     assert df["id"].tolist() == [3, 4]
     assert pd.api.types.is_datetime64_any_dtype(df["last_review"])
 
 
 def test_clean_box_and_price_are_parameters():
-    df, dropped = data.clean_listings(frame(listing(price=500), listing(id=2, price=20)), 100, 600,
-                                      data.Box(-80, -70, 40, 42))
+    df, dropped = data.clean_listings(frame(listing(price=500), listing(id=2, price=20)), nyc(
+        min_price=100, max_price=600, min_longitude=-80, max_longitude=-70, min_latitude=40, max_latitude=42))
     assert df["id"].tolist() == [1] and dropped["price_range"] == 1
 
 
@@ -199,8 +204,15 @@ def test_clean_names_a_bad_date():
 
 def test_clean_names_a_missing_column():
     df = frame(listing()).rename(columns={"price": "cost"})
-    with pytest.raises(StepError, match=r"clean: price: column missing from the data \(missing: \['price'\]"):
-        data.clean_listings(df, 10, 350, BOX)
+    with pytest.raises(StepError, match=r"clean: price: 1 column\(s\) missing from the data: \['price'\]"):
+        data.clean_listings(df, NYC)
+
+
+def test_clean_names_every_missing_column_at_once():
+    df = frame(listing()).drop(columns=["price", "room_type", "last_review"])
+    with pytest.raises(StepError, match=r"clean: room_type, price, last_review: 3 column\(s\) missing from the data: "
+                                        r"\['room_type', 'price', 'last_review'\]"):
+        data.clean_listings(df, NYC)
 
 
 def test_clean_fails_when_every_row_is_filtered_out():
@@ -212,15 +224,15 @@ def test_write_and_read_keep_the_schema(tmp_path):
     df = clean_frame(listing(), listing(id=2, last_review=None))
     data.write_listings(df, tmp_path / "clean.csv")
     back = data.read_listings(tmp_path / "clean.csv")
-    assert data.failed(data.deterministic_checks(back, 10, 350, BOX, 1, 10)) == []
+    assert data.failed(data.deterministic_checks(back, nyc(min_rows=1, max_rows=10))) == []
     pd.testing.assert_frame_equal(back, df, check_dtype=False)
 
 
 # ---------------------------------------------------------------- check
 
 def test_deterministic_checks_pass_on_clean_real_data(sample):
-    df, _ = data.clean_listings(sample, 10, 350, BOX)
-    assert data.failed(data.deterministic_checks(df, 10, 350, BOX, 1000, 1_000_000)) == []
+    df, _ = data.clean_listings(sample, NYC)
+    assert data.failed(data.deterministic_checks(df, NYC)) == []
 
 
 def test_deterministic_checks_list_every_failure():
@@ -229,7 +241,7 @@ def test_deterministic_checks_list_every_failure():
     df.loc[0, "latitude"] = 45.0
     df.loc[0, "price"] = 999
     df = df.rename(columns={"name": "title"})
-    failures = data.failed(data.deterministic_checks(df, 10, 350, BOX, 5, 100))
+    failures = data.failed(data.deterministic_checks(df, nyc(min_rows=5, max_rows=100)))
     subjects = [f.split(":")[0] for f in failures]
     assert subjects == ["columns", "neighbourhood_group", "latitude/longitude", "row count", "price"]
     assert "unknown values ['Atlantis']" in failures[1]
@@ -238,7 +250,7 @@ def test_deterministic_checks_list_every_failure():
 def test_deterministic_checks_catch_wrong_dtypes():
     df = clean_frame(listing(), listing(id=2))
     df["minimum_nights"] = ["two", "three"]
-    assert data.failed(data.deterministic_checks(df, 10, 350, BOX, 1, 10)) == [
+    assert data.failed(data.deterministic_checks(df, nyc(min_rows=1, max_rows=10))) == [
         "dtype of minimum_nights: expected int, got str"]
 
 
@@ -247,7 +259,7 @@ LIMITS = data.DriftLimits()
 
 @pytest.fixture(scope="module")
 def halves(sample):
-    df, _ = data.clean_listings(sample, 10, 350, BOX)
+    df, _ = data.clean_listings(sample, NYC)
     return data.split_listings(df, 0.5, seed=7)
 
 
@@ -302,7 +314,7 @@ def test_psi_is_zero_for_equal_distributions_and_large_for_a_missing_category():
 # ---------------------------------------------------------------- split
 
 def test_split_is_stratified_and_seeded(sample):
-    df, _ = data.clean_listings(sample, 10, 350, BOX)
+    df, _ = data.clean_listings(sample, NYC)
     trainval, test = data.split_listings(df, 0.2, seed=42)
     again, _ = data.split_listings(df, 0.2, seed=42)
     assert len(test) == 3801 and len(trainval) + len(test) == len(df)  # ceil(0.2 * 19,001)

@@ -21,7 +21,7 @@ GBM = model.ModelParams()  # the default learner, as the pipeline trains it
 
 @pytest.fixture(scope="module")
 def splits(sample):
-    df, _ = data.clean_listings(sample, 10, 350, data.Box())
+    df, _ = data.clean_listings(sample, data.city())
     return data.split_listings(df, 0.2, seed=42)
 
 
@@ -134,7 +134,7 @@ def test_behaviour_price_moves_the_expected_way(learner, request, splits, change
 
 
 def test_saved_model_loads_without_any_other_project_code(fitted, splits, tmp_path):
-    example = model.input_example(splits[1])
+    example = model.input_example(fitted, splits[1])
     with tracking.feature_code(fitted) as code:
         mlflow.sklearn.save_model(fitted, tmp_path / "m", code_paths=[code], **tracking.model_kwargs(fitted, example))
     example.to_json(tmp_path / "example.json", orient="split", date_format="iso")
@@ -171,7 +171,7 @@ def test_a_model_scores_with_its_own_feature_code_beside_a_newer_one(splits, tmp
     saved = {}
     for name, feats in (("a", model.shipped_features()), ("b", model.shipped_features(str(changed)))):
         fitted = model.fit(train, small, feats)
-        example = model.input_example(test)
+        example = model.input_example(fitted, test)
         with tracking.feature_code(fitted) as code:
             mlflow.sklearn.save_model(fitted, tmp_path / name, code_paths=[code],
                                       **tracking.model_kwargs(fitted, example))
@@ -198,7 +198,7 @@ print(json.dumps(out))
 def test_inputs_are_checked_against_what_the_model_was_trained_on(splits):
     train, test = splits
     profile = model.input_profile(train)
-    assert profile["categories"]["neighbourhood_group"] == sorted(data.NEIGHBOURHOOD_GROUPS)
+    assert profile["categories"]["neighbourhood_group"] == sorted(data.city().area_groups)
     assert "room_type" in profile["required"] and "reviews_per_month" not in profile["required"]
     rows = test[model.FEATURES].head(5).astype(object).reset_index(drop=True)
     typed, problems = model.check_inputs(rows, profile)
@@ -224,7 +224,7 @@ def test_checked_rows_price_as_the_raw_frame_does(boosted, splits):
 def test_the_loader_refuses_changed_feature_code_and_unknown_types(fitted, splits, tmp_path):
     with tracking.feature_code(fitted) as code:
         mlflow.sklearn.save_model(fitted, tmp_path / "m", code_paths=[code],
-                                  **tracking.model_kwargs(fitted, model.input_example(splits[1])))
+                                  **tracking.model_kwargs(fitted, model.input_example(fitted, splits[1])))
     loaded, profile = tracking.read_model(str(tmp_path / "m"), "serve")
     assert profile is None and loaded.predict(splits[1][model.FEATURES].head(3)).shape == (3,)
     # A file that calls out to the shell, with MLflow's MLmodel trusting it: the project's list does not.

@@ -94,7 +94,7 @@ def test_a_shifted_copy_is_drift_naming_the_shifted_columns_and_retrain_trains_o
 
 
 @pytest.mark.parametrize("case, last_line", [
-    ("no latitude", "verdict: invalid: FAILED at clean: clean: latitude: column missing from the data"),
+    ("no latitude", "verdict: invalid: FAILED at clean: clean: latitude: 1 column(s) missing from the data"),
     # Not the data's fault: a plain failure, no verdict.
     ("no prod", "FAILED at monitor: monitor: model_name: model 'nobody' has no 'prod' version"),
 ])
@@ -112,14 +112,14 @@ def test_a_broken_file_is_invalid_at_the_step_that_cannot_read_it(prod, mlflow_s
 
 def clean_file(rows: pd.DataFrame, path) -> tuple[str, dict]:
     """Clean as the monitoring pipeline does: the file and clean's counts (its metadata)."""
-    df, dropped = data.clean_listings(rows, 10, 350, data.Box(), keep_unpriced=True)
+    df, dropped = data.clean_listings(rows, data.city(), keep_unpriced=True)
     data.write_listings(df, str(path))
     return str(path), data.clean_counts(df, dropped)
 
 
 def monitor(prod, rows, tmp_path, **limits) -> dict:
     path, counts = clean_file(rows, tmp_path / "clean.csv")
-    return tasks.monitor(path, str(tmp_path / "report.html"), prod["model"], 10, 350, data.Box(), 1000, 1_000_000,
+    return tasks.monitor(path, str(tmp_path / "report.html"), prod["model"], data.city().as_dict(),
                          data.DriftLimits(**limits), counts)
 
 
@@ -176,8 +176,8 @@ def test_values_the_checks_refuse_make_the_monitor_step_fail_as_invalid_after_ke
 def test_with_no_prod_to_compare_with_the_monitor_refuses(tracking, halves, tmp_path):
     with pytest.raises(StepError, match=r"monitor: model_name: model 'nobody' has no 'prod' version: there is nothing "
                                         "to compare the new listings with"):
-        tasks.monitor(clean_file(halves[1], tmp_path / "c.csv")[0], str(tmp_path / "r.html"), "nobody", 10, 350,
-                      data.Box(), 1000, 1_000_000, LIMITS)
+        tasks.monitor(clean_file(halves[1], tmp_path / "c.csv")[0], str(tmp_path / "r.html"), "nobody",
+                      data.city().as_dict(), LIMITS)
 
 
 def test_drifted_names_what_moved_but_not_what_could_not_be_measured():

@@ -178,12 +178,12 @@ BAD_INPUTS = {
     "non-CSV file": (lambda s, t: write(t / "x.csv", "\x00\x01binary\xff" * 10), "download", "download: source: not a"),
     "empty file": (lambda s, t: write(t / "empty.csv", ""), "download", "download: source: the file is empty"),
     "missing column": (lambda s, t: write(t / "m.csv", s.drop(columns=["price"]).to_csv(index=False)),
-                       "clean", "clean: price: column missing from the data"),
+                       "clean", "clean: price: 1 column(s) missing from the data"),
     "renamed column": (lambda s, t: write(t / "r.csv", s.rename(columns={"name": "title"}).to_csv(index=False)),
-                       "check", "check: columns: 1 check(s) failed"),
-    # A numeric column the statistical checks compare: they are skipped, the schema failure is reported.
-    "missing numeric column": (lambda s, t: write(t / "n.csv", s.drop(columns=["availability_365"]).to_csv(index=False)),
-                               "check", "check: columns: 1 check(s) failed"),
+                       "clean", "clean: name: 1 column(s) missing from the data: ['name']"),
+    "missing numeric columns": (lambda s, t: write(t / "n.csv", s.drop(columns=["availability_365", "latitude"])
+                                                   .to_csv(index=False)),
+                                "clean", "clean: latitude, availability_365: 2 column(s) missing from the data"),
     "non-numeric price": (lambda s, t: write(t / "p.csv", csv_of(listing(), listing(id=2, price="cheap"))),
                           "clean", "clean: price: 1 value(s) are not numbers, e.g. ['cheap']"),
     "every row filtered": (lambda s, t: write(t / "f.csv", csv_of(listing(price=5000), listing(id=2, price=1))),

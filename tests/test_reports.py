@@ -54,14 +54,14 @@ def rendered(browser, tmp_path, html: str, name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def halves(sample):
-    df, _ = data.clean_listings(sample, 10, 350, data.Box())
+    df, _ = data.clean_listings(sample, data.city())
     return data.split_listings(df, 0.5, seed=7)
 
 
 def test_data_report_shows_every_check_and_each_distribution_against_prods(browser, tmp_path, halves):
     new, reference = halves
     new = new[new["neighbourhood_group"] != "Staten Island"].assign(price=new["price"] * 1.2)
-    checks = data.deterministic_checks(new, 10, 350, data.Box(), 1000, 10 ** 6)
+    checks = data.deterministic_checks(new, data.city())
     drift, _ = data.drift_checks(new, reference, data.DriftLimits())
     error, _ = data.error_check(41.0, 33.2, 5000, "3", data.DriftLimits())
     checks += drift + [error]
@@ -70,7 +70,7 @@ def test_data_report_shows_every_check_and_each_distribution_against_prods(brows
     assert page["badges"] == [c.status for c in checks] and len(checks) == 32
     # price out of range after the rise fails; price drift and prod's error warn.
     assert page["verdict"] == "1 of 32 checks failed" and page["badges"].count("warn") == 2
-    assert list(page["charts"]) == data.CATEGORY_COLUMNS + data.DRIFT_COLUMNS
+    assert list(page["charts"]) == data.CATEGORY_COLUMNS + data.drift_columns(new, reference)
     # Two bars (new data, prod's data) per category or decile.
     assert page["charts"]["neighbourhood_group"]["marks"] == 2 * 5
     assert page["charts"]["price"]["marks"] == 2 * 10
@@ -78,7 +78,7 @@ def test_data_report_shows_every_check_and_each_distribution_against_prods(brows
 
 
 def test_a_data_report_without_prod_has_no_distributions(browser, tmp_path, halves):
-    checks = data.deterministic_checks(halves[0], 10, 350, data.Box(), 1000, 10 ** 6)
+    checks = data.deterministic_checks(halves[0], data.city())
     page = rendered(browser, tmp_path, report.data_report(halves[0], checks, ["no prod yet"], None), "data_report_first")
     assert page["sections"] == ["checks", "columns", "notes"] and page["charts"] == {}
     assert page["verdict"] == "All 21 checks passed: the data goes on to training"
