@@ -298,9 +298,12 @@ def parse_params(pairs: list[str], pipeline: str = "training") -> dict:
 def city_param(value: str) -> dict:
     """A city's whole profile from `city=`: a shipped profile's name, a .toml file, or the profile as JSON."""
     if value.lstrip().startswith("{"):
-        found = json.loads(value)
+        try:
+            found = json.loads(value)
+        except ValueError as exc:
+            sys.exit(f"pipeline.py: --param city: not a profile in JSON: {exc}")
         if not isinstance(found, dict):
-            raise ValueError(value)
+            sys.exit(f"pipeline.py: --param city: expected a JSON object, got {value[:100]!r}")
         return found
     try:
         return data.city_profile(value, "pipeline.py")
@@ -313,7 +316,7 @@ def profile_value(key: str, value: str):
     try:
         return json.loads(value)
     except ValueError:
-        return value.split(",") if key in ("area_groups", "date_formats") else value
+        return [v for v in value.split(",") if v] if key in ("area_groups", "date_formats") else value
 
 
 def boolean(value: str) -> bool:

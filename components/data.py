@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import gzip
 import hashlib
+import math
 import io
 import json
 import re
@@ -147,8 +148,12 @@ class City:
             raise StepError(step, "city.name", f"expected the city's name in lower case letters, digits, - and _ "
                                                f"(it names its model: rental-price-NAME), got {name!r}")
         values = dict(given)
-        if set(fields) - set(given) - {"area_groups", "date_formats"}:
+        missing = set(fields) - set(given)
+        if missing and name in shipped_cities():  # {"name": "nyc", "max_price": 500}: the rest is nyc's
             values = {**city_profile(name, step), **given}
+        elif missing - {"area_groups", "date_formats"}:
+            raise StepError(step, "city", f"{name}'s profile lacks {sorted(missing)} (and {name!r} is not a shipped "
+                                          f"profile to take them from: {shipped_cities()})")
         typed = {}
         for field, kind in fields.items():
             value, where = values.get(field), f"city.{field}"
@@ -159,7 +164,7 @@ class City:
                 typed[field] = tuple(value)
             elif field != "name":
                 number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-                if number is None or number != number or (kind == "int" and number != int(number)):
+                if number is None or not math.isfinite(number) or (kind == "int" and number != int(number)):
                     raise StepError(step, where, f"expected {'a whole number' if kind == 'int' else 'a number'}, "
                                                  f"got {value!r}")
                 typed[field] = int(number) if kind == "int" else float(number)
@@ -173,17 +178,27 @@ class City:
         return cls(name=name, **typed)
 
 
+def shipped_cities() -> list[str]:
+    from importlib import resources
+
+    return sorted(p.name.removesuffix(".toml") for p in (resources.files("components") / CITIES).iterdir()
+                  if p.name.endswith(".toml"))
+
+
 def city_profile(name: str, step: str = "city") -> dict:
     """A shipped profile (components/cities/NAME.toml) or the profile file at the path NAME, as a dict."""
     import tomllib
     from importlib import resources
 
-    folder = resources.files("components") / CITIES
-    path = Path(name) if name.endswith(".toml") else Path(str(folder / f"{name}.toml"))
-    if not path.is_file():
-        shipped = sorted(p.name.removesuffix(".toml") for p in folder.iterdir() if p.name.endswith(".toml"))
-        raise StepError(step, "city", f"no city profile {name!r}: shipped ones are {shipped}; or give the path to "
-                                      "a .toml file written like components/cities/nyc.toml")
+    if name.endswith(".toml"):
+        path = Path(name)
+        if not path.is_file():
+            raise StepError(step, "city", f"no profile file {name!r} (no such file)")
+    elif name in shipped_cities():
+        path = Path(str(resources.files("components") / CITIES / f"{name}.toml"))
+    else:
+        raise StepError(step, "city", f"no city profile {name!r}: shipped ones are {shipped_cities()}; or give the "
+                                      "path to a .toml file written like components/cities/nyc.toml")
     try:
         return tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -355,27 +370,36 @@ def parse_column(df: pd.DataFrame, column: str, step: str, kind: str, date_forma
 
 def read_dates(text: pd.Series, date_formats=()) -> pd.Series:
     """Dates in ISO or one of `date_formats`, each value in the first that reads it; NaT for any other."""
-    values = pd.to_datetime(text, format="ISO8601", errors="coerce")
+    values = pd.to_datetime(text, format="%Y-%m-%d", errors="coerce")
     for code in date_formats:
         rest = values.isna() & text.notna()
         if rest.any():
-            values[rest] = pd.to_datetime(text[rest], format=code, errors="coerce")
+            try:
+                values[rest] = pd.to_datetime(text[rest], format=code, errors="coerce")
+            except ValueError as exc:  # e.g. %z and mixed offsets
+                raise StepError("clean", "last_review", f"the date format {code!r} cannot be used: {exc}") from exc
     return values
+
+
+def exact_ids(values: pd.Series) -> pd.Series:
+    """Ids as exact integers (Int64), missing where a value is not a whole number as written or is past int64."""
+    if pd.api.types.is_integer_dtype(values):
+        return values.astype("Int64")
+    text = values.astype("str").str.strip()
+    whole = text.str.fullmatch(r"[0-9]{1,19}").fillna(False).astype(bool)
+    whole &= text.str.len().fillna(0).lt(19) | text.fillna("").le(str(np.iinfo("int64").max))
+    return text.where(whole).astype("Int64")
 
 
 def parse_ids(df: pd.DataFrame, column: str, step: str) -> pd.Series:
     """Ids as exact integers: a spreadsheet writes a long id as 7.13172E+17, and two listings then share it."""
-    text = df[column].astype("str").str.strip() if not pd.api.types.is_integer_dtype(df[column]) else None
-    if text is None:
-        return df[column].astype("int64")
-    whole = text.str.fullmatch(r"\d{1,19}").fillna(False).astype(bool)
-    whole &= text.str.len().fillna(0).lt(19) | text.fillna("").lt(str(np.iinfo("int64").max))  # fits in int64
-    bad = df[column][~whole]
+    ids = exact_ids(df[column])
+    bad = df[column][ids.isna()]
     if len(bad):
         raise StepError(step, column, f"{len(bad)} value(s) are empty or not whole numbers as written, e.g. "
-                        f"{bad.head(3).fillna('').tolist()}: ids must be exact (a spreadsheet rounds long ids to forms like "
-                        "7.13172E+17); take the file as downloaded, not as a spreadsheet saved it")
-    return text.astype("int64")
+                        f"{bad.head(3).fillna('').tolist()}: ids must be exact (a spreadsheet rounds long ids to forms "
+                        "like 7.13172E+17); take the file as downloaded, not as a spreadsheet saved it")
+    return ids.astype("int64")
 
 
 def clean_listings(
@@ -397,7 +421,10 @@ def clean_listings(
     df["last_review"] = parse_column(df, "last_review", "clean", "date", city.date_formats)
 
     dropped = {}
-    keep = df["price"].between(city.min_price, city.max_price) | (keep_unpriced & df["price"].isna())
+    keep = df["price"].notna() | keep_unpriced  # today's files list many with no price
+    dropped["no_price"] = int((~keep).sum())
+    df = df[keep]
+    keep = df["price"].between(city.min_price, city.max_price) | df["price"].isna()
     dropped["price_range"] = int((~keep).sum())
     df = df[keep]
     keep = city.box.contains(df)
@@ -498,7 +525,11 @@ def deterministic_checks(df: pd.DataFrame, city: City, ignored: list[str] = ()) 
                                  f"dtype of {column}: expected {kind}, got {dtype}"))
     if "neighbourhood_group" in df.columns:
         present = set(df["neighbourhood_group"].dropna())
-        if city.area_groups:
+        if city.area_groups and not present:
+            checks.append(Check("neighbourhood_group values", FAIL, "empty in every row", ", ".join(city.area_groups),
+                                f"neighbourhood_group: empty in every row, but city {city.name}'s profile names area "
+                                f"groups {list(city.area_groups)} (area_groups = [] if this city has none)"))
+        elif city.area_groups:
             unknown = sorted(present - set(city.area_groups))
             checks.append(_check("neighbourhood_group values", bool(unknown), f"unknown: {unknown}" if unknown else
                                  "all known", ", ".join(city.area_groups),
@@ -545,7 +576,7 @@ ERROR_CHECK = "prod's error on new rows"
 # distribution exceeds warn_ks by chance at 30 values, and stays under it from about 100.
 MIN_DRIFT_VALUES = 200
 # How clean sorts the rows it reads (its `dropped` counts, and the rows kept).
-CLEAN_OUTCOMES = ["rows", "dropped_price_range", "dropped_outside_box", "dropped_duplicate_id"]
+CLEAN_OUTCOMES = ["rows", "dropped_no_price", "dropped_price_range", "dropped_outside_box", "dropped_duplicate_id"]
 # A share below this counts as this, so that a category or bin missing on one side gives a large, finite PSI.
 PSI_FLOOR = 1e-4
 
@@ -605,7 +636,13 @@ def drift_checks(df: pd.DataFrame, reference: pd.DataFrame, limits: DriftLimits)
                                 f"{column}: distribution moved (PSI {psi:.3f} > {limits.warn_psi}{missing})"))
         else:
             checks.append(Check(f"{column} drift", PASS, observed, limit))
-    for column in drift_columns(df, reference):
+    for column in DRIFT_COLUMNS:
+        if (column in df.columns) != (column in reference.columns):  # e.g. today's format against 2019's
+            side = "the new data" if column in df.columns else "prod's data"
+            checks.append(Check(f"{column} drift", SKIP, f"only in {side}", "in both"))
+            continue
+        if column not in df.columns:
+            continue
         values = int(df[column].notna().sum())
         if values < MIN_DRIFT_VALUES:  # listings with no price yet, say: too few to tell a shift from chance
             checks.append(Check(f"{column} drift", SKIP, f"{values} value(s) in the new data",
@@ -667,8 +704,12 @@ def strata(df: pd.DataFrame) -> pd.Series | None:
     groups = df["neighbourhood_group"]
     if groups.isna().all():
         return None
+    groups = groups.fillna("(none)")
     sizes = groups.map(groups.value_counts())
-    return groups.where(sizes >= 10, "(small groups)").fillna("(none)")
+    strata = groups.where(sizes >= 10, "(small groups)")
+    if (strata == "(small groups)").sum() == 1:  # one row alone cannot be spread: it goes with the largest group
+        strata = strata.replace("(small groups)", strata.mode()[0])
+    return strata
 
 
 def split_listings(

@@ -66,7 +66,7 @@ class Columns:
 FEATURES = Columns().features
 # How reports name each input column.
 LABELS = {
-    "room_type": "room type", "neighbourhood_group": "borough", "neighbourhood": "neighbourhood",
+    "room_type": "room type", "neighbourhood_group": "area group", "neighbourhood": "neighbourhood",
     "minimum_nights": "minimum nights", "number_of_reviews": "number of reviews",
     "reviews_per_month": "reviews per month", "calculated_host_listings_count": "host's listing count",
     "availability_365": "days available a year", "longitude": "longitude", "latitude": "latitude",
@@ -344,15 +344,18 @@ class Problem:
         return {"row": self.row, "field": self.field, "problem": self.problem}
 
 
-def input_profile(train: pd.DataFrame) -> dict:
-    """What the model was trained on, kept with it: its input columns, each category's values, each number's range
-    (ids excepted: new listings have new ids), and the fields that were never null."""
-    cols = Columns.of(train)
+def input_profile(train: pd.DataFrame, features: list[str] | None = None) -> dict:
+    """What the model was trained on, kept with it: its input columns (`features`, the fitted model's), each
+    category's values, each number's range (ids excepted: new listings have new ids), and the fields that were
+    never null."""
+    features = features or Columns.of(train).features
     return {
-        "features": cols.features,
-        "categories": {c: sorted(train[c].dropna().astype(str).unique().tolist()) for c in cols.categories},
-        "ranges": {c: [float(train[c].min()), float(train[c].max())] for c in cols.numeric},
-        "required": [c for c in cols.features if train[c].notna().all()],
+        "features": features,
+        "categories": {c: sorted(train[c].dropna().astype(str).unique().tolist()) for c in features
+                       if c in ORDINAL + ONE_HOT + [AREA]},
+        "ranges": {c: [float(train[c].min()), float(train[c].max())] for c in features
+                   if c in NUMERIC + OPTIONAL_NUMERIC},
+        "required": [c for c in features if train[c].notna().all()],
     }
 
 

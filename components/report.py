@@ -314,7 +314,7 @@ def model_card(card: dict, predictions: pd.DataFrame, importance: pd.Series) -> 
             + figure(scatter("Residual against predicted price", predictions["predicted"], residual,
                              "predicted price ($)", "residual ($)"),
                      "Residual against predicted price (dashed: no error)", "residual-vs-predicted") + "</div>"),
-        section("errors", "Error by borough and room type", *by_group),
+        section("errors", "Error by area group and room type", *by_group),
         section("importance", "Feature importance", '<div class="charts">' + figure(
             hbars("Feature importance", readable, unit=" $"),
             "How much the test MAE grows ($) when the column is shuffled (permutation importance)", "importance")

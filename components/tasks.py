@@ -119,7 +119,8 @@ def check(
 def same_city(prod, model_name: str, city: data.City, step: str):
     """prod, unless it is a model of another city: then its data, error and place say nothing of these listings,
     and a new version must not replace it."""
-    theirs = prod.tags.get("city") if prod is not None else None
+    # Versions registered before cities had profiles are all NYC's.
+    theirs = (prod.tags.get("city") or data.DEFAULT_CITY) if prod is not None else None
     if theirs and theirs != city.name:
         raise StepError(step, "model_name", f"prod version {prod.version} of {model_name!r} is a model of {theirs}'s "
                         f"listings, these are {city.name}'s: give each city its own model (model_name="
@@ -284,11 +285,14 @@ def predict_with(model_name: str, prod, rows: pd.DataFrame, step: str) -> pd.Ser
 
 def split(clean_path: str, trainval_path: str, test_path: str, test_size: float, seed: int) -> tuple[dict, dict]:
     with tracking.step_run("split", params={"test_size": test_size, "seed": seed}):
-        trainval, test = data.split_listings(data.read_listings(clean_path), test_size, seed)
+        df = data.read_listings(clean_path)
+        trainval, test = data.split_listings(df, test_size, seed)
+        how = "stratified by area group" if data.strata(df) is not None else "not stratified: no area groups"
         data.write_listings(trainval, trainval_path)
         data.write_listings(test, test_path)
         mlflow.log_metrics({"trainval_rows": len(trainval), "test_rows": len(test)})
-        print(f"split: {len(trainval)} rows to train and validate on, {len(test)} to test on")
+        mlflow.set_tag("stratified", how)
+        print(f"split: {len(trainval)} rows to train and validate on, {len(test)} to test on ({how})")
         return {"rows": len(trainval)}, {"rows": len(test)}
 
 
@@ -326,7 +330,9 @@ def train(trainval_path: str, model_path: str, base: dict, val_size: float, tria
         # Saved once, as the step's output; the same files go to MLflow, where register names them.
         with tracking.feature_code(fitted) as code:
             mlflow.sklearn.save_model(fitted, model_path, code_paths=[code], **tracking.model_kwargs(
-                fitted, model.input_example(fitted, val_df), model.input_profile(pd.concat([train_df, val_df]))))
+                fitted, model.input_example(fitted, val_df),
+                model.input_profile(pd.concat([train_df, val_df]), model.features_of(fitted))))
+        mlflow.set_tag("features", ", ".join(model.features_of(fitted)))
         mlflow.log_artifacts(model_path, "model")
         # Every row that shaped the model (fit and validation): a later candidate is compared with this one only
         # on rows outside them.
@@ -610,8 +616,14 @@ def score(raw_path: str, model_uri: str, predictions_path: str, csv_path: str, r
         with pq.ParquetWriter(predictions_path, schema) as parquet, open(csv_path, "w") as csv, \
                 open(rejected_path, "w") as refused_file:
             # Text stays text: a city whose neighbourhoods are zip codes.
-            for chunk in pd.read_csv(raw_path, chunksize=SCORE_CHUNK, dtype={c: "str" for c in data.TEXT_COLUMNS}):
-                chunk = model.numbers_from_text(chunk.reset_index(drop=True))
+            for chunk in pd.read_csv(raw_path, chunksize=SCORE_CHUNK,
+                                     dtype={c: "str" for c in data.TEXT_COLUMNS + data.IDS}):
+                chunk = chunk.reset_index(drop=True)
+                # Ids stay exact (19 digits today: past a float's); one not written as a whole number is refused.
+                ids = {c: data.exact_ids(chunk[c]) for c in data.IDS if c in chunk.columns}
+                chunk = model.numbers_from_text(chunk)
+                for column, exact in ids.items():
+                    chunk[column] = exact.astype(object).where(exact.notna(), chunk[column].astype(str))
                 if date_formats and model.DATE in chunk.columns:
                     dates = data.read_dates(chunk[model.DATE].astype("str"), date_formats)
                     chunk[model.DATE] = dates.dt.strftime("%Y-%m-%d").where(dates.notna(), chunk[model.DATE])
@@ -627,8 +639,8 @@ def score(raw_path: str, model_uri: str, predictions_path: str, csv_path: str, r
                     if p.row not in bad:
                         flags[p.row] = "; ".join(filter(None, [flags.get(p.row), f"{p.field}: {p.problem}"]))
                 priced = typed.iloc[keep]
-                out = pd.DataFrame({model.ID: priced[model.ID].astype("int64"),
-                                    model.HOST: priced[model.HOST].astype("int64"),
+                out = pd.DataFrame({model.ID: ids[model.ID].iloc[keep].astype("int64").to_numpy(),
+                                    model.HOST: ids[model.HOST].iloc[keep].astype("int64").to_numpy(),
                                     "predicted_price": fitted.predict(priced) if keep else [],
                                     "model_version": int(version.version),
                                     "flags": [flags.get(i) for i in keep]}, columns=PREDICTION_COLUMNS)

@@ -43,6 +43,7 @@ def todays_format(sample: pd.DataFrame) -> pd.DataFrame:
     df["license"] = np.where(rng.uniform(size=len(df)) < 0.3, "STR-" + df["id"].astype(str), None)
     df["calendar_last_scraped"] = "2024-06-30"
     df["neighbourhood_group"] = None
+    df["id"] = df["id"] + 1_200_000_000_000_000_000  # ids are 19 digits today
     codes = {name: 78701 + i for i, name in enumerate(sorted(df["neighbourhood"].unique()))}
     df["neighbourhood"] = df["neighbourhood"].map(codes)
     dates = pd.to_datetime(df["last_review"])
@@ -84,7 +85,8 @@ def test_a_run_names_a_shipped_city_or_holds_its_profile_as_json():
     ({**NYC.as_dict(), "date_formats": "%m/%d/%y"}, r"clean: city.date_formats: expected a list of non-empty strings"),
     ({**NYC.as_dict(), "date_formats": ["MM/DD/YY"]}, r"clean: city.date_formats: 'MM/DD/YY' is not a strptime"),
     ({**NYC.as_dict(), "name": "New York"}, r"clean: city.name: expected the city's name in lower case"),
-    ({"name": "atlantis"}, r"clean: city: no city profile 'atlantis': shipped ones are \['nyc'\]"),
+    ({"name": "atlantis"}, r"clean: city: atlantis's profile lacks \['area_groups', 'date_formats', 'max_latitude'"),
+    ({**NYC.as_dict(), "max_rows": float("inf")}, r"clean: city.max_rows: expected a whole number, got inf"),
 ])
 def test_a_bad_profile_is_refused_naming_the_field(given, problem):
     with pytest.raises(StepError, match=problem):
@@ -107,8 +109,13 @@ def test_the_command_line_takes_a_city_by_name_or_file_and_a_field_of_it_by_its_
     assert json.loads(monitor["city"])["name"] == "testville" and monitor["model_name"] == "rental-price-testville"
     with pytest.raises(SystemExit, match=r"pipeline.py: city.max_price: expected a number, got 'lots'"):
         pipeline.parse_params(["max_price=lots"])
-    with pytest.raises(SystemExit, match=r"no city profile 'atlantis'"):
+    with pytest.raises(SystemExit, match=r"no city profile 'atlantis': shipped ones are \['nyc'\]"):
         pipeline.parse_params(["city=atlantis"])
+    with pytest.raises(SystemExit, match=r"no profile file '.*/nope.toml' \(no such file\)"):
+        pipeline.parse_params([f"city={tmp_path / 'nope.toml'}"])
+    with pytest.raises(SystemExit, match=r"pipeline.py: --param city: not a profile in JSON"):
+        pipeline.parse_params(['city={"name": nyc}'])
+    assert json.loads(pipeline.parse_params(["area_groups="])["city"])["area_groups"] == []
 
 
 # ---------------------------------------------------------------- formats and parsing
@@ -181,6 +188,8 @@ def test_small_area_groups_are_stratified_together():
     groups = pd.Series(["A"] * 50 + ["B"] * 30 + ["C"] * 3 + [None] * 2, dtype="str")
     strata = data.strata(pd.DataFrame({"neighbourhood_group": groups}))
     assert strata.value_counts().to_dict() == {"A": 50, "B": 30, "(small groups)": 5}
+    alone = data.strata(pd.DataFrame({"neighbourhood_group": pd.Series(["A"] * 50 + ["B"] * 30 + ["C"])}))
+    assert alone.value_counts().to_dict() == {"A": 51, "B": 30}  # one row cannot be spread
 
 
 def test_area_groups_are_checked_against_the_citys_own():
@@ -190,13 +199,32 @@ def test_area_groups_are_checked_against_the_citys_own():
     failed = data.failed(data.deterministic_checks(df, dataclasses.replace(NYC, min_rows=1)))
     assert failed == ["neighbourhood_group: unknown values ['Atlantis'] (city nyc's area groups: ['Bronx', 'Brooklyn', "
                       "'Manhattan', 'Queens', 'Staten Island'])"]
+    # NYC's listings with the boroughs left out: not a city without area groups, a file that lost them.
+    empty = data.failed(data.deterministic_checks(df.assign(neighbourhood_group=None), dataclasses.replace(
+        NYC, min_rows=1)))
+    assert empty == ["neighbourhood_group: empty in every row, but city nyc's profile names area groups ['Bronx', "
+                     "'Brooklyn', 'Manhattan', 'Queens', 'Staten Island'] (area_groups = [] if this city has none)"]
+
+
+def test_a_column_only_one_side_has_is_named_not_compared(sample):
+    df, _ = data.clean_listings(todays_format(sample), profile())
+    reference = df.drop(columns=["number_of_reviews_ltm"])
+    checks, _ = data.drift_checks(df, reference, data.DriftLimits())
+    [ltm] = [c for c in checks if c.check == "number_of_reviews_ltm drift"]
+    assert (ltm.status, ltm.observed) == (data.SKIP, "only in the new data")
 
 
 def test_a_prod_model_of_another_city_is_never_compared_with_or_replaced():
     class Prod:
         version, tags = "3", {"city": "nyc"}
 
+    class Before:  # registered before cities had profiles: NYC's
+        version, tags = "2", {}
+
     assert tasks.same_city(Prod, "rental-price", NYC, "check") is Prod
+    assert tasks.same_city(Before, "rental-price", NYC, "check") is Before
+    with pytest.raises(StepError, match=r"check: model_name: prod version 2 of 'rental-price' is a model of nyc's"):
+        tasks.same_city(Before, "rental-price", profile(), "check")
     assert tasks.same_city(None, "rental-price", profile(), "check") is None
     with pytest.raises(StepError, match=r"check: model_name: prod version 3 of 'rental-price' is a model of nyc's "
                                         r"listings, these are testville's: .*model_name=rental-price-testville"):
@@ -237,3 +265,6 @@ def test_a_city_file_in_todays_format_trains_and_registers_its_own_model(sample,
     said = re.search(r"score: (\d+) of 20000 rows priced.*", scored.stdout)
     assert said and int(said[1]) > 15_000, scored.stdout[-2000:]
     assert "last_review: broken" not in said[0] and "neighbourhood: broken" not in said[0]
+    (out,) = (tmp_path / "root").glob("rental-price-batch-*/score")
+    priced = pd.read_parquet(out / "predictions")
+    assert set(priced["id"]) <= set(pd.read_csv(source)["id"])  # all 19 digits exact

@@ -174,9 +174,9 @@ def test_describe_download_on_the_real_sample(sample_path):
 def test_clean_counts_what_each_rule_drops():
     df, dropped = data.clean_listings(frame(
         listing(id=1, price=5), listing(id=2, price=351), listing(id=3, price=10), listing(id=4, price=350),
-        listing(id=5, longitude=-75.0), listing(id=6, latitude=41.5), listing(id=3, price=99),
+        listing(id=5, longitude=-75.0), listing(id=6, latitude=41.5), listing(id=3, price=99), listing(id=7, price=None),
     ), NYC)
-    assert dropped == {"price_range": 2, "outside_box": 2, "duplicate_id": 1}
+    assert dropped == {"no_price": 1, "price_range": 2, "outside_box": 2, "duplicate_id": 1}
     assert df["id"].tolist() == [3, 4]
     assert pd.api.types.is_datetime64_any_dtype(df["last_review"])
 
