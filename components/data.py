@@ -6,11 +6,11 @@ import dataclasses
 import functools
 import gzip
 import hashlib
-import math
 import io
 import json
-import re
+import math
 import os
+import re
 import time
 import urllib.error
 import urllib.parse
@@ -358,7 +358,7 @@ def parse_column(df: pd.DataFrame, column: str, step: str, kind: str, date_forma
             text = text.map(lambda v: v.strip().removeprefix("$").replace(",", "") if isinstance(v, str) else v)
         values, expected = pd.to_numeric(text, errors="coerce"), "numbers"
     else:
-        values = read_dates(text, date_formats)
+        values = read_dates(text, date_formats, step)
         expected = f"dates as {' or '.join(['YYYY-MM-DD', *date_formats])}"
         if not date_formats:
             expected += " (name the file's own format in the city profile's date_formats, e.g. '%m/%d/%y')"
@@ -368,7 +368,7 @@ def parse_column(df: pd.DataFrame, column: str, step: str, kind: str, date_forma
     return values
 
 
-def read_dates(text: pd.Series, date_formats=()) -> pd.Series:
+def read_dates(text: pd.Series, date_formats=(), step: str = "clean") -> pd.Series:
     """Dates in ISO or one of `date_formats`, each value in the first that reads it; NaT for any other."""
     values = pd.to_datetime(text, format="%Y-%m-%d", errors="coerce")
     for code in date_formats:
@@ -377,7 +377,7 @@ def read_dates(text: pd.Series, date_formats=()) -> pd.Series:
             try:
                 values[rest] = pd.to_datetime(text[rest], format=code, errors="coerce")
             except ValueError as exc:  # e.g. %z and mixed offsets
-                raise StepError("clean", "last_review", f"the date format {code!r} cannot be used: {exc}") from exc
+                raise StepError(step, "last_review", f"the date format {code!r} cannot be used: {exc}") from exc
     return values
 
 

@@ -511,7 +511,8 @@ def model_card_facts(name: str, version, promoted: bool, reason: str, comparison
         "margin": margin, "pipeline_run": pipeline_run, "learner": model_meta.get("learner", "-"),
         "scores": {"val_mae": model_meta["val_mae"], "val_r2": model_meta["val_r2"],
                    "test_mae": scores["candidate_mae"], "test_r2": scores["candidate_r2"]},
-        "rows": rows, "city": tags.get("city") or "-", "source": tags["data_source"], "sha256": tags["data_sha256"], "data_uri": tags["data_uri"],
+        "rows": rows, "city": tags.get("city") or "-", "source": tags["data_source"], "sha256": tags["data_sha256"],
+        "data_uri": tags["data_uri"],
         "parameters": json.loads(tags["parameters"]), "sweep": json.loads(board) if board else [],
         "sweep_choice": tags["sweep_choice"], "git_commit": tags["git_commit"], "images": json.loads(tags["images"] or "{}"),
     }
@@ -573,7 +574,7 @@ def lineage(raw_meta: dict, clean_meta: dict, model_meta: dict, git_commit: str,
         "reference_data": str(clean_meta.get("reference_uri", "")),
         # The city's profile as the run used it: what its data was checked and cleaned against.
         "city": city.name if city else "",
-        "city_profile": json.dumps(city.as_dict() if city else {}, sort_keys=True),
+        "city_profile": city.as_param() if city else "{}",
         TRAINING_IDS_TAG: str(model_meta.get("training_ids_uri", "")),
         "git_commit": git_commit,
         "images": images,
@@ -625,7 +626,7 @@ def score(raw_path: str, model_uri: str, predictions_path: str, csv_path: str, r
                 for column, exact in ids.items():
                     chunk[column] = exact.astype(object).where(exact.notna(), chunk[column].astype(str))
                 if date_formats and model.DATE in chunk.columns:
-                    dates = data.read_dates(chunk[model.DATE].astype("str"), date_formats)
+                    dates = data.read_dates(chunk[model.DATE].astype("str"), date_formats, "score")
                     chunk[model.DATE] = dates.dt.strftime("%Y-%m-%d").where(dates.notna(), chunk[model.DATE])
                 typed, problems = model.check_inputs(chunk, profile)
                 missing = [p.field for p in problems if p.row < 0]
