@@ -154,8 +154,9 @@ test: venv checkov  ## Unit, compile, manifest and end-to-end tests (starts its 
 	$(PY) -m pytest
 
 # What CI runs on every supported Python besides the full suite on 3.11: no manifests (kubectl, checkov) or serving.
-CORE_TESTS ?= tests/test_data.py tests/test_city.py tests/test_model.py tests/test_reports.py tests/test_compile.py tests/test_cli.py \
-  tests/test_preflight.py tests/test_tracking.py tests/test_register.py tests/test_pipeline_local.py::test_first_run_registers_a_prod_model_with_lineage
+CORE_TESTS ?= tests/test_sources.py tests/test_listings.py tests/test_checks.py tests/test_drift.py tests/test_cities.py \
+  tests/test_model.py tests/test_reports.py tests/test_compile.py tests/test_cli.py tests/test_preflight.py tests/test_tracking.py \
+  tests/test_promotion.py tests/test_local.py::test_first_run_registers_a_prod_model_with_lineage
 test-core: venv  ## Unit, compile and registry tests and one end-to-end run (CI: on Python 3.12 and 3.13 too)
 	$(PY) -m pytest $(CORE_TESTS)
 

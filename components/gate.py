@@ -1,11 +1,14 @@
 """The promotion gate: does a candidate beat `prod` on rows neither model was trained on, by more than the
-sampling noise of an MAE and by at least a margin? Pure functions of predictions; tasks.py gathers them."""
+sampling noise of an MAE and by at least a margin? compare and decide are pure functions of predictions;
+decide_promotion asks the registry which version is prod now."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
+
+from components import tracking
 
 CONFIDENCE = 0.95
 RESAMPLES = 2000
@@ -56,3 +59,30 @@ def decide(comparison: Comparison, margin: float) -> tuple[bool, str]:
     if c.gain <= margin:
         return False, f"not better than prod by the margin {margin} {figures}"
     return False, f"not clearly better than prod: the interval reaches below the margin {margin} {figures}"
+
+
+def decide_promotion(name: str, version: str, comparison: dict, margin: float, run_started: float,
+                     compare_again) -> tuple[bool, str, dict]:
+    """Whether `version` takes `prod`, decided against the actual prod (call it holding the promotion lock).
+
+    prod as evaluated: the evaluation decides. prod moved by another pipeline run since: compare with that one now
+    (compare_again). prod set by hand after this run started: a person's choice stands. Returns (promote, reason,
+    the comparison the decision rests on)."""
+    current = tracking.prod_version(name)
+    if current is not None and current.version == str(version):
+        return True, f"already prod (an earlier attempt of this run promoted version {version})", comparison
+    if current is not None and current.tags.get(tracking.PROMOTED_BY_TAG) == tracking.HAND \
+            and float(current.tags.get(tracking.PROMOTED_AT_TAG, 0)) > run_started:
+        return False, (f"prod was set by hand to version {current.version} after this run started: a person's "
+                       "choice stands (run again to compare with it)"), comparison
+    current_version = int(current.version) if current else None
+    moved = ""
+    if current_version != comparison.get("prod_version"):
+        comparison = compare_again(current)
+        moved = f"prod moved to version {current_version} during this run; compared with it instead: "
+    if current is None:
+        return True, "no prod model yet", comparison
+    if not comparison["comparable"]:
+        return False, f"{moved}not promoted automatically: {comparison['why']}", comparison
+    promote, reason = decide(Comparison(**{f.name: comparison[f.name] for f in fields(Comparison)}), margin)
+    return promote, moved + reason, comparison

@@ -9,10 +9,8 @@ import warnings
 from pathlib import Path
 
 from components.errors import StepError
+from components.names import EXPERIMENT, MONITOR_PIPELINE, TRAINING_PIPELINE
 
-# The pipelines as uploaded to KFP (pipeline.py compiles them under these names).
-TRAINING, MONITOR = "rental-price", "rental-price-monitor"
-EXPERIMENT = "rental-price"
 # The API server as run pods see it (no auth in KFP's single-user install).
 IN_CLUSTER_HOST = "http://ml-pipeline.kubeflow.svc.cluster.local:8888"
 
@@ -56,10 +54,10 @@ def start_training(host: str, source: str, source_sha256: str, params: dict, ver
     """A run of the training pipeline on `source` (checked against its sha256) with `params`: the version
     `version_id`, or the newest one uploaded. Returns the run's id."""
     client = connect(host, "retrain")
-    pipeline_id = client.get_pipeline_id(TRAINING)
+    pipeline_id = client.get_pipeline_id(TRAINING_PIPELINE)
     if pipeline_id is None:
-        raise StepError("retrain", "pipeline", f"KFP has no pipeline named {TRAINING!r} to start: `make schedule` "
-                                               "uploads it")
+        raise StepError("retrain", "pipeline", f"KFP has no pipeline named {TRAINING_PIPELINE!r} to start: "
+                                               "`make schedule` uploads it")
     version_id = version_id or newest_version(client, pipeline_id)
     experiment = client.create_experiment(EXPERIMENT)
     run = client.run_pipeline(experiment.experiment_id, f"retrain on drift ({source_sha256[:12]})",
@@ -85,13 +83,14 @@ def schedule(host: str, monitor_spec: str, training_spec: str, cron: str, params
     uploaded beside it for the retrain step, which starts exactly that version. Returns the recurring run's id."""
     cron = cron_schedule(cron)
     client = connect(host, "schedule")
-    _, training_version = upload(client, training_spec, TRAINING)
-    pipeline_id, version_id = upload(client, monitor_spec, MONITOR)
+    _, training_version = upload(client, training_spec, TRAINING_PIPELINE)
+    pipeline_id, version_id = upload(client, monitor_spec, MONITOR_PIPELINE)
     experiment = client.create_experiment(EXPERIMENT).experiment_id
     before = scheduled(client, experiment)
     made = client.create_recurring_run(
-        experiment, MONITOR, description="new listings against prod's data; see pipeline.py", cron_expression=cron,
-        max_concurrency=1, no_catchup=True, params={**params, "training_version": training_version},
+        experiment, MONITOR_PIPELINE, description="new listings against prod's data; see pipeline.py",
+        cron_expression=cron, max_concurrency=1, no_catchup=True,
+        params={**params, "training_version": training_version},
         pipeline_id=pipeline_id, version_id=version_id)
     for old in before:  # after the new one exists, so that a failure never leaves monitoring unscheduled
         client.delete_recurring_run(old)
@@ -99,7 +98,7 @@ def schedule(host: str, monitor_spec: str, training_spec: str, cron: str, params
 
 
 def scheduled(client, experiment_id: str) -> list[str]:
-    found = client.list_recurring_runs(experiment_id=experiment_id, filter=by_name(MONITOR), page_size=100)
+    found = client.list_recurring_runs(experiment_id=experiment_id, filter=by_name(MONITOR_PIPELINE), page_size=100)
     return [run.recurring_run_id for run in found.recurring_runs or []]
 
 

@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import hashlib
-import importlib.util
 import math
-import sys
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
-
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+
+from components.params import INTERNAL, replaced
 
 if TYPE_CHECKING:
     from sklearn.pipeline import Pipeline
@@ -74,34 +71,6 @@ LABELS = {
     "host_id": "host id (age)", "number_of_reviews_ltm": "reviews in the last 12 months",
 }
 
-# The feature functions a model holds live in a module named after the content of features.py, shipped with the
-# model: a model scores with the code it was trained with, beside newer models in the same process.
-FEATURES_MODULE_PREFIX = "rental_features_"
-
-
-def shipped_features(path: str | None = None) -> ModuleType:
-    """components/features.py (or the file at `path`) as module rental_features_<sha256 of its content>."""
-    path = path or str(Path(__file__).with_name("features.py"))
-    name = FEATURES_MODULE_PREFIX + hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules[name] = module
-    return sys.modules[name]
-
-
-def skops_trusted_types(module: ModuleType, learner: str) -> list[str]:
-    """Types the skops file of a `learner` model built with `module` holds beyond skops' defaults: exactly these, no
-    pickle fallback. tests/test_model.py compares them with what skops reports for a freshly trained model."""
-    if learner == "random_forest":
-        return [f"{module.__name__}.as_text", f"{module.__name__}.days_since", "numpy.dtype", "sklearn.tree._tree.Tree"]
-    # The booster's own categorical preprocessing holds functools.partial(check_array).
-    return [f"{module.__name__}.OutOfFold", f"{module.__name__}.listing_features", "functools.partial", "numpy.dtype",
-            "sklearn.utils.validation.check_array", "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
-            "sklearn.model_selection._split.KFold"]
-
-
 LEARNERS = ("hist_gbm", "random_forest")
 
 
@@ -125,7 +94,7 @@ class ModelParams:
     l2_regularization: float = 10.0
     ridge_alpha: float = 10.0
     bins: int = 20
-    n_jobs: int = -1
+    n_jobs: int = dataclasses.field(default=-1, metadata=INTERNAL)  # cores a fit uses, not a run's choice
     seed: int = 42
 
     def __post_init__(self):
@@ -139,29 +108,17 @@ class ModelParams:
 
     def with_overrides(self, overrides: dict) -> "ModelParams":
         """These parameters with a sweep trial's changes, typed as the fields are (KFP hands numbers over as floats)."""
-        fields = {f.name: f.type for f in dataclasses.fields(self)}
-        changes = {}
-        for key, value in overrides.items():
+        for key in overrides:
             if key not in SWEEPABLE:
                 raise ValueError(f"{key}: not a parameter a trial can change (one of {sorted(SWEEPABLE)})")
-            kind = {"int": int, "float": float, "str": str}[fields[key]]
-            try:
-                number = float(value) if kind is not str and not isinstance(value, bool) else None
-            except (TypeError, ValueError):
-                number = None
-            if kind is not str and number is None:
-                raise ValueError(f"{key}: {value!r} is not a number")
-            if kind is int and number != int(number):
-                raise ValueError(f"{key}: {value!r} is not a whole number")
-            if kind is str and not isinstance(value, str):
-                raise ValueError(f"{key}: {value!r} is not a string")
-            changes[key] = value if kind is str else kind(int(number) if kind is int else number)
-        return dataclasses.replace(self, **changes)
+        return replaced(self, overrides)
 
 
 FOREST_FIELDS = ("n_estimators", "max_depth", "min_samples_split", "min_samples_leaf", "max_features", "criterion",
                  "tfidf_max_features")
 GBM_FIELDS = ("learning_rate", "max_iter", "max_leaf_nodes", "l2_regularization", "ridge_alpha", "bins")
+# The booster's own, by their scikit-learn names (the rest shape the stacked ridge model of the name).
+BOOSTER_FIELDS = tuple(f for f in GBM_FIELDS if f not in ("ridge_alpha", "bins"))
 # What a sweep trial may change: the learner and its parameters, never the seed (every trial is scored on the same
 # validation rows, which the seed draws).
 SWEEPABLE = ("learner",) + FOREST_FIELDS + GBM_FIELDS
@@ -170,6 +127,8 @@ SWEEPABLE = ("learner",) + FOREST_FIELDS + GBM_FIELDS
 def build_model(params: ModelParams, reference_date: str, feats: ModuleType | None = None,
                 cols: Columns = Columns()) -> Pipeline:
     """Preprocessing + the learner, taking the raw listing columns cols.features."""
+    from components.saved_model import shipped_features
+
     feats = feats or shipped_features()
     if params.learner == "random_forest":
         return build_forest(params, feats, reference_date, cols)
@@ -249,8 +208,7 @@ def build_gbm(params: ModelParams, feats: ModuleType, reference_date: str, cols:
     ])
     first_category = len(numeric + DERIVED)
     gbm = HistGradientBoostingRegressor(
-        loss="absolute_error", learning_rate=params.learning_rate, max_iter=params.max_iter,
-        max_leaf_nodes=params.max_leaf_nodes, min_samples_leaf=40, l2_regularization=params.l2_regularization,
+        **{name: getattr(params, name) for name in BOOSTER_FIELDS}, loss="absolute_error", min_samples_leaf=40,
         max_features=0.5, early_stopping=False, random_state=params.seed,
         categorical_features=list(range(first_category, first_category + len(categories))))
     rows = FunctionTransformer(feats.listing_features, kw_args={"reference_date": reference_date})

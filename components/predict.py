@@ -8,14 +8,15 @@ import json
 
 import requests
 
-from components import data, model
+from components import model, sources
+from components.listings import SCHEMA, parse_csv
 from components.errors import StepError
 
 
 def payload(listings) -> dict:
     """The MLflow scoring protocol's `dataframe_split` of the listings' known columns but the price (the server takes
     those its model reads)."""
-    columns = [c for c in data.SCHEMA if c in listings.columns and c != model.TARGET]
+    columns = [c for c in SCHEMA if c in listings.columns and c != model.TARGET]
     return {"dataframe_split": json.loads(listings[columns].to_json(orient="split", index=False, date_format="iso"))}
 
 
@@ -33,11 +34,11 @@ def predict(url: str, listings) -> tuple[list[float], str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default="http://127.0.0.1:8080")
-    parser.add_argument("--data", default=data.DEFAULT_SOURCE, help="listings CSV: path, file://, http(s):// or s3://")
+    parser.add_argument("--data", default=sources.DEFAULT_SOURCE, help="listings CSV: path, file://, http(s):// or s3://")
     parser.add_argument("--rows", type=int, default=5)
     args = parser.parse_args(argv)
     try:
-        listings = model.numbers_from_text(data.parse_csv(data.fetch(args.data), "predict").head(args.rows))
+        listings = model.numbers_from_text(parse_csv(sources.fetch(args.data), "predict").head(args.rows))
     except StepError as exc:
         raise SystemExit(f"predict: {exc} (choose the listings with --data / DATA_URL=)")
     prices, version = predict(args.url, listings)

@@ -2,18 +2,24 @@
 
 KFP's dashboard shows an HTML artifact in a sandboxed frame with no network, and MLflow shows it as an artifact, so
 every page carries its own style and its charts as inline SVG: no script, no font, nothing fetched. Pure functions
-of figures and frames; tasks.py writes the files.
+of figures and frames, but for the two that write a step's outputs (keep_report, write_metrics).
 """
 
 from __future__ import annotations
 
 import re
+import json
 from html import escape, unescape
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from components import data, model
+import mlflow
+
+from components import model
+from components.checks import FAIL, PASS, SKIP, UNKNOWN, WARN, Check, failed, warned
+from components.drift import CATEGORY_COLUMNS, category_shares, drift_columns, drifted, numeric_shares
 
 STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;color:#1d2330;margin:0;background:#f6f7f9}
@@ -61,7 +67,7 @@ def para(text: str) -> str:
 
 
 def table(header: list[str], rows: list[list], numeric: set[int] = frozenset(), badge: int | None = None) -> str:
-    """A table of plain values; the cells of column `badge` (a data.PASS.. status) show as badges."""
+    """A table of plain values; the cells of column `badge` (a PASS.. status) show as badges."""
     def cell(i, value):
         if i == badge:
             return f'<td><span class="status {value}">{value}</span></td>'
@@ -202,17 +208,17 @@ def column_profile(df: pd.DataFrame) -> list[list]:
     return rows
 
 
-def distribution_charts(df: pd.DataFrame, reference: pd.DataFrame, checks: list[data.Check]) -> list[str]:
+def distribution_charts(df: pd.DataFrame, reference: pd.DataFrame, checks: list[Check]) -> list[str]:
     """For each column a statistical check compares: its shares of rows in the new data and in prod's data."""
     found = {c.check.removesuffix(" drift"): c for c in checks}
     series = lambda now, then: [("new data", NEW, list(now * 100)), ("prod's data", REFERENCE, list(then * 100))]  # noqa: E731
     charts = []
-    for column in data.CATEGORY_COLUMNS + data.drift_columns(df, reference):
-        if column in data.CATEGORY_COLUMNS:
-            labels, now, then = data.category_shares(df[column], reference[column])
+    for column in CATEGORY_COLUMNS + drift_columns(df, reference):
+        if column in CATEGORY_COLUMNS:
+            labels, now, then = category_shares(df[column], reference[column])
             labels, what = [str(v) for v in labels], "per category"
         else:
-            edges, now, then = data.numeric_shares(df[column], reference[column])
+            edges, now, then = numeric_shares(df[column], reference[column])
             labels = [f"≤ {number(edges[0])}"] + [f"{number(a)}–{number(b)}" for a, b in zip(edges, edges[1:])] + \
                 [f"> {number(edges[-1])}"]
             what = "between the deciles of prod's data"
@@ -223,21 +229,21 @@ def distribution_charts(df: pd.DataFrame, reference: pd.DataFrame, checks: list[
     return charts
 
 
-def data_report(df: pd.DataFrame, checks: list[data.Check], notes: list[str],
+def data_report(df: pd.DataFrame, checks: list[Check], notes: list[str],
                 reference: pd.DataFrame | None, monitor_verdict: str = "") -> str:
     """The check step's report; with `monitor_verdict` (ok, drift, invalid), the monitoring pipeline's."""
-    failures, warnings = data.failed(checks), data.warned(checks)
-    status = data.FAIL if failures else data.WARN if warnings else data.PASS
+    failures, warnings = failed(checks), warned(checks)
+    status = FAIL if failures else WARN if warnings else PASS
     summary = (f"{len(failures)} of {len(checks)} checks failed" if failures else
                f"All {len(checks)} checks passed" + (f", {len(warnings)} with a warning" if warnings else ""))
     headline = verdict(status, summary + ("" if failures else ": the data goes on to training"))
     title, lede = f"Data report: {len(df)} rows", "The check step's verdict on the clean data, before training."
     if monitor_verdict:
-        drifted = data.drifted(checks)
-        status = {"ok": data.PASS, "drift": data.WARN}.get(monitor_verdict, data.FAIL)
+        moved = drifted(checks)
+        status = {"ok": PASS, "drift": WARN}.get(monitor_verdict, FAIL)
         detail = {"ok": "the new listings look like prod's data", "invalid": summary.lower(),
-                  "drift": "; ".join(f"{name} ({figure})" for name, figure in drifted.items())}[monitor_verdict]
-        unmeasured = [c.check for c in checks if c.status == data.SKIP or c.observed == data.UNKNOWN]
+                  "drift": "; ".join(f"{name} ({figure})" for name, figure in moved.items())}[monitor_verdict]
+        unmeasured = [c.check for c in checks if c.status == SKIP or c.observed == UNKNOWN]
         if unmeasured and monitor_verdict != "invalid":
             detail += f" (not measured: {', '.join(unmeasured)})"
         headline = verdict(status, f"Verdict: {monitor_verdict}: {detail}")
@@ -277,10 +283,10 @@ def error_by(predictions: pd.DataFrame, column: str) -> pd.DataFrame:
 def model_card(card: dict, predictions: pd.DataFrame, importance: pd.Series) -> str:
     """The card of one candidate: where it came from, how good it is, and why it was or was not promoted.
 
-    `card` holds the facts tasks.register gathers (see there); `predictions` the test rows with the column
+    `card` holds the facts promotion.register gathers (see there); `predictions` the test rows with the column
     `predicted`; `importance` the MAE increase per input column (permutation importance)."""
     c, comparison, scores = card, card["comparison"], card["scores"]
-    status = data.PASS if c["promoted"] else data.SKIP
+    status = PASS if c["promoted"] else SKIP
     head = "Promoted to prod" if c["promoted"] else "Not promoted, prod unchanged"
     residual = predictions["price"] - predictions["predicted"]
     metrics = [["MAE ($)", money(scores["val_mae"]), money(scores["test_mae"])],
@@ -371,3 +377,19 @@ def model_card_markdown(card: dict, link: str) -> str:
                      f"{comparison['candidate_mae']:.2f} vs {comparison['prod_mae']:.2f}.")
     lines += ["", f"Model card: {link}"]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- a step's outputs
+
+def keep_report(html: str, path: str, artifact: str) -> None:
+    """The report as the step's output file and in its MLflow run (written before any failure, to explain it)."""
+    Path(path).write_text(html)
+    mlflow.log_text(html, artifact)
+
+
+def write_metrics(metrics, figures: dict[str, float]) -> None:
+    """Log figures on a KFP Metrics output. kfp.local's cache treats an output without a file as missing, so the
+    figures go to its file too."""
+    for name, value in figures.items():
+        metrics.log_metric(name, value)
+    Path(metrics.path).write_text(json.dumps(metrics.metadata))

@@ -8,13 +8,15 @@ serves the version the annotation names (handed to the container as MODEL_VERSIO
 
 import os
 
-ANNOTATION = "rental-price/model-version"
+from components.names import PREFIX
+
+ANNOTATION = f"{PREFIX}/model-version"
 
 
 def roll_serving(version: str, api=None, context: str = "") -> str:
     """Patch the serving Deployment's pod template with `version`; returns what was done, for the log."""
     namespace = os.environ.get("SERVING_NAMESPACE", "serving")
-    name = os.environ.get("SERVING_DEPLOYMENT", "rental-price-serve")
+    name = os.environ.get("SERVING_DEPLOYMENT", f"{PREFIX}-serve")
     if api is None:
         if not context and not os.environ.get("KUBERNETES_SERVICE_HOST"):
             return "not running in a cluster: no serving Deployment to roll"

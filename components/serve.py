@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -27,6 +26,9 @@ import time
 import uuid
 from pathlib import Path
 from urllib.parse import parse_qs
+
+from components import names
+from components.names import parse_model_uri
 
 log = logging.getLogger("serve")
 
@@ -44,15 +46,6 @@ class Unready(Exception):
     def __init__(self, message: str, final: bool = False):
         super().__init__(message)
         self.final = final
-
-
-def parse_model_uri(uri: str) -> tuple[str, str, str]:
-    """models:/name@alias -> (name, alias, ""); models:/name/3 -> (name, "", "3"); anything else: ("", "", "")."""
-    if match := re.fullmatch(r"models:/([^/@]+)@([^/]+)", uri):
-        return match.group(1), match.group(2), ""
-    if match := re.fullmatch(r"models:/([^/@]+)/(\d+)", uri):
-        return match.group(1), "", match.group(2)
-    return "", "", ""
 
 
 def fetch_model(uri: str, version: str, cache: Path) -> str:
@@ -89,7 +82,7 @@ def fetch_model(uri: str, version: str, cache: Path) -> str:
         if target.exists():  # another server's version of that number: set aside, then removed
             shutil.rmtree(target.rename(models / f".old-{uuid.uuid4().hex}"), ignore_errors=True)
         with tempfile.TemporaryDirectory(dir=models, ignore_cleanup_errors=True) as tmp:
-            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp)
+            mlflow.artifacts.download_artifacts(artifact_uri=names.model_uri(name, version=version), dst_path=tmp)
             Path(tmp, STAMP).write_text(stamp)
             try:
                 Path(tmp).rename(target)  # atomic: another worker's copy or ours, never half of one
@@ -110,7 +103,7 @@ class ServingApp:
     def __init__(self, model_uri: str, version: str = "", cache: str = "", max_body_bytes: int = 5_000_000,
                  max_queue: int = 8, retry_seconds: float = 10.0):
         self.model_uri, self.version, self.max_body_bytes, self.max_queue = model_uri, version, max_body_bytes, max_queue
-        self.cache = Path(cache or Path(tempfile.gettempdir(), "rental-price-models"))
+        self.cache = Path(cache or Path(tempfile.gettempdir(), f"{names.PREFIX}-models"))
         self.retry_seconds = retry_seconds
         self.model = self.profile = None
         self.problem = f"model {model_uri} is loading"
@@ -123,7 +116,7 @@ class ServingApp:
 
     def load(self) -> None:
         """Fetch and load the model, retrying while MLflow does not answer; on a final refusal, keep saying why."""
-        from components import tracking
+        from components import saved_model
         from components.errors import StepError
 
         self.cache.mkdir(parents=True, exist_ok=True)
@@ -132,7 +125,7 @@ class ServingApp:
             attempt += 1
             try:
                 path = fetch_model(self.model_uri, self.version, self.cache)
-                self.model, self.profile = tracking.read_model(path, "serve")
+                self.model, self.profile = saved_model.read_model(path, "serve")
                 break
             except Unready as exc:
                 if exc.final:
@@ -152,7 +145,7 @@ class ServingApp:
             delay = min(delay * 2, self.retry_seconds)
         name = parse_model_uri(self.model_uri)[0]
         self.version = version = self.version or parse_model_uri(self.model_uri)[2] or (Path(path).name if name else "")
-        served = f"models:/{name}/{version}" if name else self.model_uri
+        served = names.model_uri(name, version=version) if name else self.model_uri
         self.headers = [(b"x-model-version", version.encode()), (b"x-model-uri", served.encode())]
         if self.profile is None:
             log.warning("the model has no input profile (saved before profiles): only fields and types are checked")
@@ -310,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=os.environ.get("MODEL_URI", "models:/rental-price@prod"))
+    parser.add_argument("--model", default=os.environ.get("MODEL_URI", names.PROD_MODEL_URI))
     parser.add_argument("--version", default=os.environ.get("MODEL_VERSION", ""),
                         help="serve this version of the model (not what the alias names); 'none' or empty: the alias")
     parser.add_argument("--cache", default=os.environ.get("SERVE_MODEL_CACHE", ""),

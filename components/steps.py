@@ -1,7 +1,9 @@
-"""The KFP components. Each unpacks its artifacts and calls one function of components.tasks.
+"""The KFP components, one per step. Each unpacks its artifacts and calls one function of its stage's module
+(sources, listings, validation, training, promotion, scoring, monitoring), which tests call directly.
 
 The bodies run inside the step's image (or the local interpreter), where the `components` package is
 installed, so they import it at run time; kfp itself is baked into the images (install_kfp_package=False).
+A group of parameters (the model's, the drift limits) arrives as one dict input (components/params.py).
 """
 
 from typing import List, NamedTuple
@@ -22,31 +24,29 @@ def _component(step: str):
 def download(source: str, expected_sha256: str, raw_data: Output[Dataset]):
     """Fetch the raw listings CSV (sample://, https://, s3://, file:// or a local path), checking its sha256 when
     the run names one."""
-    from components import tasks
+    from components import sources
 
-    raw_data.metadata.update(tasks.download(source, raw_data.path, expected_sha256))
+    raw_data.metadata.update(sources.download(source, raw_data.path, expected_sha256))
 
 
 @_component("clean")
 def clean(raw_data: Input[Dataset], clean_data: Output[Dataset], city: str, keep_unpriced: bool = False):
     """Type the listings' known columns as the city's profile says; keep those with a plausible price (or none,
     with keep_unpriced) inside its box; drop duplicate ids."""
-    from components import tasks
+    from components import listings
 
-    clean_data.metadata.update(tasks.clean(raw_data.path, clean_data.path, city, keep_unpriced))
+    clean_data.metadata.update(listings.clean(raw_data.path, clean_data.path, city, keep_unpriced))
 
 
 @_component("check")
-def check(
-    clean_data: Input[Dataset], data_report: Output[HTML], model_name: str, city: str, max_category_psi: float,
-    max_error_ratio: float, warn_psi: float, warn_ks: float, warn_error_ratio: float,
-):
-    """The data's own checks against the city's profile, then its drift from prod's data and prod's error on it; the
-    data report (HTML) shows each, passed or not."""
-    from components import data, tasks
+def check(clean_data: Input[Dataset], data_report: Output[HTML], model_name: str, city: str, limits: dict):
+    """The data's own checks against the city's profile, then its drift from prod's data and prod's error on it (within
+    `limits`, the drift limits); the data report (HTML) shows each, passed or not."""
+    from components import params, validation
+    from components.drift import DriftLimits
 
-    limits = data.DriftLimits(max_category_psi, max_error_ratio, warn_psi, warn_ks, warn_error_ratio)
-    tasks.check(clean_data.path, data_report.path, model_name, city, limits, dict(clean_data.metadata))
+    validation.check(clean_data.path, data_report.path, model_name, city,
+                     params.from_values(DriftLimits, limits, "check", "limits"), dict(clean_data.metadata))
 
 
 @_component("split")
@@ -55,40 +55,32 @@ def split(
     test_size: float, seed: int,
 ):
     """Train+validation / test split, stratified by area group (neighbourhood_group) when the city has them."""
-    from components import tasks
+    from components import training
 
-    trainval_meta, test_meta = tasks.split(clean_data.path, trainval_data.path, test_data.path, test_size, seed)
+    trainval_meta, test_meta = training.split(clean_data.path, trainval_data.path, test_data.path, test_size, seed)
     trainval_data.metadata.update(trainval_meta)
     test_data.metadata.update(test_meta)
 
 
 @_component("train")
-def train(
-    trainval_data: Input[Dataset], model: Output[Model], metrics: Output[Metrics], trial: dict, learner: str,
-    n_estimators: int, max_depth: int, min_samples_split: int, min_samples_leaf: int, max_features: float,
-    criterion: str, tfidf_max_features: int, learning_rate: float, max_iter: int, max_leaf_nodes: int,
-    l2_regularization: float, ridge_alpha: float, bins: int, val_size: float, seed: int,
-):
-    """One trial of the sweep: the base parameters changed by `trial`, fitted on train and scored on validation."""
-    from components import tasks
+def train(trainval_data: Input[Dataset], model: Output[Model], metrics: Output[Metrics], trial: dict, params: dict,
+          val_size: float):
+    """One trial of the sweep: the model's parameters (`params`) changed by `trial`, fitted on train and scored on
+    validation."""
+    from components import report, training
 
-    params = dict(learner=learner, n_estimators=n_estimators, max_depth=max_depth,
-                  min_samples_split=min_samples_split, min_samples_leaf=min_samples_leaf, max_features=max_features,
-                  criterion=criterion, tfidf_max_features=tfidf_max_features, learning_rate=learning_rate,
-                  max_iter=max_iter, max_leaf_nodes=max_leaf_nodes, l2_regularization=l2_regularization,
-                  ridge_alpha=ridge_alpha, bins=bins, seed=seed)
-    model.metadata.update(tasks.train(trainval_data.path, model.path, params, val_size, trial))
-    tasks.write_metrics(metrics, {"val_mae": model.metadata["val_mae"], "val_r2": model.metadata["val_r2"]})
+    model.metadata.update(training.train(trainval_data.path, model.path, params, val_size, trial))
+    report.write_metrics(metrics, {"val_mae": model.metadata["val_mae"], "val_r2": model.metadata["val_r2"]})
 
 
 @_component("select")
 def select(trials: Input[List[Model]], model: Output[Model], metrics: Output[Metrics]):
     """The trial with the lowest validation MAE goes on; its version will record the whole sweep."""
-    from components import tasks
+    from components import report, training
 
-    result = tasks.select([(trial.path, trial.metadata) for trial in trials], model.path)
+    result = training.select([(trial.path, trial.metadata) for trial in trials], model.path)
     model.metadata.update(result)
-    tasks.write_metrics(metrics, {"val_mae": result["val_mae"], "val_r2": result["val_r2"], "trials": len(trials)})
+    report.write_metrics(metrics, {"val_mae": result["val_mae"], "val_r2": result["val_r2"], "trials": len(trials)})
 
 
 @_component("evaluate")
@@ -98,10 +90,10 @@ def evaluate(
     """Score the candidate on the test split and compare it with prod on the test rows prod was not trained on."""
     import json
 
-    from components import tasks
+    from components import report, training
 
-    scores, comparison, importance = tasks.evaluate(model.path, test_data.path, model_name)
-    tasks.write_metrics(metrics, tasks.evaluation_metrics(scores, comparison))
+    scores, comparison, importance = training.evaluate(model.path, test_data.path, model_name)
+    report.write_metrics(metrics, training.evaluation_metrics(scores, comparison))
     return (json.dumps(comparison), json.dumps(importance))
 
 
@@ -115,10 +107,10 @@ def register(
     The model card (HTML) says where it came from, how good it is and why it was or was not promoted."""
     import json
 
-    from components import tasks
+    from components import promotion
 
     scores = {"candidate_mae": evaluation.metadata["test_mae"], "candidate_r2": evaluation.metadata["test_r2"]}
-    result = tasks.register(model.path, model.metadata, scores, json.loads(comparison), test_data.path, model_name,
+    result = promotion.register(model.path, model.metadata, scores, json.loads(comparison), test_data.path, model_name,
                             margin, raw_data.metadata, clean_data.metadata, git_commit, images, json.loads(importance),
                             model_card.path)
     return (result["version"], result["promoted"], result["test_mae"], result["reason"])
@@ -133,13 +125,13 @@ def score(
     that cannot be priced with why."""
     import json
 
-    from components import tasks
+    from components import report, scoring
 
-    summary = tasks.score(raw_data.path, model, predictions.path, predictions_csv.path, rejected_rows.path,
+    summary = scoring.score(raw_data.path, model, predictions.path, predictions_csv.path, rejected_rows.path,
                           price_unfamiliar, max_rejected)
     for output, kind in ((predictions, "parquet"), (predictions_csv, "csv"), (rejected_rows, "csv")):
         output.metadata.update({"format": kind, "model_version": summary["model_version"]})
-    tasks.write_metrics(metrics, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    report.write_metrics(metrics, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
     return (json.dumps({**summary, "predictions": predictions.uri, "predictions_csv": predictions_csv.uri,
                         "rejected_rows": rejected_rows.uri}),)
 
@@ -147,17 +139,18 @@ def score(
 @_component("monitor")
 def monitor(
     clean_data: Input[Dataset], drift_report: Output[HTML], metrics: Output[Metrics], model_name: str, city: str,
-    max_category_psi: float, max_error_ratio: float, warn_psi: float, warn_ks: float, warn_error_ratio: float,
+    limits: dict,
 ) -> NamedTuple("Monitored", verdict=str, summary=str):
     """New listings against prod's data, with the check step's checks: ok, drift (what moved, how much) or invalid;
     the drift report (HTML) shows each check."""
     import json
 
-    from components import data, tasks
+    from components import monitoring, params, report
+    from components.drift import DriftLimits
 
-    limits = data.DriftLimits(max_category_psi, max_error_ratio, warn_psi, warn_ks, warn_error_ratio)
-    summary = tasks.monitor(clean_data.path, drift_report.path, model_name, city, limits, dict(clean_data.metadata))
-    tasks.write_metrics(metrics, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
+    summary = monitoring.monitor(clean_data.path, drift_report.path, model_name, city,
+                                 params.from_values(DriftLimits, limits, "monitor", "limits"), dict(clean_data.metadata))
+    report.write_metrics(metrics, {k: v for k, v in summary.items() if isinstance(v, (int, float))})
     return (summary["verdict"], json.dumps({**summary, "report": drift_report.uri}))
 
 

@@ -7,14 +7,10 @@ every runner point the same code at their own server.
 from __future__ import annotations
 
 import os
-import re
-import shutil
-import sys
-import tempfile
 import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import mlflow
 import requests
@@ -23,12 +19,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from components.errors import StepError
+from components.names import EXPERIMENT, PREVIOUS_ALIAS, PROD_ALIAS, parse_model_uri
 
-if TYPE_CHECKING:
-    from sklearn.pipeline import Pipeline
-
-PROD_ALIAS = "prod"
-PREVIOUS_ALIAS = "previous-prod"
 RUN_ID_TAG = "kfp_run_id"
 STEP_TAG = "pipeline_step"
 # On a model version: who last moved `prod` to it ("hand", or "pipeline run <id>") and when (epoch seconds).
@@ -38,9 +30,9 @@ HAND = "hand"
 # The promotion lock of model X is a registered model of this name: MLflow creates one atomically or refuses.
 LOCK_SUFFIX = ".promotion-lock"
 LOCK_LEASE_SECONDS = 120
-# Who runs a local pipeline run: "host:pid" of `pipeline.py run`, so that a later run can close what it left.
 # On a download run: the sha256 of the raw data it keeps under raw/<sha256>.csv.gz.
 RAW_DATA_TAG = "raw_data_sha256"
+# Who runs a local pipeline run: "host:pid" of `pipeline.py run`, so that a later run can close what it left.
 OWNER_ENV = "PIPELINE_OWNER"
 OWNER_TAG = "pipeline_owner"
 # MLflow's own defaults (7 retries, 120 s timeouts) kept a step waiting ~17 minutes for a server that went away:
@@ -50,7 +42,7 @@ CLIENT_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BA
 
 
 def experiment_name() -> str:
-    return os.environ.get("MLFLOW_EXPERIMENT_NAME", "rental-price")
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
 
 
 def require_server(step: str) -> str:
@@ -261,93 +253,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-# ---------------------------------------------------------------- models
-
-@contextmanager
-def feature_code(model) -> Iterator[str]:
-    """The feature module `model` holds, as a file for MLflow `code_paths`: whatever loads the model imports it
-    under its own content-hashed name, so neither the project's code nor another model's can stand in for it."""
-    module = feature_module_of(model)
-    with tempfile.TemporaryDirectory() as tmp:
-        shipped = Path(tmp, f"{module.__name__}.py")
-        shutil.copy(module.__file__, shipped)
-        yield str(shipped)
-
-
-def feature_module_of(model):
-    from components.model import FEATURES_MODULE_PREFIX
-
-    [name] = {getattr(value, "__module__", None) for value in model.get_params(deep=True).values()
-              if callable(value) and str(getattr(value, "__module__", "")).startswith(FEATURES_MODULE_PREFIX)}
-    return sys.modules[name]
-
-
-# What a saved model needs to load and score: said, not inferred (MLflow's inference loads the model in a
-# subprocess, which took 4 s of the train step).
-MODEL_REQUIREMENTS = ("scikit-learn", "skops", "numpy", "pandas", "scipy")
-
-
-def model_kwargs(model, example, profile: dict | None = None) -> dict:
-    """Arguments shared by save_model and log_model: skops with exactly the trusted types the model holds, and the
-    input profile of its training rows (model.input_profile), which scorers check requests against."""
-    from importlib.metadata import version
-
-    from mlflow.models import infer_signature
-
-    from components.model import skops_trusted_types
-
-    return dict(
-        signature=infer_signature(example, model.predict(example)),
-        input_example=example,
-        pip_requirements=[f"{name}=={version(name)}" for name in MODEL_REQUIREMENTS],
-        serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_SKOPS,
-        skops_trusted_types=skops_trusted_types(feature_module_of(model), learner=model.steps[-1][0]),
-        metadata={"input_profile": profile} if profile else None,
-    )
-
-
-# Models are read by read_model only: pickle is refused everywhere, and MLflow's own loaders are off (they would
-# take the skops trusted-type list from the model's own files, which whoever wrote the model chose).
-os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] = "false"
-
-
-def read_model(path: str, step: str) -> tuple[Pipeline, dict | None]:
-    """A saved model (a local MLflow model folder) and its input profile, loaded safely: a skops file, opened with
-    the project's own trusted types, and feature code whose name is the hash of its content."""
-    import skops.io
-    from mlflow.models import Model
-
-    from components import model
-
-    saved = Model.load(path)
-    flavor = saved.flavors.get("sklearn", {})
-    form = flavor.get("serialization_format", "pickle")
-    if form != mlflow.sklearn.SERIALIZATION_FORMAT_SKOPS:
-        raise StepError(step, "model", f"the model at {path} is saved as {form}, which can run any code when loaded: "
-                                       "refused (only skops models load; register it with serialization_format="
-                                       "'skops')")
-    shipped = sorted(Path(path, flavor.get("code") or "code").glob(f"{model.FEATURES_MODULE_PREFIX}*.py"))
-    if len(shipped) != 1:
-        raise StepError(step, "model", f"the model at {path} ships {len(shipped)} feature modules; expected one")
-    module = model.shipped_features(str(shipped[0]))
-    if module.__name__ != shipped[0].stem:
-        raise StepError(step, "model", f"the feature code of the model at {path} does not match its name "
-                                       f"({shipped[0].name}): it was changed after the model was saved")
-    trusted = sorted({t for learner in model.LEARNERS for t in model.skops_trusted_types(module, learner)})
-    try:
-        fitted = skops.io.load(Path(path, flavor["pickled_model"]), trusted=trusted)
-    except Exception as exc:  # skops' UntrustedTypesFoundException and its file errors
-        raise StepError(step, "model", f"the model at {path} does not load with the project's trusted types "
-                                       f"({type(exc).__name__}: {str(exc)[:300]})") from exc
-    return fitted, (saved.metadata or {}).get("input_profile")
-
-
-def load_model(uri: str, step: str) -> tuple[Pipeline, dict | None]:
-    """read_model of a model URI (models:/, runs:/) or folder."""
-    local = uri if Path(uri).is_dir() else mlflow.artifacts.download_artifacts(artifact_uri=uri)
-    return read_model(local, step)
-
-
 # The error codes of an MLflow answer that says a model, version or alias does not exist.
 NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND")
 
@@ -364,10 +269,9 @@ def prod_version(name: str, alias: str = PROD_ALIAS) -> ModelVersion | None:
 
 def model_version(uri: str, step: str) -> ModelVersion:
     """The version `uri` names (models:/NAME@ALIAS or models:/NAME/VERSION), resolved now, once."""
-    match = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))", uri)
-    if not match:
+    name, alias, number = parse_model_uri(uri)
+    if not name:
         raise StepError(step, "model", f"{uri!r} is not models:/NAME@ALIAS or models:/NAME/VERSION")
-    name, alias, number = match.groups()
     client = MlflowClient()
     try:
         return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)

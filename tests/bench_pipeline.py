@@ -26,7 +26,7 @@ import pandas as pd
 from conftest import ROOT, free_port, wait_until
 
 sys.path.insert(0, str(ROOT))
-from components import data, model  # noqa: E402
+from components import cities, listings, model, saved_model, sources, tracking  # noqa: E402
 
 STEPS = ["download", "clean", "check", "split", "train", "select", "evaluate", "register"]
 
@@ -82,12 +82,12 @@ def run(source: str, root: Path, model_name: str, experiment: str) -> dict:
 def batch_row(rows: int, source: str, root: Path, name: str) -> str:
     """Batch scoring of `source` with prod of `name`: wall, the score step's compute and peak memory, rows per second,
     and the floor: the same version's predict on the same rows, in this process (after reading and checking)."""
-    from components import tracking
+    from components import model
 
     _, wall, runs = pipeline_run(["--pipeline", "batch", "--pipeline-root", str(root), "--param", f"source={source}",
                                   "--param", f"model=models:/{name}@prod", "--param", "max_rejected=1"], name)
     step = runs[runs["tags.pipeline_step"] == "score"].iloc[0]
-    fitted, profile = tracking.load_model(f"models:/{name}/{tracking.prod_version(name).version}", "bench")
+    fitted, profile = saved_model.load_model(f"models:/{name}/{tracking.prod_version(name).version}", "bench")
     typed, problems = model.check_inputs(model.numbers_from_text(pd.read_csv(source)), profile)
     typed = typed.drop(index=list({p.row for p in problems}))
     started = time.perf_counter()
@@ -121,9 +121,9 @@ def size_table(rows: int, first: dict, again: dict, other: dict) -> list[str]:
 
 def model_figures(sample: pd.DataFrame) -> list[str]:
     """The reference forest and the default learner, fitted on train and scored on test as the pipeline does."""
-    df, _ = data.clean_listings(sample, data.city())
-    trainval, test = data.split_listings(df, 0.2, 42)
-    train, _ = data.split_listings(trainval, 0.2, 42)
+    df, _ = listings.clean_listings(sample, cities.city())
+    trainval, test = listings.split_listings(df, 0.2, 42)
+    train, _ = listings.split_listings(trainval, 0.2, 42)
     lines = ["| learner | test MAE | test R² | fit s |", "|---|---|---|---|"]
     for learner in ("random_forest", "hist_gbm"):
         started = time.perf_counter()
@@ -141,7 +141,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    sample = data.parse_csv(data.fetch(data.DEFAULT_SOURCE))
+    sample = listings.parse_csv(sources.fetch(sources.DEFAULT_SOURCE))
     machine = (f"{platform.node()}: {os.cpu_count()} cores, "
                f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB, "
                f"Python {platform.python_version()}, {datetime.now():%Y-%m-%d}")

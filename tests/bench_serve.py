@@ -17,7 +17,7 @@ import time
 import mlflow
 import requests
 
-from components import data, model, predict, serve, tracking
+from components import cities, listings, model, names, predict, saved_model, sources
 from conftest import free_port, wait_until  # tests/ is this script's folder
 
 
@@ -75,20 +75,20 @@ def pct(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="models:/rental-price@prod")
-    parser.add_argument("--data", default=data.DEFAULT_SOURCE, help="listings CSV to take requests from")
+    parser.add_argument("--data", default=sources.DEFAULT_SOURCE, help="listings CSV to take requests from")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--requests", type=int, default=200, help="single-row requests per client")
     args = parser.parse_args()
 
-    name, alias, version = serve.parse_model_uri(args.model)
+    name, alias, version = names.parse_model_uri(args.model)
     if alias:
         version = mlflow.tracking.MlflowClient().get_model_version_by_alias(name, alias).version
     uri = f"models:/{name}/{version}" if name else args.model
-    listings, _ = data.clean_listings(data.parse_csv(data.fetch(args.data)), data.city())
-    one, batch = predict.payload(listings.head(1)), predict.payload(listings.head(1000))
+    rows, _ = listings.clean_listings(listings.parse_csv(sources.fetch(args.data)), cities.city())
+    one, batch = predict.payload(rows.head(1)), predict.payload(rows.head(1000))
 
     # The floor: the same model in this process.
-    sk_model, _ = tracking.load_model(uri, "bench-serve")
+    sk_model, _ = saved_model.load_model(uri, "bench-serve")
     learner, estimator = sk_model.steps[-1]
     # A forest's n_jobs as saved, then the alternatives for comparison; the booster has no such setting.
     settings = dict.fromkeys([estimator.n_jobs, -1, 1]) if learner == "random_forest" else [None]

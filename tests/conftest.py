@@ -122,9 +122,10 @@ def tracking(mlflow_server, monkeypatch) -> dict:
 @pytest.fixture(scope="session")
 def listings(sample) -> pd.DataFrame:
     """The sample, cleaned with the default rules."""
-    from components import data
+    from components.cities import city
+    from components.listings import clean_listings
 
-    df, _ = data.clean_listings(sample, data.city())
+    df, _ = clean_listings(sample, city())
     return df
 
 
@@ -140,15 +141,15 @@ def registered_model(mlflow_server, listings) -> str:
 
 def register_small(name: str, listings: pd.DataFrame, versions: int = 1) -> None:
     """A small forest registered `versions` times under `name` at the current tracking URI, as train saves one."""
-    from components import model, tracking
+    from components import model, saved_model
 
     fitted = model.fit(listings.head(5000), model.ModelParams(learner="random_forest", n_estimators=10,
                                                               criterion="squared_error", seed=3))
     mlflow.set_experiment("serving")
     for _ in range(versions):
-        with mlflow.start_run(), tracking.feature_code(fitted) as code:
+        with mlflow.start_run(), saved_model.feature_code(fitted) as code:
             mlflow.sklearn.log_model(fitted, name="model", code_paths=[code], registered_model_name=name,
-                                     **tracking.model_kwargs(fitted, model.input_example(fitted, listings),
+                                     **saved_model.model_kwargs(fitted, model.input_example(fitted, listings),
                                                              model.input_profile(listings.head(5000))))
 
 
@@ -178,6 +179,24 @@ def listing(**overrides) -> dict:
 
 def frame(*rows: dict) -> pd.DataFrame:
     return pd.DataFrame(list(rows))
+
+
+def nyc(**changes):
+    """The default city's profile, with `changes`."""
+    import dataclasses
+
+    from components.cities import city
+
+    return dataclasses.replace(city(), **changes)
+
+
+def clean_frame(*rows: dict) -> pd.DataFrame:
+    """Rows made by `listing`, cleaned with the default city's rules."""
+    from components.cities import city
+    from components.listings import clean_listings
+
+    df, _ = clean_listings(frame(*rows), city())
+    return df
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from conftest import listing, run_pipeline
 
-from components import model, tasks, tracking
+from components import model, saved_model, scoring
 from components.errors import StepError
 
 
@@ -29,7 +29,7 @@ def held_back(sample) -> pd.DataFrame:
 
 
 def in_process(name: str, version: str, rows: pd.DataFrame) -> np.ndarray:
-    fitted, _ = tracking.load_model(f"models:/{name}/{version}", "test")
+    fitted, _ = saved_model.load_model(f"models:/{name}/{version}", "test")
     return model.predictions(fitted, rows.assign(last_review=pd.to_datetime(rows["last_review"]))).to_numpy()
 
 
@@ -106,9 +106,9 @@ def test_scoring_in_chunks_gives_what_one_chunk_gives(registered_model, tracking
     pd.concat([held_back, pd.DataFrame([listing(id=1, room_type="Castle")])]).to_csv(source, index=False)
     found = {}
     for chunk in (1000, 100_000):
-        monkeypatch.setattr(tasks, "SCORE_CHUNK", chunk)
+        monkeypatch.setattr(scoring, "SCORE_CHUNK", chunk)
         paths = [str(tmp_path / f"{name}-{chunk}") for name in ("p", "c", "r")]
-        summary = tasks.score(str(source), f"models:/{registered_model}/1", *paths, True, 1.0)
+        summary = scoring.score(str(source), f"models:/{registered_model}/1", *paths, True, 1.0)
         found[chunk] = pd.read_parquet(paths[0]), pd.read_csv(paths[2]), summary
     (small, small_rejected, small_summary), (whole, whole_rejected, whole_summary) = found[1000], found[100_000]
     assert small.equals(whole) and small_rejected.equals(whole_rejected) and small_summary == whole_summary
@@ -122,4 +122,4 @@ def test_a_missing_column_fails_the_batch_naming_it(registered_model, tracking, 
     sample.head(50).drop(columns=["room_type"]).to_csv(source, index=False)
     paths = [str(tmp_path / name) for name in ("p", "c", "r")]
     with pytest.raises(StepError, match=r"score: room_type: column missing from the data \(missing: \['room_type'\]\)"):
-        tasks.score(str(source), f"models:/{registered_model}/1", *paths, False, 0.05)
+        scoring.score(str(source), f"models:/{registered_model}/1", *paths, False, 0.05)

@@ -10,18 +10,19 @@ import kfp
 import pytest
 
 import pipeline
-from components import data, progress
+from pipelines import cli, dag, local, progress
+from components import cities
 
 
 def test_params_are_typed_by_the_pipeline_signature():
-    assert pipeline.parse_params(["n_estimators=5", "margin=0.5", "source=s3://b/k.csv"]) == {
+    assert cli.parse_params(["n_estimators=5", "margin=0.5", "source=s3://b/k.csv"]) == {
         "n_estimators": 5, "margin": 0.5, "source": "s3://b/k.csv"}
 
 
 def test_a_sweep_is_a_json_list_of_trials_or_a_grid():
-    assert pipeline.parse_params(['sweep=[{}, {"learner": "random_forest", "n_estimators": 50}]']) == {
+    assert cli.parse_params(['sweep=[{}, {"learner": "random_forest", "n_estimators": 50}]']) == {
         "sweep": [{}, {"learner": "random_forest", "n_estimators": 50}]}
-    assert pipeline.sweep_grid("learning_rate=0.05,0.1 max_leaf_nodes=31,63 learner=hist_gbm") == [
+    assert cli.sweep_grid("learning_rate=0.05,0.1 max_leaf_nodes=31,63 learner=hist_gbm") == [
         {"learning_rate": 0.05, "max_leaf_nodes": 31, "learner": "hist_gbm"},
         {"learning_rate": 0.05, "max_leaf_nodes": 63, "learner": "hist_gbm"},
         {"learning_rate": 0.1, "max_leaf_nodes": 31, "learner": "hist_gbm"},
@@ -50,7 +51,7 @@ def test_a_bad_sweep_or_learner_stops_the_command_before_anything_runs(argv, mes
 ])
 def test_bad_params_are_refused_with_a_message(pair, message):
     with pytest.raises(SystemExit, match=message):
-        pipeline.parse_params([pair])
+        cli.parse_params([pair])
 
 
 class FakeClient:
@@ -111,6 +112,11 @@ def test_submit_pins_the_sha256_of_a_source_it_can_read_so_the_clusters_cache_se
     pipeline.main(["submit", "--spec", str(tmp_path / "p.yaml"), "--host", "http://h"])
     assert FakeClient.calls[-1][2] == {}
     assert "cannot be read from here (no S3_ENDPOINT_URL) to pin its sha256" in capsys.readouterr().out
+    # Batch scoring and monitoring read their source every run (never cached): nothing to pin.
+    for name in ("batch", "monitor"):
+        pipeline.main(["submit", "--pipeline", name, "--spec", str(tmp_path / "p.yaml"), "--host", "http://h",
+                       "--param", f"source={source}"])
+        assert FakeClient.calls[-1][2] == {"source": str(source)}
 
 
 def test_submit_names_what_is_missing(monkeypatch, tmp_path):
@@ -133,16 +139,16 @@ def test_submit_names_what_is_missing(monkeypatch, tmp_path):
      {"sweep": [{"learning_rate": 0.03, "max_leaf_nodes": 31}, {"learning_rate": 0.05, "max_leaf_nodes": 31}]}),
     # The README's other city: a profile and one of its values changed for this run.
     (["PARAMS=city=nyc max_price=500 date_formats=%m/%d/%y"],
-     {"city": dataclasses.replace(data.city(), max_price=500.0, date_formats=("%m/%d/%y",)).as_param()}),
+     {"city": dataclasses.replace(cities.city(), max_price=500.0, date_formats=("%m/%d/%y",)).as_param()}),
 ])
 def test_make_run_hands_json_params_and_a_sweep_grid_to_pipeline_py_intact(variables, expected, monkeypatch):
     """The README's `make run PARAMS='sweep=[...]'` and `make run SWEEP="..."`: what make runs parses as meant."""
-    printed = subprocess.run(["make", "-n", "run", *variables], cwd=pipeline.ROOT, capture_output=True, text=True,
+    printed = subprocess.run(["make", "-n", "run", *variables], cwd=dag.ROOT, capture_output=True, text=True,
                              check=True).stdout
     [command] = [line for line in printed.splitlines() if "pipeline.py run" in line]
     argv = shlex.split(command)[command.split().index("pipeline.py") + 1:]
     seen = {}
-    monkeypatch.setattr(pipeline, "run_local", lambda params, *args, **kwargs: seen.update(params) or 0)
+    monkeypatch.setattr(local, "run", lambda pipeline, params, *args, **kwargs: seen.update(params) or 0)
     assert pipeline.main(argv) == 0
     assert seen == expected
 
@@ -152,16 +158,18 @@ def test_a_sweep_given_twice_is_refused():
         pipeline.main(["run", "--param", "sweep=[{}]", "--sweep", "max_iter=100,200"])
 
 
-@pytest.mark.parametrize("lines, line", [
-    (["Traceback (most recent call last):", 'File "x.py", line 3', "components.errors.StepError: clean: price: 2 "
-      "value(s) are not numbers"], "clean: price: 2 value(s) are not numbers"),
-    (["components.errors.StepError: check: columns, price: 2 check(s) failed:", "- columns: expected [...]",
+@pytest.mark.parametrize("lines, line, invalid_data", [
+    (["Traceback (most recent call last):", 'File "x.py", line 3', "components.errors.InvalidData: clean: price: 2 "
+      "value(s) are not numbers"], "clean: price: 2 value(s) are not numbers", True),
+    (["components.errors.InvalidData: check: columns, price: 2 check(s) failed:", "- columns: expected [...]",
       "- price: 3 rows above max", "[KFP Executor 2026 INFO]: done"],
-     "check: columns, price: 2 check(s) failed; columns: expected [...]; price: 3 rows above max"),
+     "check: columns, price: 2 check(s) failed; columns: expected [...]; price: 3 rows above max", True),
+    (["components.errors.StepError: monitor: model_name: model 'x' has no 'prod' version"],
+     "monitor: model_name: model 'x' has no 'prod' version", False),
     (["Traceback (most recent call last):", "  sklearn.utils._param_validation.InvalidParameterError: bad alpha"],
-     "InvalidParameterError: bad alpha"),
+     "InvalidParameterError: bad alpha", False),
     (["[KFP Executor 2026 INFO]: Looking for component `train`"],
-     "its process ended without an error message (killed, or out of memory?)"),
+     "its process ended without an error message (killed, or out of memory?)", False),
 ])
-def test_a_failed_step_is_summed_up_by_its_own_error(lines, line):
-    assert progress.error_line(lines) == line
+def test_a_failed_step_is_summed_up_by_its_own_error_and_whether_the_data_was_at_fault(lines, line, invalid_data):
+    assert progress.error_line(lines) == (line, invalid_data)

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-import pipeline
+from pipelines import PIPELINES, training
+from pipelines.cluster import compile_pipeline
 from images import catalog
 
 GOLDENS = Path(__file__).parent / "golden"  # each pipeline's spec, under the name compile gives it
-GOLDEN = GOLDENS / pipeline.PIPELINES["training"][2]
+GOLDEN = GOLDENS / PIPELINES["training"].spec
 DEPENDENCIES = {
     "download": set(),
     "clean": {"download"},
@@ -32,9 +33,9 @@ DEPENDENCIES = {
 def texts(tmp_path_factory) -> dict[str, str]:
     """Each pipeline's compiled spec, by pipeline name."""
     home = tmp_path_factory.mktemp("spec")
-    for name, (_, _, file) in pipeline.PIPELINES.items():
-        pipeline.compile_pipeline(str(home / file), name)
-    return {name: (home / file).read_text() for name, (_, _, file) in pipeline.PIPELINES.items()}
+    for name, found in PIPELINES.items():
+        compile_pipeline(str(home / found.spec), name)
+    return {name: (home / found.spec).read_text() for name, found in PIPELINES.items()}
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +55,14 @@ def step_tasks(spec) -> dict:
 def test_the_steps_with_their_dependencies(spec):
     tasks = spec["root"]["dag"]["tasks"]
     assert {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()} == DEPENDENCIES
-    assert set(step_tasks(spec)) == set(pipeline.TRAINING_STEPS) == set(catalog.step_images()) - {"score", "monitor",
+    assert set(step_tasks(spec)) == set(training.STEPS) == set(catalog.step_images()) - {"score", "monitor",
                                                                                                    "retrain"}
 
 
 def test_the_sweep_is_a_parallel_for_over_the_sweep_parameter_gathered_by_select(spec):
     loop = spec["root"]["dag"]["tasks"]["for-loop-1"]
     assert loop["parameterIterator"]["items"] == {"inputParameter": "pipelinechannel--sweep"}
-    assert loop["iteratorPolicy"] == {"parallelismLimit": pipeline.SWEEP_PARALLELISM}
+    assert loop["iteratorPolicy"] == {"parallelismLimit": training.SWEEP_PARALLELISM}
     assert spec["root"]["inputDefinitions"]["parameters"]["sweep"]["defaultValue"] == [{}]
     trials = spec["root"]["dag"]["tasks"]["select"]["inputs"]["artifacts"]["trials"]
     assert trials == {"taskOutputArtifact": {"outputArtifactKey": "pipelinechannel--train-model",
@@ -112,7 +113,7 @@ def test_cluster_config_of_each_step(spec):
 def test_no_task_is_retried_anywhere():
     """A task retry would run a bad input again; transient faults are retried inside the steps instead."""
     for cluster in (True, False):
-        dag = pipeline.build(cluster=cluster).pipeline_spec.root.dag.tasks
+        dag = PIPELINES["training"].build(cluster=cluster).pipeline_spec.root.dag.tasks
         assert all(not task.HasField("retry_policy") for task in dag.values())
 
 
@@ -121,9 +122,9 @@ def normalized(text: str) -> str:
     return re.sub(r"\b([0-9a-f]{40}(-dirty)?|unknown)\b", "GIT_COMMIT", text)
 
 
-@pytest.mark.parametrize("name", list(pipeline.PIPELINES))
+@pytest.mark.parametrize("name", list(PIPELINES))
 def test_spec_matches_the_golden_file(texts, name):
-    golden = GOLDENS / pipeline.PIPELINES[name][2]
+    golden = GOLDENS / PIPELINES[name].spec
     if os.environ.get("UPDATE_GOLDEN"):
         golden.parent.mkdir(exist_ok=True)
         golden.write_text(normalized(texts[name]))
@@ -180,7 +181,7 @@ def test_monitoring_is_training_download_clean_then_monitor_and_retrain_only_on_
 
 
 def test_monitoring_takes_the_check_steps_parameters_with_the_same_defaults():
-    monitor, training = pipeline.pipeline_parameters("monitor"), pipeline.pipeline_parameters("training")
+    monitor, training = PIPELINES["monitor"].parameters(False), PIPELINES["training"].parameters(False)
     shared = set(monitor) & set(training)
     assert shared >= {"city", "max_error_ratio", "warn_ks", "model_name"}
     assert all(monitor[name].default == training[name].default for name in shared)

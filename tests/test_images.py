@@ -15,7 +15,7 @@ import pytest
 from conftest import ROOT, free_port, wait_until
 from mlflow.tracking import MlflowClient
 
-import pipeline
+from pipelines import training
 from images import catalog
 
 pytestmark = pytest.mark.images
@@ -133,7 +133,7 @@ def test_whole_pipeline_with_every_task_in_its_image(mlflow_server, tmp_path):
     assert prod.version == "1" and float(prod.tags["test_mae"]) <= 30.5  # the default learner, as locally
     assert prod.tags["data_source"] == "sample://nyc_airbnb_sample1.csv.gz"
     images = catalog.step_images()
-    assert json.loads(prod.tags["images"]) == {step: images[step] for step in pipeline.TRAINING_STEPS}
+    assert json.loads(prod.tags["images"]) == {step: images[step] for step in training.STEPS}
     # Batch scoring with the version just made, its score step in the model's image.
     result = subprocess.run(
         [sys.executable, "pipeline.py", "run", "--runner", "docker", "--pipeline", "batch", "--pipeline-root",

@@ -26,7 +26,7 @@ import pytest
 import yaml
 from conftest import free_port
 
-from components import rollout
+from components import names, rollout, sources
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFESTS = ROOT / "manifests"
@@ -281,8 +281,7 @@ def test_pipeline_env_gives_the_steps_their_endpoints(built):
     assert env["metadata"]["namespace"] == "kubeflow"
     assert env["data"] == {"MLFLOW_TRACKING_URI": MLFLOW_URL, "MLFLOW_EXPERIMENT_NAME": "rental-price",
                            "S3_ENDPOINT_URL": MINIO_URL}
-    default = re.search(r'MLFLOW_EXPERIMENT_NAME", "([^"]+)"', (ROOT / "components" / "tracking.py").read_text())
-    assert default and default.group(1) == env["data"]["MLFLOW_EXPERIMENT_NAME"]
+    assert names.EXPERIMENT == env["data"]["MLFLOW_EXPERIMENT_NAME"]  # the steps' default, locally
     serving = find(built["serving"], "ConfigMap", "serving-env")
     assert serving["data"]["MLFLOW_TRACKING_URI"] == env["data"]["MLFLOW_TRACKING_URI"]
 
@@ -744,12 +743,10 @@ def test_deploy_puts_the_shipped_sample_where_the_cluster_s_default_source_reads
     `make deploy` uploaded (to moto's S3 server here, standing in for MinIO), byte for byte the shipped sample."""
     import hashlib
 
-    from components import data
-
-    shipped = hashlib.sha256(data.read_source(data.DEFAULT_SOURCE)).hexdigest()
-    assert deployed["s3"] == [f"{data.CLUSTER_SOURCE} {shipped}"]
+    shipped = hashlib.sha256(sources.read_source(sources.DEFAULT_SOURCE)).hexdigest()
+    assert deployed["s3"] == [f"{sources.CLUSTER_SOURCE} {shipped}"]
     spec = next(yaml.safe_load_all((ROOT / "tests" / "golden" / "pipeline.yaml").read_text()))
-    assert spec["root"]["inputDefinitions"]["parameters"]["source"]["defaultValue"] == data.CLUSTER_SOURCE
+    assert spec["root"]["inputDefinitions"]["parameters"]["source"]["defaultValue"] == sources.CLUSTER_SOURCE
     forward = next(i for i, c in enumerate(deployed["calls"]) if "port-forward svc/minio" in c)
     assert deployed["calls"].index("-n minio wait --for=condition=complete job/minio-setup --timeout=900s") < forward
 

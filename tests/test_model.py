@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import skops.io
 
-from components import data, features, model, tracking
+from components import cities, features, listings, model, saved_model, tracking
 from components.errors import StepError
 
 FAST = model.ModelParams(learner="random_forest", n_estimators=20, criterion="squared_error", seed=1)
@@ -21,8 +21,8 @@ GBM = model.ModelParams()  # the default learner, as the pipeline trains it
 
 @pytest.fixture(scope="module")
 def splits(sample):
-    df, _ = data.clean_listings(sample, data.city())
-    return data.split_listings(df, 0.2, seed=42)
+    df, _ = listings.clean_listings(sample, cities.city())
+    return listings.split_listings(df, 0.2, seed=42)
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +49,10 @@ def test_as_text_flattens_and_fills():
 @pytest.mark.parametrize("learner", ["random_forest", "hist_gbm"])
 def test_trusted_types_are_exactly_what_the_model_holds(learner, request):
     fitted = request.getfixturevalue({"random_forest": "fitted", "hist_gbm": "boosted"}[learner])
-    held = tracking.feature_module_of(fitted)
+    held = saved_model.feature_module_of(fitted)
     assert held.__name__ == f"rental_features_{hashlib.sha256(open(features.__file__, 'rb').read()).hexdigest()[:12]}"
     assert sorted(skops.io.get_untrusted_types(data=skops.io.dumps(fitted))) == \
-        sorted(model.skops_trusted_types(held, learner))
+        sorted(saved_model.skops_trusted_types(held, learner))
 
 
 def test_the_boosted_model_beats_the_reference_forest_on_validation(boosted, splits):
@@ -70,7 +70,7 @@ def test_the_stacked_prices_are_out_of_fold_on_training_rows(boosted, splits):
     rows, columns = boosted.named_steps["listing_features"], boosted.named_steps["columns"]
     stacked = columns.named_transformers_["stacked"]
     [inputs] = [used for name, _, used in columns.transformers_ if name == "stacked"]
-    refit = model.shipped_features().OutOfFold(stacked.named_steps["ridge"].estimator, seed=3)
+    refit = saved_model.shipped_features().OutOfFold(stacked.named_steps["ridge"].estimator, seed=3)
     encoded = stacked.named_steps["inputs"]
     on_train = refit.fit_transform(encoded.transform(rows.transform(train)[inputs]), train["price"])[:, 1]
     in_sample = refit.transform(encoded.transform(rows.transform(train)[inputs]))[:, 1]
@@ -135,8 +135,8 @@ def test_behaviour_price_moves_the_expected_way(learner, request, splits, change
 
 def test_saved_model_loads_without_any_other_project_code(fitted, splits, tmp_path):
     example = model.input_example(fitted, splits[1])
-    with tracking.feature_code(fitted) as code:
-        mlflow.sklearn.save_model(fitted, tmp_path / "m", code_paths=[code], **tracking.model_kwargs(fitted, example))
+    with saved_model.feature_code(fitted) as code:
+        mlflow.sklearn.save_model(fitted, tmp_path / "m", code_paths=[code], **saved_model.model_kwargs(fitted, example))
     example.to_json(tmp_path / "example.json", orient="split", date_format="iso")
     # Hide the project's own install of `components` from the loading process.
     script = f"""
@@ -169,24 +169,24 @@ def test_a_model_scores_with_its_own_feature_code_beside_a_newer_one(splits, tmp
     train, test = splits[0].head(3000), splits[1].head(50)
     small = model.ModelParams(learner="random_forest", n_estimators=5, criterion="squared_error", seed=1)
     saved = {}
-    for name, feats in (("a", model.shipped_features()), ("b", model.shipped_features(str(changed)))):
+    for name, feats in (("a", saved_model.shipped_features()), ("b", saved_model.shipped_features(str(changed)))):
         fitted = model.fit(train, small, feats)
         example = model.input_example(fitted, test)
-        with tracking.feature_code(fitted) as code:
+        with saved_model.feature_code(fitted) as code:
             mlflow.sklearn.save_model(fitted, tmp_path / name, code_paths=[code],
-                                      **tracking.model_kwargs(fitted, example))
+                                      **saved_model.model_kwargs(fitted, example))
         saved[name] = fitted.predict(test[model.FEATURES]).tolist()
     assert saved["a"] != saved["b"]
     test[model.FEATURES].to_json(tmp_path / "rows.json", orient="split", date_format="iso")
     script = f"""
 import json, sys, types
 import pandas as pd
-from components import tracking
+from components import saved_model
 renamed = types.ModuleType("components.features")
 renamed.text_of = lambda column: column
 sys.modules["components.features"] = renamed
 rows = pd.read_json({str(tmp_path / 'rows.json')!r}, orient="split", convert_dates=["last_review"])
-out = {{name: tracking.read_model({str(tmp_path)!r} + "/" + name, "test")[0].predict(rows).tolist() for name in "ab"}}
+out = {{name: saved_model.read_model({str(tmp_path)!r} + "/" + name, "test")[0].predict(rows).tolist() for name in "ab"}}
 print(json.dumps(out))
 """
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
@@ -198,7 +198,7 @@ print(json.dumps(out))
 def test_inputs_are_checked_against_what_the_model_was_trained_on(splits):
     train, test = splits
     profile = model.input_profile(train)
-    assert profile["categories"]["neighbourhood_group"] == sorted(data.city().area_groups)
+    assert profile["categories"]["neighbourhood_group"] == sorted(cities.city().area_groups)
     assert "room_type" in profile["required"] and "reviews_per_month" not in profile["required"]
     rows = test[model.FEATURES].head(5).astype(object).reset_index(drop=True)
     typed, problems = model.check_inputs(rows, profile)
@@ -222,10 +222,10 @@ def test_checked_rows_price_as_the_raw_frame_does(boosted, splits):
 
 
 def test_the_loader_refuses_changed_feature_code_and_unknown_types(fitted, splits, tmp_path):
-    with tracking.feature_code(fitted) as code:
+    with saved_model.feature_code(fitted) as code:
         mlflow.sklearn.save_model(fitted, tmp_path / "m", code_paths=[code],
-                                  **tracking.model_kwargs(fitted, model.input_example(fitted, splits[1])))
-    loaded, profile = tracking.read_model(str(tmp_path / "m"), "serve")
+                                  **saved_model.model_kwargs(fitted, model.input_example(fitted, splits[1])))
+    loaded, profile = saved_model.read_model(str(tmp_path / "m"), "serve")
     assert profile is None and loaded.predict(splits[1][model.FEATURES].head(3)).shape == (3,)
     # A file that calls out to the shell, with MLflow's MLmodel trusting it: the project's list does not.
     from sklearn.preprocessing import FunctionTransformer
@@ -234,8 +234,8 @@ def test_the_loader_refuses_changed_feature_code_and_unknown_types(fitted, split
     mlmodel = tmp_path / "m" / "MLmodel"
     mlmodel.write_text(mlmodel.read_text().replace("skops_trusted_types:\n", "skops_trusted_types:\n    - subprocess.getoutput\n"))
     with pytest.raises(StepError, match="does not load with the project's trusted types .*getoutput"):
-        tracking.read_model(str(tmp_path / "m"), "serve")
+        saved_model.read_model(str(tmp_path / "m"), "serve")
     [shipped] = (tmp_path / "m" / "code").glob("*.py")
     shipped.write_text(shipped.read_text() + "\nimport os  # added later\n")
     with pytest.raises(StepError, match="does not match its name"):
-        tracking.read_model(str(tmp_path / "m"), "serve")
+        saved_model.read_model(str(tmp_path / "m"), "serve")

@@ -14,11 +14,11 @@ import pytest
 from conftest import ROOT, run_pipeline
 from kfp_standin import KfpStandIn
 
-import pipeline
-from components import data, kfp_api, report, tasks
+from pipelines import cluster
+from components import checks, cities, drift, kfp_api, listings, monitoring, names, report, steps
 from components.errors import StepError
 
-LIMITS = data.DriftLimits()
+LIMITS = drift.DriftLimits()
 
 
 def run(mlflow_uri: str, experiment: str, root, *params: str, pipeline_name: str = "monitor"):
@@ -112,15 +112,15 @@ def test_a_broken_file_is_invalid_at_the_step_that_cannot_read_it(prod, mlflow_s
 
 def clean_file(rows: pd.DataFrame, path) -> tuple[str, dict]:
     """Clean as the monitoring pipeline does: the file and clean's counts (its metadata)."""
-    df, dropped = data.clean_listings(rows, data.city(), keep_unpriced=True)
-    data.write_listings(df, str(path))
-    return str(path), data.clean_counts(df, dropped)
+    df, dropped = listings.clean_listings(rows, cities.city(), keep_unpriced=True)
+    listings.write_listings(df, str(path))
+    return str(path), listings.clean_counts(df, dropped)
 
 
 def monitor(prod, rows, tmp_path, **limits) -> dict:
     path, counts = clean_file(rows, tmp_path / "clean.csv")
-    return tasks.monitor(path, str(tmp_path / "report.html"), prod["model"], data.city().as_dict(),
-                         data.DriftLimits(**limits), counts)
+    return monitoring.monitor(path, str(tmp_path / "report.html"), prod["model"], cities.city().as_dict(),
+                         drift.DriftLimits(**limits), counts)
 
 
 def test_prices_up_by_a_third_is_drift_of_price_and_of_prods_error_which_training_would_refuse(prod, tracking, halves,
@@ -128,7 +128,7 @@ def test_prices_up_by_a_third_is_drift_of_price_and_of_prods_error_which_trainin
     rows = halves[1].assign(price=halves[1]["price"] * 1.3)
     summary = monitor(prod, rows, tmp_path)
     assert summary["verdict"] == "drift"
-    assert set(summary["drifted"]) == {"price", data.ERROR_CHECK}
+    assert set(summary["drifted"]) == {"price", drift.ERROR_CHECK}
     assert summary["prod_error_ratio"] > LIMITS.max_error_ratio
     # So retrain=true would not start training: its check step fails on exactly this.
     assert not summary["trainable"] and summary["not_trainable_because"][0].startswith("price: prod version 1's MAE")
@@ -176,17 +176,17 @@ def test_values_the_checks_refuse_make_the_monitor_step_fail_as_invalid_after_ke
 def test_with_no_prod_to_compare_with_the_monitor_refuses(tracking, halves, tmp_path):
     with pytest.raises(StepError, match=r"monitor: model_name: model 'nobody' has no 'prod' version: there is nothing "
                                         "to compare the new listings with"):
-        tasks.monitor(clean_file(halves[1], tmp_path / "c.csv")[0], str(tmp_path / "r.html"), "nobody",
-                      data.city().as_dict(), LIMITS)
+        monitoring.monitor(clean_file(halves[1], tmp_path / "c.csv")[0], str(tmp_path / "r.html"), "nobody",
+                      cities.city().as_dict(), LIMITS)
 
 
 def test_drifted_names_what_moved_but_not_what_could_not_be_measured():
-    checks = [data.Check("price drift", data.WARN, "PSI 0.2, KS 0.1", ""),
-              data.Check("room_type drift", data.FAIL, "PSI 0.4", ""),
-              data.Check("latitude drift", data.PASS, "PSI 0.0, KS 0.0", ""),
-              data.Check(data.ERROR_CHECK, data.WARN, data.UNKNOWN, ""),
-              data.Check("row count", data.FAIL, "3", "")]
-    assert data.drifted(checks) == {"price": "PSI 0.2, KS 0.1", "room_type": "PSI 0.4"}
+    found = [checks.Check("price drift", checks.WARN, "PSI 0.2, KS 0.1", ""),
+             checks.Check("room_type drift", checks.FAIL, "PSI 0.4", ""),
+             checks.Check("latitude drift", checks.PASS, "PSI 0.0, KS 0.0", ""),
+             checks.Check(drift.ERROR_CHECK, checks.WARN, checks.UNKNOWN, ""),
+             checks.Check("row count", checks.FAIL, "3", "")]
+    assert drift.drifted(found) == {"price": "PSI 0.2, KS 0.1", "room_type": "PSI 0.4"}
 
 
 # ---------------------------------------------------------------- the cluster's side, against a stand-in KFP API
@@ -196,7 +196,7 @@ def specs(tmp_path_factory) -> dict:
     home = tmp_path_factory.mktemp("specs")
     paths = {name: str(home / f"{name}.yaml") for name in ("training", "monitor")}
     for name, path in paths.items():
-        pipeline.compile_pipeline(path, name)
+        cluster.compile_pipeline(path, name)
     return paths
 
 
@@ -267,8 +267,8 @@ def test_the_retrain_step_starts_the_named_training_version_on_the_same_bytes(sp
                                             "`make schedule` uploads it"):
             kfp_api.start_training(kfp.url, "s3://data/new.csv", "ab" * 32, "rental-price", "", "price PSI 0.2")
         client = kfp_api.connect(kfp.url, "test")
-        _, first = kfp_api.upload(client, specs["training"], kfp_api.TRAINING)
-        _, newest = kfp_api.upload(client, specs["monitor"], kfp_api.TRAINING)  # any newer version will do
+        _, first = kfp_api.upload(client, specs["training"], names.TRAINING_PIPELINE)
+        _, newest = kfp_api.upload(client, specs["monitor"], names.TRAINING_PIPELINE)  # any newer version will do
         for asked, started in (("", newest), (first, first)):
             run_id = kfp_api.start_training(kfp.url, "s3://data/new.csv", "ab" * 32, {"model_name": "m"}, asked,
                                             "price PSI 0.2")
@@ -286,12 +286,12 @@ class Artifact:
 def test_the_retrain_component_trains_on_the_bytes_monitored_with_the_monitors_parameters_unless_training_would_refuse(
         specs):
     """The component's own body, as the cluster runs it (its Input[Dataset] stood in for)."""
-    retrain = pipeline.steps.retrain.python_func
+    retrain = steps.retrain.python_func
     training_params = {"model_name": "m", "max_error_ratio": 1.5, "min_rows": 300}
     summary = {"drifted": {"price": "PSI 0.2, KS 0.1"}, "trainable": True, "not_trainable_because": [],
                "training_params": training_params}
     with KfpStandIn() as kfp:
-        kfp_api.upload(kfp_api.connect(kfp.url, "test"), specs["training"], kfp_api.TRAINING)
+        kfp_api.upload(kfp_api.connect(kfp.url, "test"), specs["training"], names.TRAINING_PIPELINE)
         run_id = retrain(raw_data=Artifact(), source="s3://data/new.csv", model_name="m", kfp_host=kfp.url,
                          training_version="", drift=json.dumps(summary))
         assert kfp.runs[run_id]["runtime_config"]["parameters"] == {

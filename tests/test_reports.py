@@ -7,7 +7,7 @@ from html import escape
 import pandas as pd
 import pytest
 
-from components import data, model, report, tasks
+from components import checks, cities, drift, listings, model, promotion, report
 
 SECTIONS = {"data": ["checks", "columns", "distributions", "notes"],
             "card": ["decision", "metrics", "plots", "errors", "importance", "data", "parameters", "lineage"]}
@@ -54,24 +54,24 @@ def rendered(browser, tmp_path, html: str, name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def halves(sample):
-    df, _ = data.clean_listings(sample, data.city())
-    return data.split_listings(df, 0.5, seed=7)
+    df, _ = listings.clean_listings(sample, cities.city())
+    return listings.split_listings(df, 0.5, seed=7)
 
 
 def test_data_report_shows_every_check_and_each_distribution_against_prods(browser, tmp_path, halves):
     new, reference = halves
     new = new[new["neighbourhood_group"] != "Staten Island"].assign(price=new["price"] * 1.2)
-    checks = data.deterministic_checks(new, data.city())
-    drift, _ = data.drift_checks(new, reference, data.DriftLimits())
-    error, _ = data.error_check(41.0, 33.2, 5000, "3", data.DriftLimits())
-    checks += drift + [error]
-    page = rendered(browser, tmp_path, report.data_report(new, checks, ["a note"], reference), "data_report")
+    found = checks.deterministic_checks(new, cities.city())
+    moved, _ = drift.drift_checks(new, reference, drift.DriftLimits())
+    error, _ = drift.error_check(41.0, 33.2, 5000, "3", drift.DriftLimits())
+    found += moved + [error]
+    page = rendered(browser, tmp_path, report.data_report(new, found, ["a note"], reference), "data_report")
     assert page["sections"] == SECTIONS["data"]
-    assert page["badges"] == [c.status for c in checks] and len(checks) == 32
+    assert page["badges"] == [c.status for c in found] and len(found) == 32
     # price out of range after the rise fails; price drift and prod's error warn.
     assert page["verdict"] == "1 of 32 checks failed" and page["badges"].count("warn") == 2
     # Every numeric column the 2019 format has (number_of_reviews_ltm is today's).
-    assert list(page["charts"]) == data.CATEGORY_COLUMNS + data.DRIFT_COLUMNS[:-1]
+    assert list(page["charts"]) == drift.CATEGORY_COLUMNS + drift.DRIFT_COLUMNS[:-1]
     # Two bars (new data, prod's data) per category or decile.
     assert page["charts"]["neighbourhood_group"]["marks"] == 2 * 5
     assert page["charts"]["price"]["marks"] == 2 * 10
@@ -79,8 +79,8 @@ def test_data_report_shows_every_check_and_each_distribution_against_prods(brows
 
 
 def test_a_data_report_without_prod_has_no_distributions(browser, tmp_path, halves):
-    checks = data.deterministic_checks(halves[0], data.city())
-    page = rendered(browser, tmp_path, report.data_report(halves[0], checks, ["no prod yet"], None), "data_report_first")
+    found = checks.deterministic_checks(halves[0], cities.city())
+    page = rendered(browser, tmp_path, report.data_report(halves[0], found, ["no prod yet"], None), "data_report_first")
     assert page["sections"] == ["checks", "columns", "notes"] and page["charts"] == {}
     assert page["verdict"] == "All 21 checks passed: the data goes on to training"
 
@@ -108,7 +108,7 @@ def test_model_card_shows_data_metrics_plots_errors_importance_and_the_decision(
     comparison = {"prod_version": 3, "comparable": True, "why": "", "rows": 2400, "candidate_mae": 29.0,
                   "prod_mae": 31.0, "gain": 2.0, "gain_low": 1.2, "gain_high": 2.8, "candidate_r2": 0.63,
                   "prod_r2": 0.58}
-    facts = tasks.model_card_facts("rental-price", "4", True, "better than prod ...", comparison, 0.1, scores, meta,
+    facts = promotion.model_card_facts("rental-price", "4", True, "better than prod ...", comparison, 0.1, scores, meta,
                                    {"rows": 20000.0}, {"rows": 19001.0}, tags, len(predictions), "run-1")
     page = rendered(browser, tmp_path, report.model_card(facts, predictions, importance), "model_card")
     assert page["sections"] == SECTIONS["card"]
@@ -128,7 +128,7 @@ def test_model_card_shows_data_metrics_plots_errors_importance_and_the_decision(
 
 def test_model_card_of_a_run_without_prod_says_why_nothing_was_compared(browser, tmp_path, card_inputs):
     predictions, importance, meta, tags, scores = card_inputs
-    facts = tasks.model_card_facts("rental-price", "1", True, "no prod model yet", {"prod_version": None,
+    facts = promotion.model_card_facts("rental-price", "1", True, "no prod model yet", {"prod_version": None,
                                    "comparable": False, "why": "no prod model yet"}, 0.1, scores,
                                    {**meta, "sweep": ""}, {}, {}, tags, len(predictions), "")
     page = rendered(browser, tmp_path, report.model_card(facts, predictions, pd.Series(dtype=float)), "model_card_first")

@@ -20,7 +20,7 @@ import requests
 from conftest import ROOT, free_port, register_small, wait_until
 from mlflow.tracking import MlflowClient
 
-from components import model, predict, rollout, serve, tracking
+from components import model, predict, rollout, saved_model, serve, tracking
 from components.errors import StepError
 
 def start(mlflow_uri: str, model_uri: str, *extra: str) -> tuple[subprocess.Popen, str]:
@@ -212,7 +212,7 @@ def test_a_request_whose_client_left_before_its_turn_is_not_computed(registered_
     stays) meanwhile."""
     mlflow.set_tracking_uri(mlflow_server)
     app = serve.ServingApp(f"models:/{registered_model}/1")
-    app.model, app.profile = tracking.load_model(f"models:/{registered_model}/1", "test")
+    app.model, app.profile = saved_model.load_model(f"models:/{registered_model}/1", "test")
     body = json.dumps(predict.payload(listings.head(3))).encode()
     scope = {"type": "http", "path": "/invocations", "method": "POST", "query_string": b"",
              "headers": [(b"content-type", b"application/json")]}
@@ -262,12 +262,12 @@ def test_a_pickled_model_is_refused_with_a_clear_message(mlflow_server, listings
     mlflow.set_tracking_uri(mlflow_server)
     name = f"pickled-{uuid.uuid4().hex[:6]}"
     fitted = model.fit(listings.head(500), model.ModelParams(learner="random_forest", n_estimators=2, seed=1))
-    with mlflow.start_run(), tracking.feature_code(fitted) as code:
+    with mlflow.start_run(), saved_model.feature_code(fitted) as code:
         mlflow.sklearn.log_model(fitted, name="model", code_paths=[code], registered_model_name=name,
                                  serialization_format=mlflow.sklearn.SERIALIZATION_FORMAT_CLOUDPICKLE)
     with pytest.raises(StepError, match=r"serve: model: the model at .* is saved as cloudpickle, which can run any "
                                         r"code when loaded: refused"):
-        tracking.load_model(f"models:/{name}/1", "serve")
+        saved_model.load_model(f"models:/{name}/1", "serve")
     process, url = start(mlflow_server, f"models:/{name}/1")
     try:
         answer = wait_until(f"{url}/ping", ok=lambda r: "refused" in r.text, process=process, timeout=60)

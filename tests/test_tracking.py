@@ -9,8 +9,9 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from components import data, tasks
+from components import sources, training
 from components.errors import StepError
+from components.listings import write_listings
 
 
 @pytest.fixture
@@ -31,8 +32,8 @@ def runs_of(experiment_id: str) -> set[str]:
 
 def test_a_step_logs_into_the_run_kfp_hands_it(plugin_runs, listings, tmp_path):
     clean = tmp_path / "clean.csv"
-    data.write_listings(listings.head(500), str(clean))
-    tasks.split(str(clean), str(tmp_path / "trainval.csv"), str(tmp_path / "test.csv"), 0.2, 42)
+    write_listings(listings.head(500), str(clean))
+    training.split(str(clean), str(tmp_path / "trainval.csv"), str(tmp_path / "test.csv"), 0.2, 42)
     client = MlflowClient()
     assert runs_of(plugin_runs["experiment_id"]) == {plugin_runs["parent"], plugin_runs["nested"]}
     nested = client.get_run(plugin_runs["nested"])
@@ -47,7 +48,7 @@ def test_a_failing_step_marks_its_run_and_names_itself_on_the_parent(plugin_runs
     clean = tmp_path / "clean.csv"
     clean.write_text("id,neighbourhood_group\n1,Bronx\n")
     with pytest.raises(StepError, match="split: test_size: must be between 0 and 1"):
-        tasks.split(str(clean), str(tmp_path / "a.csv"), str(tmp_path / "b.csv"), 2.0, 42)
+        training.split(str(clean), str(tmp_path / "a.csv"), str(tmp_path / "b.csv"), 2.0, 42)
     client = MlflowClient()
     assert client.get_run(plugin_runs["nested"]).info.status == "FAILED"
     parent = client.get_run(plugin_runs["parent"])
@@ -58,9 +59,9 @@ def test_a_failing_step_marks_its_run_and_names_itself_on_the_parent(plugin_runs
 
 def test_without_the_plugin_a_step_makes_its_own_run_under_one_parent(tracking, listings, tmp_path):
     clean = tmp_path / "clean.csv"
-    data.write_listings(listings.head(500), str(clean))
+    write_listings(listings.head(500), str(clean))
     for _ in range(2):
-        tasks.split(str(clean), str(tmp_path / "trainval.csv"), str(tmp_path / "test.csv"), 0.2, 42)
+        training.split(str(clean), str(tmp_path / "trainval.csv"), str(tmp_path / "test.csv"), 0.2, 42)
     runs = MlflowClient().search_runs([mlflow.get_experiment_by_name(tracking["experiment"]).experiment_id])
     parents = [r for r in runs if r.data.tags.get("pipeline_step") == "pipeline"]
     assert len(parents) == 1 and parents[0].data.tags["kfp_run_id"] == tracking["run"]
@@ -79,9 +80,9 @@ def test_a_presigned_source_is_logged_without_its_query(tracking, sample_path, t
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_port}/l.csv"
-        meta = tasks.download(url + "?X-Amz-Signature=s3cret", str(tmp_path / "raw.csv"))
+        meta = sources.download(url + "?X-Amz-Signature=s3cret", str(tmp_path / "raw.csv"))
         with pytest.raises(StepError, match=r"cannot read 'http://127.0.0.1:\d+/gone.csv': HTTP Error 404") as failed:
-            tasks.download(url.replace("l.csv", "gone.csv") + "?X-Amz-Signature=s3cret", str(tmp_path / "x.csv"))
+            sources.download(url.replace("l.csv", "gone.csv") + "?X-Amz-Signature=s3cret", str(tmp_path / "x.csv"))
     finally:
         server.shutdown()
     assert meta["source"] == url and "s3cret" not in str(failed.value)

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-STEP_ERROR = re.compile(r"StepError: (.*)$")
+# A step's own error (components/errors.py): InvalidData when the data itself is at fault.
+STEP_ERROR = re.compile(r"(StepError|InvalidData): (.*)$")
 ANY_ERROR = re.compile(r"^\s*([A-Za-z_][\w.]*(?:Error|Exception)): (.*)$")
 
 
@@ -28,7 +29,7 @@ class Progress:
         self.log_path, self.out = Path(log_path), out or sys.stdout
         self.current = threading.local()
         self.lines: dict[tuple, list[str]] = {}  # the output of each running task
-        self.failed: list[tuple[str, str]] = []  # (step, its error line)
+        self.failed: list[tuple[str, str, bool]] = []  # (step, its error line, whether the data was at fault)
         self.lock = threading.Lock()
 
     # ---------------------------------------------------------- the file object standing in for stdout/stderr
@@ -92,8 +93,8 @@ class Progress:
         if ok:
             said = [line for line in lines if line.startswith(f"{step}: ")]
             return self.say(f"  {step:<10} done in {seconds:5.1f} s" + (f"  {said[-1]}" if said else ""))
-        error = error_line(lines)
-        self.failed.append((step, error))
+        error, invalid_data = error_line(lines)
+        self.failed.append((step, error, invalid_data))
         self.say(f"  {step:<10} FAILED after {seconds:.1f} s")
 
     def say(self, text: str) -> None:
@@ -101,23 +102,26 @@ class Progress:
         self.out.write(text + "\n")
         self.out.flush()
 
-    def failure(self) -> str:
-        """The line a failed run ends with: the first failed step's own error, and where the whole log is."""
-        step, error = self.failed[0] if self.failed else ("?", "see the log")
-        return f"FAILED at {step}: {error} (full log: {self.log_path})"
+    def failure(self) -> tuple[str, bool]:
+        """The line a failed run ends with (the first failed step's own error, and where the whole log is), and
+        whether that error is the data's (InvalidData)."""
+        step, error, invalid_data = self.failed[0] if self.failed else ("?", "see the log", False)
+        return f"FAILED at {step}: {error} (full log: {self.log_path})", invalid_data
 
 
-def error_line(lines: list[str]) -> str:
-    """The step's own error from its output: a StepError's message, else the last exception line."""
+def error_line(lines: list[str]) -> tuple[str, bool]:
+    """The step's own error from its output (a StepError's message, else the last exception line), and whether it
+    is InvalidData."""
     for i in range(len(lines) - 1, -1, -1):
         if match := STEP_ERROR.search(lines[i]):
+            kind, message = match.groups()
             details = []  # a message of several lines (check lists each failed check as "- ...")
             for line in lines[i + 1:]:
                 if not line.startswith("- "):
                     break
                 details.append(line[2:])
-            return "; ".join([match.group(1).rstrip(":")] + details) if details else match.group(1)
+            return ("; ".join([message.rstrip(":")] + details) if details else message), kind == "InvalidData"
     for line in reversed(lines):
         if match := ANY_ERROR.match(line):
-            return f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2)}"
-    return "its process ended without an error message (killed, or out of memory?)"
+            return f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2)}", False
+    return "its process ended without an error message (killed, or out of memory?)", False

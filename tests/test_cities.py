@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 from conftest import frame, listing, run_pipeline
 
-import pipeline
-from components import data, model, tasks, tracking
+from pipelines import cli
+from components import checks, cities, drift, listings, model, prod, saved_model
 from components.errors import StepError
 
-NYC = data.city()
+NYC = cities.city()
 # Where the test city's listings are: the sample moved by this many degrees (NYC to Austin, TX).
 SHIFT = {"latitude": 30.27 - 40.73, "longitude": -97.74 + 73.95}
 PROFILE = """\
@@ -53,28 +53,28 @@ def todays_format(sample: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
-def profile() -> data.City:
-    return data.City.from_dict(tomllib.loads(PROFILE), "test")
+def profile() -> cities.City:
+    return cities.City.from_dict(tomllib.loads(PROFILE), "test")
 
 
 # ---------------------------------------------------------------- profiles
 
 def test_the_shipped_nyc_profile_holds_what_was_nyc_specific():
-    assert NYC.box == data.Box(-74.25, -73.50, 40.5, 41.2)
+    assert NYC.box == cities.Box(-74.25, -73.50, 40.5, 41.2)
     assert (NYC.min_price, NYC.max_price, NYC.min_rows, NYC.max_rows) == (10, 350, 1000, 1_000_000)
     assert NYC.area_groups == ("Bronx", "Brooklyn", "Manhattan", "Queens", "Staten Island")
-    assert data.City.from_dict(NYC.as_dict(), "check") == NYC
+    assert cities.City.from_dict(NYC.as_dict(), "check") == NYC
     # KFP hands whole numbers back as floats: still the same profile.
-    assert data.City.from_dict({**NYC.as_dict(), "min_rows": 1000.0}, "check") == NYC
+    assert cities.City.from_dict({**NYC.as_dict(), "min_rows": 1000.0}, "check") == NYC
 
 
 def test_a_run_names_a_shipped_city_or_holds_its_profile_as_json():
     """As a person types it in the KFP dashboard: nyc, or {"name": "nyc", "max_price": 500} (the rest from nyc)."""
-    assert data.City.from_param("nyc", "clean") == NYC == data.City.from_param(NYC.as_param(), "clean")
-    assert data.City.from_param('{"name": "nyc", "max_price": 500}', "clean") == dataclasses.replace(NYC, max_price=500)
+    assert cities.City.from_param("nyc", "clean") == NYC == cities.City.from_param(NYC.as_param(), "clean")
+    assert cities.City.from_param('{"name": "nyc", "max_price": 500}', "clean") == dataclasses.replace(NYC, max_price=500)
     assert NYC.as_param() == json.dumps(NYC.as_dict(), sort_keys=True)  # one text per profile: one cache key
     with pytest.raises(StepError, match="clean: city: not a profile in JSON"):
-        data.City.from_param('{"name": nyc}', "clean")
+        cities.City.from_param('{"name": nyc}', "clean")
 
 
 @pytest.mark.parametrize("given, problem", [
@@ -90,32 +90,32 @@ def test_a_run_names_a_shipped_city_or_holds_its_profile_as_json():
 ])
 def test_a_bad_profile_is_refused_naming_the_field(given, problem):
     with pytest.raises(StepError, match=problem):
-        data.City.from_dict(given, "clean")
+        cities.City.from_dict(given, "clean")
 
 
 def test_the_command_line_takes_a_city_by_name_or_file_and_a_field_of_it_by_its_own_name(tmp_path):
     path = tmp_path / "testville.toml"
     path.write_text(PROFILE)
-    assert pipeline.parse_params(["city=nyc"]) == {"city": NYC.as_param()}
-    params = pipeline.parse_params([f"city={path}", "max_price=500", "date_formats=%d.%m.%Y,%m/%d/%y"])
+    assert cli.parse_params(["city=nyc"]) == {"city": NYC.as_param()}
+    params = cli.parse_params([f"city={path}", "max_price=500", "date_formats=%d.%m.%Y,%m/%d/%y"])
     assert json.loads(params["city"]) == {**profile().as_dict(), "max_price": 500.0,
                                           "date_formats": ["%d.%m.%Y", "%m/%d/%y"]}
     assert params["model_name"] == "rental-price-testville"  # its own model: never compared with NYC's prod
-    assert pipeline.parse_params([f"city={path}", "model_name=mine"])["model_name"] == "mine"
-    assert pipeline.parse_params(["min_rows=10"]) == {"city": dataclasses.replace(NYC, min_rows=10).as_param()}
-    assert pipeline.parse_params(['city={"name": "nyc", "max_rows": 5000}'])["city"] == dataclasses.replace(
+    assert cli.parse_params([f"city={path}", "model_name=mine"])["model_name"] == "mine"
+    assert cli.parse_params(["min_rows=10"]) == {"city": dataclasses.replace(NYC, min_rows=10).as_param()}
+    assert cli.parse_params(['city={"name": "nyc", "max_rows": 5000}'])["city"] == dataclasses.replace(
         NYC, max_rows=5000).as_param()
-    monitor = pipeline.parse_params([f"city={path}"], "monitor")
+    monitor = cli.parse_params([f"city={path}"], "monitor")
     assert json.loads(monitor["city"])["name"] == "testville" and monitor["model_name"] == "rental-price-testville"
     with pytest.raises(SystemExit, match=r"pipeline.py: city.max_price: expected a number, got 'lots'"):
-        pipeline.parse_params(["max_price=lots"])
+        cli.parse_params(["max_price=lots"])
     with pytest.raises(SystemExit, match=r"no city profile 'atlantis': shipped ones are \['nyc'\]"):
-        pipeline.parse_params(["city=atlantis"])
+        cli.parse_params(["city=atlantis"])
     with pytest.raises(SystemExit, match=r"no profile file '.*/nope.toml' \(no such file\)"):
-        pipeline.parse_params([f"city={tmp_path / 'nope.toml'}"])
+        cli.parse_params([f"city={tmp_path / 'nope.toml'}"])
     with pytest.raises(SystemExit, match=r"pipeline.py: --param city: not a profile in JSON"):
-        pipeline.parse_params(['city={"name": nyc}'])
-    assert json.loads(pipeline.parse_params(["area_groups="])["city"])["area_groups"] == []
+        cli.parse_params(['city={"name": nyc}'])
+    assert json.loads(cli.parse_params(["area_groups="])["city"])["area_groups"] == []
 
 
 # ---------------------------------------------------------------- formats and parsing
@@ -123,28 +123,28 @@ def test_the_command_line_takes_a_city_by_name_or_file_and_a_field_of_it_by_its_
 def test_todays_format_is_read_kept_and_its_unknown_columns_named(sample):
     city_file = todays_format(sample.head(50))
     raw = city_file.to_csv(index=False).encode()
-    df, ignored = data.known_columns(data.parse_csv(raw, "clean"), "clean")
+    df, ignored = listings.known_columns(listings.parse_csv(raw, "clean"), "clean")
     assert ignored == ["calendar_last_scraped"]
-    assert list(df.columns) == list(data.SCHEMA)
-    assert data.listing_format(df.columns) == "the current format (18 columns)"
-    assert data.listing_format(sample.columns) == "the 2019 format (16 columns)"
-    clean, _ = data.clean_listings(df, profile())
+    assert list(df.columns) == list(listings.SCHEMA)
+    assert listings.listing_format(df.columns) == "the current format (18 columns)"
+    assert listings.listing_format(sample.columns) == "the 2019 format (16 columns)"
+    clean, _ = listings.clean_listings(df, profile())
     assert clean["neighbourhood"].tolist()[:3] == city_file["neighbourhood"].astype(str).tolist()[:3]  # zip codes
     assert clean["neighbourhood_group"].isna().all() and pd.api.types.is_string_dtype(clean["neighbourhood_group"])
     assert clean["last_review"].iloc[0] == pd.Timestamp(sample["last_review"].iloc[0])
-    checks = data.deterministic_checks(clean, dataclasses.replace(profile(), min_rows=1), ignored)
-    assert data.failed(checks) == []
-    assert data.warned(checks) == ["columns: ignored 1 unknown column(s): ['calendar_last_scraped']"]
+    found = checks.deterministic_checks(clean, dataclasses.replace(profile(), min_rows=1), ignored)
+    assert checks.failed(found) == []
+    assert checks.warned(found) == ["columns: ignored 1 unknown column(s): ['calendar_last_scraped']"]
 
 
 def test_dates_in_the_profiles_formats_and_iso_always():
     city = dataclasses.replace(NYC, date_formats=("%d.%m.%Y", "%m/%d/%y"))
-    df, _ = data.clean_listings(frame(listing(id=1, last_review="2019-07-08"), listing(id=2, last_review="08.07.2019"),
+    df, _ = listings.clean_listings(frame(listing(id=1, last_review="2019-07-08"), listing(id=2, last_review="08.07.2019"),
                                       listing(id=3, last_review="7/8/19"), listing(id=4, last_review=None)), city)
     assert df["last_review"].tolist()[:3] == [pd.Timestamp("2019-07-08")] * 3 and pd.isna(df["last_review"][3])
     with pytest.raises(StepError, match=r"clean: last_review: 1 value\(s\) are not dates as YYYY-MM-DD or %d.%m.%Y or "
                                         r"%m/%d/%y, e.g. \['July 8'\]"):
-        data.clean_listings(frame(listing(last_review="July 8")), city)
+        listings.clean_listings(frame(listing(last_review="July 8")), city)
 
 
 @pytest.mark.parametrize("column, written", [("id", "7.13172E+17"), ("host_id", "1e1"), ("id", None),
@@ -155,63 +155,63 @@ def test_ids_that_are_not_exact_integers_are_an_error_not_a_duplicate(column, wr
     raw = frame(listing(id="713172000000000000"), {**listing(id="2"), column: written}).to_csv(index=False).encode()
     with pytest.raises(StepError, match=rf"clean: {column}: 1 value\(s\) are empty or not whole numbers as written, "
                                         r"e.g. \[" + re.escape(repr(written or "")) + r"\]"):
-        data.clean_listings(data.parse_csv(raw, "clean"), NYC)
+        listings.clean_listings(listings.parse_csv(raw, "clean"), NYC)
 
 
 def test_long_ids_of_today_stay_exact(sample):
     """Ids are 19 digits now: no float can hold them."""
     ids = [1_234_567_890_123_456_789, 1_234_567_890_123_456_788]
     raw = frame(listing(id=ids[0]), listing(id=ids[1])).to_csv(index=False).encode()
-    df, dropped = data.clean_listings(data.parse_csv(raw, "clean"), NYC)
+    df, dropped = listings.clean_listings(listings.parse_csv(raw, "clean"), NYC)
     assert df["id"].tolist() == ids and dropped["duplicate_id"] == 0
     with pytest.raises(StepError, match="clean: id: 1 value"):  # past int64
-        data.clean_listings(data.parse_csv(raw.replace(b"1234567890123456789", b"9999999999999999999"), "clean"), NYC)
+        listings.clean_listings(listings.parse_csv(raw.replace(b"1234567890123456789", b"9999999999999999999"), "clean"), NYC)
 
 
 def test_a_price_written_as_money_is_a_number():
-    df, _ = data.clean_listings(frame(listing(price="$1,250.00"), listing(id=2, price=" $80")),
+    df, _ = listings.clean_listings(frame(listing(price="$1,250.00"), listing(id=2, price=" $80")),
                                 dataclasses.replace(NYC, max_price=2000))
     assert df["price"].tolist() == [1250.0, 80.0]
 
 
 def test_a_city_without_area_groups_splits_unstratified_and_models_without_them(sample):
-    df, _ = data.clean_listings(todays_format(sample), profile())
-    assert data.strata(df) is None
-    trainval, test = data.split_listings(df, 0.2, 42)
+    df, _ = listings.clean_listings(todays_format(sample), profile())
+    assert listings.strata(df) is None
+    trainval, test = listings.split_listings(df, 0.2, 42)
     assert len(test) == 3801
     cols = model.Columns.of(trainval)
     assert "neighbourhood_group" not in cols.features and "number_of_reviews_ltm" in cols.features
-    assert model.Columns.of(data.clean_listings(sample, NYC)[0]).features == model.FEATURES
+    assert model.Columns.of(listings.clean_listings(sample, NYC)[0]).features == model.FEATURES
 
 
 def test_small_area_groups_are_stratified_together():
     groups = pd.Series(["A"] * 50 + ["B"] * 30 + ["C"] * 3 + [None] * 2, dtype="str")
-    strata = data.strata(pd.DataFrame({"neighbourhood_group": groups}))
+    strata = listings.strata(pd.DataFrame({"neighbourhood_group": groups}))
     assert strata.value_counts().to_dict() == {"A": 50, "B": 30, "(small groups)": 5}
-    alone = data.strata(pd.DataFrame({"neighbourhood_group": pd.Series(["A"] * 50 + ["B"] * 30 + ["C"])}))
+    alone = listings.strata(pd.DataFrame({"neighbourhood_group": pd.Series(["A"] * 50 + ["B"] * 30 + ["C"])}))
     assert alone.value_counts().to_dict() == {"A": 51, "B": 30}  # one row cannot be spread
 
 
 def test_area_groups_are_checked_against_the_citys_own():
-    df, _ = data.clean_listings(frame(listing(), listing(id=2, neighbourhood_group="Atlantis")), NYC)
-    ok = data.deterministic_checks(df, dataclasses.replace(NYC, area_groups=(), min_rows=1))
-    assert data.failed(ok) == []
-    failed = data.failed(data.deterministic_checks(df, dataclasses.replace(NYC, min_rows=1)))
+    df, _ = listings.clean_listings(frame(listing(), listing(id=2, neighbourhood_group="Atlantis")), NYC)
+    ok = checks.deterministic_checks(df, dataclasses.replace(NYC, area_groups=(), min_rows=1))
+    assert checks.failed(ok) == []
+    failed = checks.failed(checks.deterministic_checks(df, dataclasses.replace(NYC, min_rows=1)))
     assert failed == ["neighbourhood_group: unknown values ['Atlantis'] (city nyc's area groups: ['Bronx', 'Brooklyn', "
                       "'Manhattan', 'Queens', 'Staten Island'])"]
     # NYC's listings with the boroughs left out: not a city without area groups, a file that lost them.
-    empty = data.failed(data.deterministic_checks(df.assign(neighbourhood_group=None), dataclasses.replace(
+    empty = checks.failed(checks.deterministic_checks(df.assign(neighbourhood_group=None), dataclasses.replace(
         NYC, min_rows=1)))
     assert empty == ["neighbourhood_group: empty in every row, but city nyc's profile names area groups ['Bronx', "
                      "'Brooklyn', 'Manhattan', 'Queens', 'Staten Island'] (area_groups = [] if this city has none)"]
 
 
 def test_a_column_only_one_side_has_is_named_not_compared(sample):
-    df, _ = data.clean_listings(todays_format(sample), profile())
+    df, _ = listings.clean_listings(todays_format(sample), profile())
     reference = df.drop(columns=["number_of_reviews_ltm"])
-    checks, _ = data.drift_checks(df, reference, data.DriftLimits())
-    [ltm] = [c for c in checks if c.check == "number_of_reviews_ltm drift"]
-    assert (ltm.status, ltm.observed) == (data.SKIP, "only in the new data")
+    found, _ = drift.drift_checks(df, reference, drift.DriftLimits())
+    [ltm] = [c for c in found if c.check == "number_of_reviews_ltm drift"]
+    assert (ltm.status, ltm.observed) == (checks.SKIP, "only in the new data")
 
 
 def test_a_prod_model_of_another_city_is_never_compared_with_or_replaced():
@@ -221,14 +221,14 @@ def test_a_prod_model_of_another_city_is_never_compared_with_or_replaced():
     class Before:  # registered before cities had profiles: NYC's
         version, tags = "2", {}
 
-    assert tasks.same_city(Prod, "rental-price", NYC, "check") is Prod
-    assert tasks.same_city(Before, "rental-price", NYC, "check") is Before
+    assert prod.same_city(Prod, "rental-price", NYC, "check") is Prod
+    assert prod.same_city(Before, "rental-price", NYC, "check") is Before
     with pytest.raises(StepError, match=r"check: model_name: prod version 2 of 'rental-price' is a model of nyc's"):
-        tasks.same_city(Before, "rental-price", profile(), "check")
-    assert tasks.same_city(None, "rental-price", profile(), "check") is None
+        prod.same_city(Before, "rental-price", profile(), "check")
+    assert prod.same_city(None, "rental-price", profile(), "check") is None
     with pytest.raises(StepError, match=r"check: model_name: prod version 3 of 'rental-price' is a model of nyc's "
                                         r"listings, these are testville's: .*model_name=rental-price-testville"):
-        tasks.same_city(Prod, "rental-price", profile(), "check")
+        prod.same_city(Prod, "rental-price", profile(), "check")
 
 
 # ---------------------------------------------------------------- end to end
@@ -252,7 +252,7 @@ def test_a_city_file_in_todays_format_trains_and_registers_its_own_model(sample,
     assert version.tags["city"] == "testville"
     assert json.loads(version.tags["city_profile"]) == profile().as_dict()
     assert float(version.tags["test_mae"]) < 32  # as good as NYC's own (29.5 on the same listings)
-    fitted, inputs = tracking.load_model("models:/rental-price-testville/1", "test")
+    fitted, inputs = saved_model.load_model("models:/rental-price-testville/1", "test")
     assert inputs["features"] == model.features_of(fitted)
     assert "number_of_reviews_ltm" in inputs["features"] and "neighbourhood_group" not in inputs["features"]
     signature = mlflow.models.get_model_info("models:/rental-price-testville/1").signature

@@ -11,9 +11,11 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from components import data, model, tasks
+from components import listings, model, promotion, saved_model, training
 from components import tracking as registry
 from components.errors import StepError
+from components.listings import split_listings, write_listings
+from components.prod import TRAINING_IDS_TAG, compare_with_prod
 
 WEAK = model.ModelParams(learner="random_forest", n_estimators=2, max_depth=2, criterion="squared_error", seed=1)
 GOOD = model.ModelParams(learner="random_forest", n_estimators=15, max_depth=12, criterion="squared_error", seed=1)
@@ -25,10 +27,10 @@ def splits(listings, tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("splits")
     out = {}
     for name, seed in (("a", 42), ("b", 7)):
-        trainval, test = data.split_listings(listings, 0.2, seed)
+        trainval, test = split_listings(listings, 0.2, seed)
         out[name] = {"trainval": str(folder / f"{name}-trainval.csv"), "test": str(folder / f"{name}-test.csv")}
-        data.write_listings(trainval, out[name]["trainval"])
-        data.write_listings(test, out[name]["test"])
+        write_listings(trainval, out[name]["trainval"])
+        write_listings(test, out[name]["test"])
     return out
 
 
@@ -39,7 +41,7 @@ def trained(split: dict, params: model.ModelParams, tmp_path) -> tuple[str, dict
     key = (split["trainval"], params)
     if key not in TRAINED:
         path = str(tmp_path / f"model-{len(TRAINED)}")
-        TRAINED[key] = path, tasks.train(split["trainval"], path, vars(params), 0.2)
+        TRAINED[key] = path, training.train(split["trainval"], path, vars(params), 0.2)
     return TRAINED[key]
 
 
@@ -48,13 +50,13 @@ def pipeline_run(tracking, monkeypatch, tmp_path, split: dict, params: model.Mod
     """train, evaluate and register as the pipeline runs them, under pipeline run id `run`."""
     monkeypatch.setenv("KFP_RUN_ID", run)
     model_path, meta = trained(split, params, tmp_path)
-    scores, comparison, _ = tasks.evaluate(model_path, split["test"], tracking["model"])
+    scores, comparison, _ = training.evaluate(model_path, split["test"], tracking["model"])
     return register(tracking, model_path, meta, scores, comparison, split["test"], source_sha)
 
 
 def register(tracking, model_path, meta, scores, comparison, test_path, source_sha="h", margin=0.1) -> dict:
     card = Path(model_path).parent / f"card-{uuid.uuid4().hex[:8]}.html"
-    return tasks.register(model_path, meta, scores, comparison, test_path, tracking["model"], margin,
+    return promotion.register(model_path, meta, scores, comparison, test_path, tracking["model"], margin,
                           {"source": "s", "sha256": source_sha}, {"reference_uri": "runs:/x/data/clean"}, "abc123",
                           "{}", {}, str(card))
 
@@ -74,14 +76,14 @@ def test_first_version_becomes_prod_with_its_lineage(tracking, monkeypatch, tmp_
     assert version.tags[registry.RUN_ID_TAG] == "run-1" and version.tags["promotion"] == "no prod model yet"
     assert version.tags[registry.PROMOTED_BY_TAG] == "pipeline run run-1"
     assert version.tags["data_sha256"] == "h" and version.tags["git_commit"] == "abc123"
-    assert version.tags[tasks.TRAINING_IDS_TAG].endswith("/data/training_ids.csv.gz")
+    assert version.tags[TRAINING_IDS_TAG].endswith("/data/training_ids.csv.gz")
 
 
 def test_a_retry_reuses_its_version_and_an_identical_run_adds_none(tracking, monkeypatch, tmp_path, splits):
     name = tracking["model"]
     monkeypatch.setenv("KFP_RUN_ID", "run-1")
     path, meta = trained(splits["a"], WEAK, tmp_path)
-    scores, comparison, _ = tasks.evaluate(path, splits["a"]["test"], name)
+    scores, comparison, _ = training.evaluate(path, splits["a"]["test"], name)
     first = register(tracking, path, meta, scores, comparison, splits["a"]["test"])
     again = register(tracking, path, meta, scores, comparison, splits["a"]["test"])  # the step retried
     assert first["version"] == again["version"] == 1 and again["promoted"]
@@ -110,8 +112,8 @@ def test_a_clearly_better_candidate_takes_prod_on_fair_rows(tracking, monkeypatc
     assert prod(name) == "2" and client.get_model_version_by_alias(name, "previous-prod").version == "1"
     recorded = client.get_model_version(name, "2")
     comparison = json.loads(recorded.tags["comparison"])
-    test_b = data.read_listings(splits["b"]["test"])
-    trained_a = set(data.read_listings(splits["a"]["trainval"])["id"])
+    test_b = listings.read_listings(splits["b"]["test"])
+    trained_a = set(listings.read_listings(splits["a"]["trainval"])["id"])
     assert comparison["rows"] == int((~test_b["id"].isin(trained_a)).sum()) < len(test_b)
     assert comparison["gain_low"] > 0.1 and recorded.tags["promotion"] == better["reason"]
 
@@ -134,7 +136,7 @@ def versions_1_and_2_then_run_3(tracking, monkeypatch, tmp_path, splits) -> tupl
 def test_a_hand_promotion_during_the_run_stands(tracking, monkeypatch, tmp_path, splits):
     """`promote` after the run started (here: after evaluate, as register begins) wins over the run's decision."""
     name, path, meta = versions_1_and_2_then_run_3(tracking, monkeypatch, tmp_path, splits)
-    scores, comparison, _ = tasks.evaluate(path, splits["b"]["test"], name)
+    scores, comparison, _ = training.evaluate(path, splits["b"]["test"], name)
     assert registry.promote(name, "2") == f"{name}: prod 1 -> 2"
     result = register(tracking, path, meta, scores, comparison, splits["b"]["test"], "h3")
     assert (result["version"], result["promoted"]) == (3, False)
@@ -149,7 +151,7 @@ def test_a_hand_promotion_before_evaluate_but_after_the_run_started_stands(track
     with registry.step_run("split"):  # the run's first step: its parent run starts now
         pass
     promoted = registry.promote(name, "1" if prod(name) == "2" else "2")
-    scores, comparison, _ = tasks.evaluate(path, splits["b"]["test"], name)
+    scores, comparison, _ = training.evaluate(path, splits["b"]["test"], name)
     assert comparison["prod_version"] == int(prod(name))
     result = register(tracking, path, meta, scores, comparison, splits["b"]["test"], "h3")
     assert not result["promoted"] and result["reason"].startswith("prod was set by hand to version ")
@@ -160,7 +162,7 @@ def test_prod_moved_by_another_run_is_compared_with_instead(tracking, monkeypatc
     name = tracking["model"]
     monkeypatch.setenv("KFP_RUN_ID", "run-weak")
     weak_path, weak_meta = trained(splits["a"], WEAK, tmp_path)
-    weak_scores, weak_comparison, _ = tasks.evaluate(weak_path, splits["a"]["test"], name)
+    weak_scores, weak_comparison, _ = training.evaluate(weak_path, splits["a"]["test"], name)
     # Meanwhile a good run registers and takes prod (no prod when the weak one evaluated).
     good = pipeline_run(tracking, monkeypatch, tmp_path, splits["b"], GOOD, "run-good", source_sha="h2")
     assert good["promoted"] and weak_comparison["prod_version"] is None
@@ -176,18 +178,18 @@ def test_a_prod_without_lineage_or_that_cannot_score_is_not_replaced_automatical
     name = tracking["model"]
     pipeline_run(tracking, monkeypatch, tmp_path, splits["a"], WEAK, "run-1")
     client = MlflowClient()
-    ids = client.get_model_version(name, "1").tags[tasks.TRAINING_IDS_TAG]
-    client.delete_model_version_tag(name, "1", tasks.TRAINING_IDS_TAG)
+    ids = client.get_model_version(name, "1").tags[TRAINING_IDS_TAG]
+    client.delete_model_version_tag(name, "1", TRAINING_IDS_TAG)
     result = pipeline_run(tracking, monkeypatch, tmp_path, splits["b"], GOOD, "run-2", source_sha="h2")
     assert not result["promoted"] and result["reason"] == (
         "not promoted automatically: prod version 1 has no record of the rows it was trained on (tag training_ids), "
         "so no rows are known to be new to it")
-    client.set_model_version_tag(name, "1", tasks.TRAINING_IDS_TAG, ids)
+    client.set_model_version_tag(name, "1", TRAINING_IDS_TAG, ids)
     # A prod whose signature the new data does not fit (here: the data lacks a column prod needs).
-    test = data.read_listings(splits["b"]["test"]).drop(columns=["availability_365"])
-    candidate, _ = registry.load_model(trained(splits["b"], GOOD, tmp_path)[0], "test")
-    predicted = model.predictions(candidate, data.read_listings(splits["b"]["test"]))
-    found = tasks.compare_with_prod(name, registry.prod_version(name), predicted, test)
+    test = listings.read_listings(splits["b"]["test"]).drop(columns=["availability_365"])
+    candidate, _ = saved_model.load_model(trained(splits["b"], GOOD, tmp_path)[0], "test")
+    predicted = model.predictions(candidate, listings.read_listings(splits["b"]["test"]))
+    found = compare_with_prod(name, registry.prod_version(name), predicted, test)
     assert not found["comparable"] and found["why"].startswith("prod version 1 cannot score this data")
     assert prod(name) == "1"
 
@@ -233,14 +235,14 @@ def test_select_keeps_the_trial_with_the_lowest_validation_mae_and_records_the_s
     outputs = []
     for i, trial in enumerate(trials):
         path = str(tmp_path / f"trial-{i}")
-        outputs.append((path, tasks.train(splits["a"]["trainval"], path, vars(WEAK), 0.2, trial)))
-    chosen = tasks.select(outputs, str(tmp_path / "chosen"))
+        outputs.append((path, training.train(splits["a"]["trainval"], path, vars(WEAK), 0.2, trial)))
+    chosen = training.select(outputs, str(tmp_path / "chosen"))
     maes = [meta["val_mae"] for _, meta in outputs]
     assert maes.index(min(maes)) == 1 and chosen["mlflow_run_id"] == outputs[1][1]["mlflow_run_id"]
     assert chosen["sweep_choice"].startswith('trial 2 of 3 {"max_depth": 12, "n_estimators": 15}: lowest validation')
     assert [t["trial"] for t in json.loads(chosen["sweep"])] == [json.loads(m["trial"]) for _, m in outputs]
     assert (tmp_path / "chosen" / "MLmodel").read_text() == (tmp_path / "trial-1" / "MLmodel").read_text()
-    twice = tasks.select([outputs[1], (outputs[1][0], outputs[1][1])], str(tmp_path / "tie"))
+    twice = training.select([outputs[1], (outputs[1][0], outputs[1][1])], str(tmp_path / "tie"))
     assert twice["sweep_choice"].startswith("trial 1 of 2")
 
 
@@ -251,5 +253,5 @@ def test_select_keeps_the_trial_with_the_lowest_validation_mae_and_records_the_s
 ])
 def test_a_bad_parameter_fails_at_train_naming_it(tracking, tmp_path, splits, base, trial, message):
     with pytest.raises(StepError) as failed:
-        tasks.train(splits["a"]["trainval"], str(tmp_path / "m"), vars(model.ModelParams()) | base, 0.2, trial)
+        training.train(splits["a"]["trainval"], str(tmp_path / "m"), vars(model.ModelParams()) | base, 0.2, trial)
     assert str(failed.value).startswith(message)

@@ -1,0 +1,75 @@
+"""Monitoring: new listings against prod's data with the check step's checks: ok, drift or invalid; on drift, when
+asked, the training pipeline on the same listings (on the cluster a retrain step starts it; locally the runner)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from kfp import dsl
+
+from components import kfp_api, names, sources, steps
+from components.drift import DriftLimits
+from pipelines.dag import Pipeline, Source, Subject
+
+
+@dataclass(frozen=True)
+class Retrain:
+    """Whether drift starts training on the new listings, and where (the cluster's KFP API and pipeline version)."""
+
+    retrain: bool = False
+    kfp_host: str = kfp_api.IN_CLUSTER_HOST
+    training_version: str = ""  # empty: the newest version `make schedule` uploaded
+
+
+Outputs = NamedTuple("Outputs", verdict=str, summary=str)
+
+
+def wiring(p, cluster: bool) -> Outputs:
+    download = steps.download(source=p.source, expected_sha256=p.source_sha256)
+    clean = steps.clean(raw_data=download.outputs["raw_data"], city=p.city, keep_unpriced=True)
+    monitor = steps.monitor(clean_data=clean.outputs["clean_data"], model_name=p.model_name, city=p.city,
+                            limits=p.group(DriftLimits))
+    if cluster:  # locally, finish() hands the runner the training run instead
+        with dsl.If(monitor.outputs["verdict"] == "drift", "drifted"), dsl.If(p.retrain == True, "retrain"):  # noqa: E712
+            steps.retrain(raw_data=download.outputs["raw_data"], source=p.source, model_name=p.model_name,
+                          kfp_host=p.kfp_host, training_version=p.training_version, drift=monitor.outputs["summary"])
+    return Outputs(verdict=monitor.outputs["verdict"], summary=monitor.outputs["summary"])
+
+
+def finish(outputs: dict, run_params: dict) -> tuple[str, dict] | None:
+    """What the run found; on drift with retrain=true, the training run to start on the same bytes."""
+    summary = json.loads(outputs["summary"])
+    print(f"\nnew listings against prod version {summary['prod_version']} of {summary['model_name']!r}: "
+          f"{summary['rows']} rows ({summary['priced_rows']} with a price), {summary['checks']} checks")
+    if "prod_error_ratio" in summary:
+        print(f"prod's MAE on the new priced rows: {summary['prod_mae_now']:.2f}, {summary['prod_error_ratio']:.2f} x "
+              f"its {summary['prod_mae_registered']:.2f} at registration")
+    elif "prod_error_unknown" in summary:
+        print(f"prod's error on the new rows is not measured: {summary['prod_error_unknown']}")
+    print(f"drift report: {summary['report']} (MLflow: {summary['report_link']})")
+    drifted = "; ".join(f"{name} {figure}" for name, figure in summary["drifted"].items())
+    print(f"verdict: {summary['verdict']}" + (f": {drifted}" if drifted else ""))
+    if summary["verdict"] != "drift" or not run_params.get("retrain"):
+        return None
+    if not summary["trainable"]:
+        print("\nretrain=true, but training's checks would refuse this data, so it was not started: "
+              + "; ".join(summary["not_trainable_because"]))
+        return None
+    print("\nretrain=true: running the training pipeline on the same data")
+    return "training", {**summary["training_params"], "source": run_params.get("source", sources.DEFAULT_SOURCE),
+                        "source_sha256": run_params["source_sha256"]}
+
+
+def failed(why: str, invalid_data: bool) -> str:
+    """A file that cannot be read as listings or fails their checks is the third verdict; a fault of MLflow, the
+    registry or the parameters is not the data's."""
+    return f"verdict: invalid: {why}" if invalid_data else why
+
+
+PIPELINE = Pipeline(
+    key="monitor", name=names.MONITOR_PIPELINE, spec="pipeline-monitor.yaml",
+    description="New listings against prod's data: ok, drift or invalid.",
+    groups=(Source, Subject, DriftLimits, Retrain), wiring=wiring, outputs=Outputs, fresh_data=True, finish=finish,
+    failed=failed)

@@ -1,0 +1,64 @@
+"""Drift from prod's data (components/drift.py): real halves of the sample pass, real shifts are named."""
+
+import pandas as pd
+import pytest
+
+from components import checks, cities, drift, listings
+
+NYC = cities.city()
+
+LIMITS = drift.DriftLimits()
+
+
+@pytest.fixture(scope="module")
+def halves(sample):
+    df, _ = listings.clean_listings(sample, NYC)
+    return listings.split_listings(df, 0.5, seed=7)
+
+
+def test_drift_checks_pass_between_disjoint_halves_of_real_data(halves):
+    first, second = halves
+    found, figures = drift.drift_checks(first, second, LIMITS)
+    assert {c.status for c in found} == {checks.PASS} and len(found) == 10
+    assert max(figures.values()) < 0.03
+
+
+@pytest.mark.parametrize("shift, fails, warns", [
+    # A borough gone: the failure names the column, its PSI and what is missing.
+    (lambda d: d[d["neighbourhood_group"] != "Queens"], "neighbourhood_group: distribution shifted from prod's "
+                                                        "data (PSI 0.888 > 0.25; no rows of ['Queens'])",
+     "longitude: distribution moved"),
+    # Prices up 30 %: the price distribution moves (a warning); prod's error on it fails the run (below).
+    (lambda d: d.assign(price=d["price"] * 1.3), None, "price: distribution moved (PSI 0.1"),
+    # Prices shuffled across listings: every distribution is as before; only prod's error can tell (below).
+    (lambda d: d.assign(price=d["price"].sample(frac=1, random_state=1).to_numpy()), None, None),
+])
+def test_drift_checks_name_the_column_and_figure_of_a_real_shift(halves, shift, fails, warns):
+    first, second = halves
+    found, _ = drift.drift_checks(shift(first), second, LIMITS)
+    failures, warnings = checks.failed(found), checks.warned(found)
+    assert [f for f in failures if f.startswith(fails)] if fails else failures == []
+    assert [w for w in warnings if w.startswith(warns)] if warns else warnings == []
+
+
+@pytest.mark.parametrize("mae_now, failed, warned", [(33.4, False, False), (37.0, False, True), (50.9, True, False),
+                                                     (69.0, True, False)])
+def test_error_check_fails_when_prod_no_longer_fits_the_data(mae_now, failed, warned):
+    """Figures of prod (33.2 at registration) on the other half, +10 %, +30 % and shuffled prices (README)."""
+    check, figures = drift.error_check(mae_now, 33.2, 8000, "3", LIMITS)
+    failures, warnings = checks.failed([check]), checks.warned([check])
+    assert bool(failures) is failed and bool(warnings) is warned
+    assert figures["prod_error_ratio"] == pytest.approx(mae_now / 33.2)
+    if failed:
+        assert failures[0].startswith(f"price: prod version 3's MAE on 8000 rows new to it is {mae_now:.2f}, "
+                                      f"{mae_now / 33.2:.2f} x its 33.20 at registration (> 1.25)")
+
+
+def test_psi_is_zero_for_equal_distributions_and_large_for_a_missing_category():
+    same = pd.Series(["a", "b", "b"])
+    assert drift.category_psi(same, same) == pytest.approx(0, abs=1e-12)
+    # a: 0 vs 1/3 (floored at 1e-4), b: 1 vs 2/3: (1e-4 - 1/3) ln(1e-4 * 3) + (1/3) ln(1.5) = 2.84
+    assert drift.category_psi(pd.Series(["b", "b"]), same) == pytest.approx(2.8379, abs=1e-3)
+    numbers = pd.Series(range(1000), dtype=float)
+    assert drift.numeric_psi(numbers, numbers) == pytest.approx(0, abs=1e-12)
+    assert drift.numeric_psi(numbers + 500, numbers) > 1
