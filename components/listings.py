@@ -14,6 +14,7 @@ from components import tracking
 from components.cities import City
 from components.errors import InvalidData, StepError
 
+# The listings columns Inside Airbnb's summary listings.csv has had, column -> kind, in the order clean writes them.
 # The 2019 format has the first 16 (REQUIRED); today's adds OPTIONAL, used when present.
 SCHEMA: dict[str, str] = {
     "id": "int",
