@@ -98,10 +98,11 @@ class Pipeline:
         """The pipeline's signature: every field of its groups, with its default (the cluster's where it differs)."""
         found = {}
         for group in self.groups:
+            defaults = group()
             for name, kind in params.fields(group).items():
                 if name in found:
                     raise ValueError(f"pipeline {self.key}: parameter {name} is declared by two of its groups")
-                default = getattr(group(), name)
+                default = getattr(defaults, name)
                 if cluster:
                     default = CLUSTER_DEFAULTS.get(name, default)
                 found[name] = inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default,
