@@ -184,25 +184,38 @@ ANY_TEXT = _AnyText("any text")
 
 
 def test_an_overloaded_server_refuses_at_once(mlflow_server, registered_model, listings):
-    process, url = start(mlflow_server, f"models:/{registered_model}@prod", "--max-queue", "2")
+    """Over HTTP (uvicorn, in a thread of this process), while the test holds the model: the requests beyond the
+    queue are answered 429 while the admitted ones still wait, and those are priced once the model is let go."""
+    import uvicorn
+
+    mlflow.set_tracking_uri(mlflow_server)
+    app = serve.ServingApp(f"models:/{registered_model}@prod", cache=tempfile.mkdtemp(prefix="serve-cache-"),
+                           max_queue=2)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
     try:
-        ready(url, process)
-        batch = predict.payload(pd.concat([listings.head(5000)] * 2))  # rows the model was trained on
-
-        def ask(_):
-            return requests.post(f"{url}/invocations", json=batch, timeout=120)
-
-        with concurrent.futures.ThreadPoolExecutor(12) as pool:
-            answers = list(pool.map(ask, range(12)))
-        statuses = sorted(a.status_code for a in answers)
-        refused = [a for a in answers if a.status_code == 429]
-        assert set(statuses) == {200, 429} and len(refused) >= 6, statuses
-        assert all(a.headers["retry-after"] == "1" and a.json()["error_code"] == "TOO_MANY_REQUESTS" for a in refused)
-        assert max(a.elapsed.total_seconds() for a in refused) < min(a.elapsed.total_seconds() for a in answers
-                                                                      if a.status_code == 200)
+        wait_until(f"{url}/ping")
+        batch = predict.payload(listings.head(20))
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            app.predicting.acquire()  # the model is held: an admitted request waits for it
+            try:
+                answers = [pool.submit(requests.post, f"{url}/invocations", json=batch, timeout=120)
+                           for _ in range(6)]
+                first = concurrent.futures.as_completed(answers, timeout=60)
+                refused = [next(first).result() for _ in range(4)]
+                assert all(r.status_code == 429 and r.headers["retry-after"] == "1"
+                           and r.json()["error_code"] == "TOO_MANY_REQUESTS" for r in refused)
+                assert sum(not a.done() for a in answers) == 2  # still admitted, unanswered
+            finally:
+                app.predicting.release()
+            assert sorted(a.result(timeout=120).status_code for a in answers) == [200, 200, 429, 429, 429, 429]
         good(url, listings)
     finally:
-        stop(process)
+        server.should_exit = True
+        thread.join(timeout=30)
 
 
 @pytest.mark.parametrize("leaves", [True, False])
