@@ -6,7 +6,12 @@ their steps are in components/steps.py, and the logic of each step in its stage'
 
 import sys
 
-from pipelines.cli import main
+if __name__ == "__main__":
+    from pipelines import warm
+
+    warm.start_early(sys.argv[1:])  # a local run's step processes import while this one does
+
+from pipelines.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,7 +20,7 @@ from kfp import local
 from components import sources, tracking
 from components.errors import StepError
 from images import catalog
-from pipelines import PIPELINES
+from pipelines import PIPELINES, warm
 from pipelines.progress import ANSI, Progress
 
 
@@ -50,6 +50,8 @@ def run_once(pipeline, params: dict, pipeline_root: str, cache: bool, runner: st
     except StepError as exc:
         print(f"FAILED: {exc}", file=sys.stderr)
         return 1
+    if runner == "subprocess":
+        warm.start()  # its imports go on while this process reads the data and builds the DAG
     kfp_run = f"local-{uuid.uuid4().hex[:12]}"
     # Steps group their MLflow runs by KFP_RUN_ID (in a cluster, KFP's own run id takes its place) and note who
     # runs them, so that a later run can close what a killed one left RUNNING.

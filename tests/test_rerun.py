@@ -174,11 +174,10 @@ def descendants(pid: int) -> list[int]:
 
 
 def step_process(pid: int, step: str) -> int:
-    """The process of a kfp.local task of `step` under the pipeline process `pid`."""
+    """The process of a kfp.local task of `step` under the pipeline process `pid` (pipelines/warm.py names it)."""
     for child in set(descendants(pid)):
         with contextlib.suppress(OSError):
-            argv = Path(f"/proc/{child}/cmdline").read_bytes().decode().split("\0")
-            if "kfp.dsl.executor_main" in argv and argv[argv.index("--function_to_execute") + 1] == step:
+            if Path(f"/proc/{child}/comm").read_text().strip() == f"kfp:{step}":
                 return child
     raise LookupError(f"no process of step {step} under {pid}")
 
