@@ -62,7 +62,7 @@ IMAGE_NAMES ?=
 include manifests/cluster.mk
 
 .PHONY: help venv mlflow mlflow-stop run run-docker compile submit predict-batch submit-batch monitor schedule \
-        unschedule test test-core serve-local predict promote rollback bench bench-serve \
+        unschedule test test-fast test-core serve-local predict promote rollback bench bench-serve \
         base-image images test-images clean
 
 help:  ## List the targets
@@ -150,15 +150,23 @@ unschedule: venv  ## Remove the monitoring recurring run from KFP
 	@$(KFP_API); \
 	$(PY) pipeline.py unschedule --host $(KFP_HOST)
 
-test: venv checkov  ## Unit, compile, manifest and end-to-end tests (starts its own MLflow server)
-	$(PY) -m pytest
+# Test processes at once (pytest-xdist), each with its own MLflow server; a module runs whole in one of them but for
+# a few spread test by test, longest first (tests/conftest.py).
+TEST_WORKERS ?= 2
+XDIST = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
+test: venv checkov  ## Every test but the container tier: unit, compile, manifests, servers, pipeline runs (about 11 min)
+	$(PY) -m pytest $(XDIST)
+
+test-fast: venv checkov  ## The tests that need no server and run no pipeline (under a minute): run it while you edit
+	$(PY) -m pytest $(XDIST) -m 'not server and not slow and not images'
 
 # What CI runs on every supported Python besides the full suite on 3.11: no manifests (kubectl, checkov) or serving.
 CORE_TESTS ?= tests/test_sources.py tests/test_listings.py tests/test_checks.py tests/test_drift.py tests/test_cities.py \
   tests/test_model.py tests/test_reports.py tests/test_compile.py tests/test_cli.py tests/test_preflight.py tests/test_tracking.py \
-  tests/test_promotion.py tests/test_local.py::test_first_run_registers_a_prod_model_with_lineage
+  tests/test_promotion.py tests/test_warm.py tests/test_local.py::test_first_run_registers_a_prod_model_with_lineage
 test-core: venv  ## Unit, compile and registry tests and one end-to-end run (CI: on Python 3.12 and 3.13 too)
-	$(PY) -m pytest $(CORE_TESTS)
+	$(PY) -m pytest $(XDIST) $(CORE_TESTS)
 
 serve-local: venv mlflow  ## Serve MODEL_URI (default the prod model) from the local MLflow server on PORT
 	$(PY) -m components.serve --model $(MODEL_URI) --port $(PORT) --workers $(SERVE_WORKERS)

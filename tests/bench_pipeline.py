@@ -1,6 +1,6 @@
 """Pipeline benchmark: `make bench`. Prints figures (and writes them to local_outputs/bench/); asserts nothing.
 
-For each data size (the shipped 20k sample, then larger sets resampled from it with small seeded noise) it runs
+First a run of each learner on the sample, side by side. For each data size (the shipped 20k sample, then larger sets resampled from it with small seeded noise) it runs
 `pipeline.py run` three times against its own MLflow server: a first run (no prod yet), the identical re-run (the
 cache), and a run on other data of the same size (with prod to compare with, as next month's run). Per step it
 reads what the step logged (compute, start-up, peak memory) and takes each task's wall time from kfp.local's log.
@@ -134,6 +134,22 @@ def model_figures(sample: pd.DataFrame) -> list[str]:
     return lines
 
 
+def learners_side_by_side(source: str, root: Path) -> list[str]:
+    """A first run of each learner on the sample, one after the other: the default (the booster) against the forest.
+    Their difference is the fit; what they share is the floor of a run (start-up, MLflow, kfp.local)."""
+    lines = ["| learner | wall s | train wall s | other steps s |", "|---|---|---|---|"]
+    walls = {}
+    for learner in ("hist_gbm", "random_forest"):
+        name = f"side-{learner.replace('_', '-')}"
+        stdout, wall, _ = pipeline_run(["--pipeline-root", str(root / name), "--param", f"source={source}",
+                                        "--param", f"model_name={name}", "--param", f"learner={learner}"], name)
+        steps = task_walls(stdout)
+        walls[learner] = wall
+        lines.append(f"| {learner} | {wall:.1f} | {steps['train']:.1f} | {sum(steps.values()) - steps['train']:.1f} |")
+    lines.append(f"\ndefault / forest: {walls['hist_gbm'] / walls['random_forest']:.0%}")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="20000,100000,500000", help="rows per data set (20000: the sample)")
@@ -162,6 +178,10 @@ def main() -> None:
                  "|---|---|---|---|---|---|---|"]
         try:
             wait_until(f"{uri}/health", process=server)
+            side = ["## The two learners side by side (the sample, first runs)", "",
+                    *learners_side_by_side(sources.DEFAULT_SOURCE, home), ""]
+            print("\n".join(side), flush=True)
+            report += side
             for rows in (int(n) for n in args.sizes.split(",")):
                 files = {}
                 for seed in (0, 1):

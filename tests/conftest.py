@@ -18,9 +18,41 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT.parent / "shared" / "data" / "nyc_airbnb_sample1.csv"
 
 
+# A test that needs any of these is marked `server`; `make test-fast` runs the rest.
+SERVERS = {"mlflow_server", "own_server", "browser"}
+# Modules by how long they take, longest first (README, "Where the time goes"): a free worker takes the next module
+# (or test) in this order, so starting the long ones first ends both workers together.
+SLOWEST_FIRST = ["test_rerun", "test_serve", "test_monitor", "test_local", "test_promotion", "test_batch",
+                 "test_cities", "test_model"]
+# Modules whose tests xdist may spread over workers one by one: they share no module-scoped fixture (or only a cheap
+# one), and each is long. Every other module runs whole in one worker, so its module fixtures are built once.
+ONE_BY_ONE = {"test_rerun", "test_serve"}
+
+
 def pytest_configure(config):
     # MLflow's usage telemetry would call a public endpoint from the tests and every server they start.
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's --dist loadfile, but the modules of ONE_BY_ONE are spread test by test. (Its loadgroup would do this
+    with marks, but it sets a node id attribute that pytest 9.2 no longer reads.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return nodeid if Path(module).stem in ONE_BY_ONE else module
+
+    return Scheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SERVERS & set(item.fixturenames):
+            item.add_marker("server")
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))
 
 
 def free_port() -> int:
@@ -64,7 +96,8 @@ def mlflow_server(tmp_path_factory) -> str:
     uri = f"http://127.0.0.1:{port}"
     log = open(home / "server.log", "w")
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+        # One worker process (MLflow's default is 4, each importing MLflow): it answers concurrent requests in threads.
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{home}/mlflow.db", "--artifacts-destination", str(home / "artifacts")],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )

@@ -760,6 +760,7 @@ def test_the_steps_reader_may_read_bucket_data_only(objects):
     assert all(s["Effect"] == "Allow" for s in policy["Statement"])
 
 
+@pytest.mark.slow  # make deploy three times against the stand-in kubectl
 def test_deploy_keeps_credentials_and_refuses_conflicting_ones(tmp_path):
     first = run_with_fake_kubectl(tmp_path, "deploy", MINIO_ROOT_USER="admin", MINIO_ROOT_PASSWORD="p4ssw0rd-given")
     assert first["result"].returncode == 0, first["result"].stderr

@@ -55,6 +55,7 @@ def test_trusted_types_are_exactly_what_the_model_holds(learner, request):
         sorted(saved_model.skops_trusted_types(held, learner))
 
 
+@pytest.mark.slow  # fits the reference forest on the whole sample
 def test_the_boosted_model_beats_the_reference_forest_on_validation(boosted, splits):
     """The default learner against the reference forest with its own parameters, on the same rows."""
     forest = model.fit(splits[0], model.ModelParams(learner="random_forest"))

@@ -208,6 +208,7 @@ def schedule(kfp: KfpStandIn, specs: dict, *extra: str) -> subprocess.CompletedP
     return cli("schedule", "--host", kfp.url, "--spec", specs["monitor"], "--training-spec", specs["training"], *extra)
 
 
+@pytest.mark.slow  # pipeline.py schedule and unschedule against the stand-in KFP API server
 def test_schedule_makes_one_recurring_monitoring_run_and_unschedule_removes_it(specs):
     with KfpStandIn() as kfp:
         result = schedule(kfp, specs, "--cron", "30 6 * * 1", "--param", "source=s3://data/new.csv",

@@ -17,11 +17,22 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+import pytest
 from conftest import ROOT
 from mlflow.tracking import MlflowClient
 
 SMALL = ["learner=random_forest", "n_estimators=10", "max_depth=10"]
 WEAK = ["learner=random_forest", "n_estimators=2", "max_depth=2"]
+# These runs test what happens around a run, not the model: 6,000 listings of the sample are enough for every
+# decision they make (a run on them takes about half the time of one on the whole sample).
+ROWS = 6000
+
+
+@pytest.fixture(scope="module")
+def source(sample_path, tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("source") / "listings.csv"
+    pd.read_csv(sample_path).head(ROWS).to_csv(path, index=False)
+    return f"source={path}"
 
 
 def start(uri: str, tmp_path, model: str, *params: str, experiment: str = "rerun") -> subprocess.Popen:
@@ -67,11 +78,11 @@ def test_new_bytes_behind_the_same_source_reach_training_and_identical_ones_are_
     mlflow.set_tracking_uri(mlflow_server)
     model, source = f"rerun-{uuid.uuid4().hex[:6]}", tmp_path / "listings.csv"
     sample = pd.read_csv(sample_path)
-    sample.iloc[:12000].to_csv(source, index=False)
+    sample.iloc[:ROWS].to_csv(source, index=False)
     code, out = run(mlflow_server, tmp_path, model, f"source={source}", *SMALL)
     assert code == 0 and "version 1: now prod" in out, out[-3000:]
     # Next month: new listings behind the same path.
-    sample.iloc[8000:].to_csv(source, index=False)
+    sample.iloc[ROWS // 2:ROWS * 3 // 2].to_csv(source, index=False)
     code, out = run(mlflow_server, tmp_path, model, f"source={source}", *SMALL)
     assert code == 0, out[-3000:]
     assert "reused from the cache" not in out
@@ -88,14 +99,14 @@ def test_new_bytes_behind_the_same_source_reach_training_and_identical_ones_are_
     assert versions(model) == ["1", "2"]
 
 
-def test_overlapping_good_and_weak_runs_leave_the_good_one_prod(mlflow_server, tmp_path):
+def test_overlapping_good_and_weak_runs_leave_the_good_one_prod(mlflow_server, tmp_path, source):
     """Started together with no prod: whichever registers first, the good one ends as prod, and the other run
     says why it did not promote."""
     mlflow.set_tracking_uri(mlflow_server)
     for attempt in range(2):
         model = f"race-{attempt}-{uuid.uuid4().hex[:6]}"
-        good = start(mlflow_server, tmp_path, model, *SMALL)
-        weak = start(mlflow_server, tmp_path, model, *WEAK)
+        good = start(mlflow_server, tmp_path, model, source, *SMALL)
+        weak = start(mlflow_server, tmp_path, model, source, *WEAK)
         (good_out, _), (weak_out, _) = good.communicate(timeout=900), weak.communicate(timeout=900)
         assert good.returncode == weak.returncode == 0, good_out[-2000:] + weak_out[-2000:]
         client = MlflowClient()
@@ -112,16 +123,16 @@ def test_overlapping_good_and_weak_runs_leave_the_good_one_prod(mlflow_server, t
             assert "worse than prod on " in weak_why and "prod unchanged" in weak_out
 
 
-def test_a_hand_promotion_while_the_run_trains_stands(mlflow_server, tmp_path):
+def test_a_hand_promotion_while_the_run_trains_stands(mlflow_server, tmp_path, source):
     mlflow.set_tracking_uri(mlflow_server)
     model, experiment = f"hand-{uuid.uuid4().hex[:6]}", f"hand-{uuid.uuid4().hex[:6]}"
     for params in (WEAK, WEAK[:1] + ["n_estimators=3", "max_depth=2"]):
-        code, out = run(mlflow_server, tmp_path, model, *params, experiment=experiment)
+        code, out = run(mlflow_server, tmp_path, model, source, *params, experiment=experiment)
         assert code == 0, out[-3000:]
     promote = [sys.executable, "pipeline.py", "promote", "--model-name", model, "--version"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}
     assert subprocess.run(promote + ["1"], cwd=ROOT, env=env, capture_output=True).returncode == 0  # before: fine
-    process = start(mlflow_server, tmp_path, model, *SMALL, experiment=experiment)
+    process = start(mlflow_server, tmp_path, model, source, *SMALL, experiment=experiment)
     wait_for_step(experiment, "train", process)
     promoted = subprocess.run(promote + ["2"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert promoted.returncode == 0 and f"{model}: prod 1 -> 2" in promoted.stdout
@@ -131,10 +142,10 @@ def test_a_hand_promotion_while_the_run_trains_stands(mlflow_server, tmp_path):
     assert MlflowClient().get_model_version_by_alias(model, "prod").version == "2"
 
 
-def test_mlflow_gone_mid_train_fails_fast_and_the_next_run_cleans_up_and_reuses(own_server, tmp_path):
+def test_mlflow_gone_mid_train_fails_fast_and_the_next_run_cleans_up_and_reuses(own_server, tmp_path, source):
     model, experiment = f"gone-{uuid.uuid4().hex[:6]}", "gone"
     # The reference forest: a fit long enough to stop the server in the middle of it.
-    process = start(own_server["uri"], tmp_path, model, "learner=random_forest", experiment=experiment)
+    process = start(own_server["uri"], tmp_path, model, source, "learner=random_forest", experiment=experiment)
     wait_for_step(experiment, "train", process)
     own_server["down"]()
     killed_at = time.monotonic()
@@ -147,7 +158,7 @@ def test_mlflow_gone_mid_train_fails_fast_and_the_next_run_cleans_up_and_reuses(
     own_server["up"]()
     assert versions(model) == []
     assert running(experiment) == ["pipeline", "train"]  # left RUNNING while the server was gone
-    code, out = run(own_server["uri"], tmp_path, model, "learner=random_forest", experiment=experiment)
+    code, out = run(own_server["uri"], tmp_path, model, source, "learner=random_forest", experiment=experiment)
     assert code == 0, out[-3000:]
     assert "closed the MLflow runs that pipeline run local-" in out
     assert "reused from the cache: clean, download, split (same data sha256" in out
@@ -155,7 +166,7 @@ def test_mlflow_gone_mid_train_fails_fast_and_the_next_run_cleans_up_and_reuses(
     # The server reset (an empty database): cached outputs name runs that no longer exist, so none is reused.
     own_server["down"]()
     own_server["up"](reset=True)
-    code, out = run(own_server["uri"], tmp_path, model, "learner=random_forest", experiment=experiment)
+    code, out = run(own_server["uri"], tmp_path, model, source, "learner=random_forest", experiment=experiment)
     assert code == 0, out[-3000:]
     assert "reused from the cache" not in out and versions(model) == ["1"]
 
@@ -182,12 +193,13 @@ def step_process(pid: int, step: str) -> int:
     raise LookupError(f"no process of step {step} under {pid}")
 
 
-def test_a_train_step_killed_mid_fit_fails_the_run_and_the_next_run_reuses_only_finished_steps(mlflow_server, tmp_path):
+def test_a_train_step_killed_mid_fit_fails_the_run_and_the_next_run_reuses_only_finished_steps(mlflow_server, tmp_path,
+                                                                                               source):
     mlflow.set_tracking_uri(mlflow_server)
     model, experiment = f"killed-{uuid.uuid4().hex[:6]}", f"killed-{uuid.uuid4().hex[:6]}"
-    code, out = run(mlflow_server, tmp_path, model, *WEAK, experiment=experiment)
+    code, out = run(mlflow_server, tmp_path, model, source, *WEAK, experiment=experiment)
     assert code == 0, out[-3000:]
-    process = start(mlflow_server, tmp_path, model, "learner=random_forest", experiment=experiment)
+    process = start(mlflow_server, tmp_path, model, source, "learner=random_forest", experiment=experiment)
     wait_for_step(experiment, "train", process)
     os.kill(step_process(process.pid, "train"), signal.SIGKILL)
     out, _ = process.communicate(timeout=600)
@@ -196,7 +208,7 @@ def test_a_train_step_killed_mid_fit_fails_the_run_and_the_next_run_reuses_only_
         "FAILED at train: its process ended without an error message (killed, or out of memory?) (full log: ")
     assert versions(model) == ["1"] and MlflowClient().get_model_version_by_alias(model, "prod").version == "1"
     assert running(experiment) == []  # the killed step's run was closed by its pipeline process
-    code, out = run(mlflow_server, tmp_path, model, "learner=random_forest", experiment=experiment)
+    code, out = run(mlflow_server, tmp_path, model, source, "learner=random_forest", experiment=experiment)
     assert code == 0, out[-3000:]
     assert "reused from the cache: clean, download, split (same data sha256" in out  # train ran again, whole
     assert versions(model) == ["1", "2"] and running(experiment) == []

@@ -452,6 +452,7 @@ def test_roll_serving_patches_the_deployment_annotation(monkeypatch, tmp_path, s
     assert seen["body"] == {"spec": {"template": {"metadata": {"annotations": {rollout.ANNOTATION: "4"}}}}}
 
 
+@pytest.mark.server  # starts MLflow's basic-auth app itself
 def test_the_cluster_s_mlflow_auth_refuses_strangers_and_admits_the_model_server(listings, tmp_path, monkeypatch):
     """MLflow's basic-auth app as manifests/mlflow/ configures it (its PostgreSQL swapped for SQLite): a request
     without a user gets 401, /health stays open for probes, and clients with the generated user work."""
