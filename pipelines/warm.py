@@ -2,8 +2,8 @@
 one that has already imported what steps use (kfp's executor, MLflow, pandas, scikit-learn, skops, the components).
 
 A step started cold spends about 2 s importing before its work (MLflow alone about 1.5 s), eight or more times a
-run. Python's forkserver pays that once per `pipeline.py run`: the server process only imports (no thread, no
-connection, no step code), and each task is a fresh fork of it, so nothing passes from one step to the next.
+run. Python's forkserver pays that once per `pipeline.py run`: the server process only imports (no step code, no
+connection, no thread of Python's), and each task is a fresh fork of it, so nothing passes from one step to the next.
 The task's command is kfp's own (kfp 2.17.0, pinned in pyproject.toml):
     sh -ec 'program_path=$(mktemp -d); printf "%s" "$0" > "$program_path/ephemeral_component.py";
             _KFP_RUNTIME=true python3 -m kfp.dsl.executor_main --component_module_path ... "$@"' SOURCE ARGS...
