@@ -1,7 +1,8 @@
 """Pipeline benchmark: `make bench`. Prints figures (and writes them to local_outputs/bench/); asserts nothing.
 
-First a run of each learner on the sample, side by side. For each data size (the shipped 20k sample, then larger sets resampled from it with small seeded noise) it runs
-`pipeline.py run` three times against its own MLflow server: a first run (no prod yet), the identical re-run (the
+First runs of each learner on the sample, side by side (alternated, the fastest of two each). Then for each data
+size (the shipped 20k sample, then larger sets resampled from it with small seeded noise) it runs `pipeline.py run`
+three times against its own MLflow server: a first run (no prod yet), the identical re-run (the
 cache), and a run on other data of the same size (with prod to compare with, as next month's run). Per step it
 reads what the step logged (compute, start-up, peak memory) and takes each task's wall time from kfp.local's log.
 Then batch scoring (`pipeline.py run --pipeline batch`) of the other data with the prod just made, beside the
@@ -134,19 +135,22 @@ def model_figures(sample: pd.DataFrame) -> list[str]:
     return lines
 
 
-def learners_side_by_side(source: str, root: Path) -> list[str]:
-    """A first run of each learner on the sample, one after the other: the default (the booster) against the forest.
-    Their difference is the fit; what they share is the floor of a run (start-up, MLflow, kfp.local)."""
+def learners_side_by_side(source: str, root: Path, rounds: int = 2) -> list[str]:
+    """First runs of each learner on the sample, alternated, `rounds` each (the fastest is shown: the machine is
+    shared): the default (the booster) against the forest. Their difference is the fit; what they share is the
+    floor of a run (start-up, MLflow, kfp.local)."""
+    best: dict[str, tuple[float, dict]] = {}
+    for round_ in range(rounds):
+        for learner in ("hist_gbm", "random_forest"):
+            name = f"side-{learner.replace('_', '-')}-{round_}"
+            stdout, wall, _ = pipeline_run(["--pipeline-root", str(root / name), "--param", f"source={source}",
+                                            "--param", f"model_name={name}", "--param", f"learner={learner}"], name)
+            if learner not in best or wall < best[learner][0]:
+                best[learner] = (wall, task_walls(stdout))
     lines = ["| learner | wall s | train wall s | other steps s |", "|---|---|---|---|"]
-    walls = {}
-    for learner in ("hist_gbm", "random_forest"):
-        name = f"side-{learner.replace('_', '-')}"
-        stdout, wall, _ = pipeline_run(["--pipeline-root", str(root / name), "--param", f"source={source}",
-                                        "--param", f"model_name={name}", "--param", f"learner={learner}"], name)
-        steps = task_walls(stdout)
-        walls[learner] = wall
+    for learner, (wall, steps) in best.items():
         lines.append(f"| {learner} | {wall:.1f} | {steps['train']:.1f} | {sum(steps.values()) - steps['train']:.1f} |")
-    lines.append(f"\ndefault / forest: {walls['hist_gbm'] / walls['random_forest']:.0%}")
+    lines.append(f"\ndefault / forest: {best['hist_gbm'][0] / best['random_forest'][0]:.0%} (fastest of {rounds} each)")
     return lines
 
 
@@ -168,7 +172,7 @@ def main() -> None:
         home, port = Path(tmp), free_port()
         uri = f"http://127.0.0.1:{port}"
         server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{home}/mlflow.db", "--artifacts-destination", str(home / "art")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         os.environ["MLFLOW_TRACKING_URI"] = uri
