@@ -39,8 +39,7 @@ def start_early(argv: list[str]) -> None:
     if "--runner" in argv[:-1]:
         runner = argv[argv.index("--runner") + 1]
     if argv[:1] == ["run"] and runner in (None, "subprocess"):
-        CONTEXT.set_forkserver_preload(PRELOAD)
-        forkserver.ensure_running()
+        _serve()
 
 
 def start() -> None:
@@ -48,11 +47,16 @@ def start() -> None:
     global _cold
     from kfp.local import subprocess_task_handler
 
-    CONTEXT.set_forkserver_preload(PRELOAD)
-    forkserver.ensure_running()
+    _serve()
     if _cold is None:
         _cold = subprocess_task_handler.run_local_subprocess
         subprocess_task_handler.run_local_subprocess = run_task
+
+
+def _serve() -> None:
+    """The forkserver with PRELOAD, started unless it runs."""
+    CONTEXT.set_forkserver_preload(PRELOAD)
+    forkserver.ensure_running()
 
 
 def task(full_command: list[str]) -> tuple[str, list[str]] | None:
