@@ -16,40 +16,51 @@ PY := $(VENV)/bin/python
 
 # Local MLflow server (sqlite + artifact folder on 127.0.0.1), started by `make mlflow` when none answers; one worker
 # process (MLflow's default is four): a run is faster against it (bench: 17.9 s against 20.6 s) and it starts sooner.
+#: the port of the local MLflow server make starts (another one is already on 5000: MLFLOW_PORT=5001)
 MLFLOW_PORT ?= 5000
+#: the MLflow server the runs use; a 127.0.0.1 or localhost address is started when nothing answers there
 MLFLOW_TRACKING_URI ?= http://127.0.0.1:$(MLFLOW_PORT)
+#: where the local MLflow server keeps its database, artifacts and log
 MLFLOW_DIR ?= .mlflow
 export MLFLOW_TRACKING_URI
 # MLflow's usage telemetry would call a public endpoint from every step and server: off everywhere.
 export MLFLOW_DISABLE_TELEMETRY = true
 
+#: the listings to run on: a path, file://, http(s)://, s3:// or sample:// (default: the shipped sample)
 DATA_URL ?=
+#: pipeline parameters, e.g. PARAMS="learner=random_forest max_price=500" (a name it does not know lists them all)
 PARAMS ?=
-# A grid of sweep trials, e.g. SWEEP="learning_rate=0.05,0.1 max_leaf_nodes=31,63" (4 trials); empty: one trial.
+#: a grid of sweep trials, e.g. SWEEP="learning_rate=0.05,0.1 max_leaf_nodes=31,63" (4 trials); empty: one trial
 SWEEP ?=
 PIPELINE_SPEC ?= pipeline.yaml
 BATCH_SPEC ?= pipeline-batch.yaml
 MONITOR_SPEC ?= pipeline-monitor.yaml
-# Batch scoring: the model version to price with (default: the prod version of MODEL_NAME, resolved at the start).
+#: batch scoring: the model version to price with, e.g. MODEL=3 (default: the prod version of MODEL_NAME)
 MODEL ?=
 # KFP API through a port-forward of the dashboard (make ui, or make submit opens one for itself).
 KFP_PORT ?= 8081
 KFP_HOST ?= http://127.0.0.1:$(KFP_PORT)
+#: submit: WAIT=1 waits for the cluster run to end and prints its outcome
 WAIT ?=
+#: NO_CACHE=1 runs every step again instead of reusing the unchanged ones
 NO_CACHE ?=
-# Monitoring: RETRAIN=1 starts the training pipeline on the new listings when they drifted (default: report only).
+#: monitoring: RETRAIN=1 starts the training pipeline on the new listings when they drifted (default: report only)
 RETRAIN ?=
 # When the cluster's recurring monitoring run starts: 5 cron fields (KFP's 6, seconds first, also do).
 CRON ?= 0 6 * * *
-# 1: print kfp.local's whole output (every task's input and logs) instead of a line per step and a log file.
+#: VERBOSE=1 prints kfp.local's whole output (every task's input and logs) instead of a line per step and a log file
 VERBOSE ?=
 
 # Serving (the same command runs locally, in the serving image and in the cluster's pod).
+#: the local model server's port (serve-local, predict)
 PORT ?= 8080
+#: the registered model the targets are about
 MODEL_NAME ?= rental-price
 MODEL_URI ?= models:/$(MODEL_NAME)@prod
 PREDICT_URL ?= http://127.0.0.1:$(PORT)
+#: promote: the version to make prod, e.g. VERSION=3
 VERSION ?=
+#: serve-local: the model server's worker processes
 SERVE_WORKERS ?= 1
 DATA_ARG = $(if $(DATA_URL),--data $(DATA_URL))
 
@@ -63,11 +74,18 @@ IMAGE_NAMES ?=
 include manifests/cluster.mk
 
 .PHONY: help venv mlflow mlflow-stop run run-docker compile submit predict-batch submit-batch monitor schedule \
-        unschedule test test-fast test-core serve-local predict promote rollback bench bench-serve \
+        unschedule test test-tools test-fast test-core serve-local predict promote rollback bench bench-serve \
         base-image images test-images clean
 
-help:  ## List the targets
+help:  ## List the targets and the settings a run takes
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+	@echo; echo "Settings (on the command line: make run MLFLOW_PORT=5001 PARAMS=\"learner=random_forest\"):"
+	@awk '/^#: /{doc = substr($$0, 4); next} doc && /^[A-Z_]+ \?=/{split($$0, kv, / \?= ?/); \
+	  printf "  %-20s %s%s\n", kv[1], doc, kv[2] == "" ? "" : " [" kv[2] "]"} {doc = ""}' $(MAKEFILE_LIST)
+
+# A mistyped target: one line naming the nearest (a file without a rule, like pyproject.toml, is left alone).
+.DEFAULT:
+	$(if $(wildcard $@),,$(error no target '$@'$(shell python3 -c 'import difflib, sys; m = difflib.get_close_matches(sys.argv[1], sys.argv[2:], 1); print(f"; did you mean {m[0]}?" if m else "")' $@ $(shell grep -hoE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | cut -d: -f1)) (make help lists them)))
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	@[ -n "$(PYTHON)" ] || { echo "no Python 3.11 to 3.13 found (python3 is $$(python3 --version 2>&1 || echo missing)):" \
@@ -75,30 +93,45 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	@$(PYTHON) manifests/preflight.py --python >&2
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test]'
+	@# setuptools warns of any editable install that folders beside the package could be imported: not actionable.
+	PYTHONWARNINGS='ignore:Editable installation' $(VENV)/bin/pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
 venv: $(VENV)/.installed  ## Create the Python environment (.venv, pinned by constraints.txt)
 
-mlflow: venv  ## Start a local MLflow server unless one answers at MLFLOW_TRACKING_URI
-	@if curl -sf -o /dev/null $(MLFLOW_TRACKING_URI)/health; then \
+# Ready means its API answers (a call that reads its database), not only /health: the first call after a start can
+# take seconds on a busy machine, and a step's 5-s read timeout would fail on it.
+MLFLOW_READY = --max-time 30 $(MLFLOW_TRACKING_URI)/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default
+MLFLOW_START_SECONDS ?= 180
+
+mlflow: venv  ## Start a local MLflow server on MLFLOW_PORT unless one answers at MLFLOW_TRACKING_URI
+	@if curl -sf -o /dev/null $(MLFLOW_READY); then \
 	  echo "MLflow answers at $(MLFLOW_TRACKING_URI): reusing it"; \
-	elif [ "$(MLFLOW_TRACKING_URI)" != "http://127.0.0.1:$(MLFLOW_PORT)" ]; then \
-	  echo "MLflow does not answer at $(MLFLOW_TRACKING_URI), and that is not the local default to start" >&2; exit 1; \
+	elif ! [[ "$(MLFLOW_TRACKING_URI)" =~ ^http://(127\.0\.0\.1|localhost):([0-9]+)/?$$ ]]; then \
+	  echo "MLflow does not answer at $(MLFLOW_TRACKING_URI): start it there, or leave MLFLOW_TRACKING_URI unset" \
+	    "and make starts one on 127.0.0.1:$(MLFLOW_PORT) (another port: MLFLOW_PORT=5001)" >&2; exit 1; \
 	else \
-	  mkdir -p $(MLFLOW_DIR); \
-	  setsid nohup $(VENV)/bin/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 \
+	  port=$${BASH_REMATCH[2]}; mkdir -p $(MLFLOW_DIR); \
+	  setsid nohup $(VENV)/bin/mlflow server --host 127.0.0.1 --port $$port --workers 1 \
 	    --backend-store-uri sqlite:///$(abspath $(MLFLOW_DIR))/mlflow.db \
 	    --artifacts-destination $(abspath $(MLFLOW_DIR))/artifacts >$(MLFLOW_DIR)/server.log 2>&1 & \
 	  echo $$! >$(MLFLOW_DIR)/server.pid; \
-	  curl -sf -o /dev/null --retry 90 --retry-connrefused --retry-delay 1 $(MLFLOW_TRACKING_URI)/health \
-	    || { echo "MLflow did not start; see $(MLFLOW_DIR)/server.log" >&2; exit 1; }; \
-	  echo "started MLflow at $(MLFLOW_TRACKING_URI) (data in $(MLFLOW_DIR)/; stop: make mlflow-stop)"; \
+	  echo "starting MLflow at $(MLFLOW_TRACKING_URI) (data and log in $(MLFLOW_DIR)/)"; \
+	  if ! curl -sf -o /dev/null --retry $(MLFLOW_START_SECONDS) --retry-max-time $(MLFLOW_START_SECONDS) \
+	      --retry-connrefused --retry-delay 1 $(MLFLOW_READY); then \
+	    tail -n 5 $(MLFLOW_DIR)/server.log >&2; $(MAKE) --no-print-directory mlflow-stop >/dev/null; \
+	    echo "MLflow did not answer at $(MLFLOW_TRACKING_URI) within $(MLFLOW_START_SECONDS) s, so it was stopped;" \
+	      "its log: $(abspath $(MLFLOW_DIR))/server.log (its last lines are above)" >&2; exit 1; \
+	  fi; \
+	  echo "started MLflow at $(MLFLOW_TRACKING_URI) (stop: make mlflow-stop)"; \
 	fi
 
-mlflow-stop:  ## Stop the local MLflow server started by `make mlflow` (its data stays in .mlflow/)
+mlflow-stop:  ## Stop the local MLflow server started by `make mlflow`; returns once its processes are gone
 	@if [ -f $(MLFLOW_DIR)/server.pid ]; then \
-	  kill -- -$$(cat $(MLFLOW_DIR)/server.pid) 2>/dev/null || true; rm -f $(MLFLOW_DIR)/server.pid; echo "stopped"; \
+	  group=$$(cat $(MLFLOW_DIR)/server.pid); kill -- -$$group 2>/dev/null || true; \
+	  for _ in $$(seq 100); do kill -0 -- -$$group 2>/dev/null || break; sleep 0.2; done; \
+	  kill -KILL -- -$$group 2>/dev/null || true; rm -f $(MLFLOW_DIR)/server.pid; \
+	  echo "stopped the local MLflow server (its data stays in $(MLFLOW_DIR)/)"; \
 	else echo "no local MLflow server started here"; fi
 
 RUN_PARAMS = $(if $(DATA_URL),--param source=$(DATA_URL)) $(foreach p,$(PARAMS),--param '$(p)') \
@@ -153,11 +186,22 @@ unschedule: venv  ## Remove the monitoring recurring run from KFP
 
 # Test processes at once (pytest-xdist), each with its own MLflow server; a module runs whole in one of them but for
 # a few spread test by test, longest first (tests/conftest.py).
+#: the processes the tests run in (pytest-xdist)
 TEST_WORKERS ?= 2
 XDIST = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-test: venv checkov  ## Every test but the container tier: unit, compile, manifests, servers, pipeline runs (about 11 min)
+test: test-tools venv checkov  ## Every test but the container tier: unit, compile, manifests, servers, pipeline runs (about 11 min)
 	$(PY) -m pytest $(XDIST)
+
+# The system tools the suite needs besides Python, each named with how to get it, before anything runs (one line).
+TOOLS_MISSING = $(strip $(shell \
+  kubectl version --client 2>/dev/null | grep -q '^Kustomize Version: v5' || echo "make test needs kubectl 1.27 or" \
+    "later (its kustomize v5 builds manifests/; Debian's kubernetes-client is 1.20, too old):" \
+    "https://kubernetes.io/docs/tasks/tools/;"; \
+  { command -v chromium || command -v chromium-browser || command -v google-chrome; } >/dev/null \
+    || echo "make test needs Chromium (the browser tests): sudo apt-get install -y chromium"))
+test-tools:
+	@:$(if $(filter make,$(TOOLS_MISSING)),$(error $(TOOLS_MISSING)))
 
 test-fast: venv checkov  ## The tests that need no server and run no pipeline (under a minute): run it while you edit
 	$(PY) -m pytest $(XDIST) -m 'not server and not slow and not images'

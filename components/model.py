@@ -364,10 +364,19 @@ def check_inputs(rows: pd.DataFrame, profile: dict | None) -> tuple[pd.DataFrame
                 problems.append(Problem(row, column, f"{_shown(value)} is not among the values the model was trained "
                                                      f"on ({shown})", False))
             elif low_high is not None and not low <= value <= high:
-                problems.append(Problem(row, column, f"{value:g} is outside the range the model was trained on "
-                                                     f"({low_high[0]:g} to {low_high[1]:g})", False))
+                shown_value, shown_low, shown_high = _apart(value, *low_high)
+                problems.append(Problem(row, column, f"{shown_value} is outside the range the model was trained on "
+                                                     f"({shown_low} to {shown_high})", False))
     order = {c: i for i, c in enumerate(features)}
     return pd.DataFrame(typed, columns=features), sorted(problems, key=lambda p: (p.row, order[p.field]))
+
+
+def _apart(value: float, low: float, high: float) -> tuple[str, str, str]:
+    """The three with the fewest significant digits (6 at least) that tell the value from the bound it is beyond:
+    rounded alike, 40.50866 below 40.50871 would read "40.5087 is outside (40.5087 to ...)"."""
+    bound = low if value < low else high
+    digits = next((d for d in range(6, 17) if f"{value:.{d}g}" != f"{bound:.{d}g}"), 17)
+    return tuple(f"{x:.{digits}g}" for x in (value, low, high))
 
 
 def numbers_from_text(rows: pd.DataFrame) -> pd.DataFrame:

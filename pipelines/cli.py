@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import itertools
 import json
 import os
@@ -42,8 +43,13 @@ def parse_params(pairs: list[str], pipeline: str = "training") -> dict:
         if sep and key in city_fields:
             changes[key] = profile_value(key, value)
             continue
-        if not sep or key not in known:
-            sys.exit(f"pipeline.py: --param {pair!r}: expected key=value with key one of {sorted(known) + city_fields}")
+        if not sep:
+            sys.exit(f"pipeline.py: --param {pair!r}: expected key=value")
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known) + city_fields, n=1)
+            sys.exit(f"pipeline.py: --param {pair!r}: {key} is not a parameter of the {pipeline} pipeline"
+                     + (f"; did you mean {close[0]}?" if close else "")
+                     + f" (its parameters: {', '.join(sorted(known) + city_fields)})")
         kind = known[key].annotation
         try:
             params[key] = (sweep_trials(json.loads(value)) if kind is list else city_param(value) if key == "city"

@@ -2,6 +2,8 @@
 
 import dataclasses
 import hashlib
+import os
+import re
 import shlex
 import subprocess
 import types
@@ -10,6 +12,7 @@ import kfp
 import pytest
 
 import pipeline
+from conftest import ROOT, free_port
 from pipelines import cli, dag, local, progress
 from components import cities
 
@@ -45,7 +48,9 @@ def test_a_bad_sweep_or_learner_stops_the_command_before_anything_runs(argv, mes
 
 
 @pytest.mark.parametrize("pair, message", [
-    ("trees=5", "expected key=value with key one of"),
+    ("trees=5", r"trees is not a parameter of the training pipeline \(its parameters: .*n_estimators"),
+    ("learning_rat=0.1", r"learning_rat is not a parameter of the training pipeline; did you mean learning_rate\?"),
+    ("max_prise=500", "did you mean max_price?"),  # a field of the city profile
     ("n_estimators", "expected key=value"),
     ("n_estimators=many", "'many' is not a valid int"),
 ])
@@ -173,3 +178,59 @@ def test_a_sweep_given_twice_is_refused():
 ])
 def test_a_failed_step_is_summed_up_by_its_own_error_and_whether_the_data_was_at_fault(lines, line, invalid_data):
     assert progress.error_line(lines) == (line, invalid_data)
+
+
+def test_every_folder_of_components_is_declared_with_its_data():
+    """setuptools warns of a folder inside the package that `packages` does not list ("Package would be ignored"):
+    every folder is listed, and each of its data files matches its package-data."""
+    import fnmatch
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    for folder in [ROOT / "components", *(ROOT / "components").glob("*/")]:
+        if folder.name == "__pycache__" or not folder.is_dir():
+            continue
+        package = ".".join(folder.relative_to(ROOT).parts)
+        assert package in config["packages"], f"pyproject.toml: {package} is not in [tool.setuptools] packages"
+        for data in folder.iterdir():
+            if data.is_file() and data.suffix != ".py":
+                assert any(fnmatch.fnmatch(data.name, p) for p in config["package-data"].get(package, [])), data
+
+
+def make(*args: str, **env: str) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MAKE"))} | env
+    return subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, env=environment, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_make_help_names_the_settings_and_a_mistyped_target_gets_the_nearest():
+    shown = make("help").stdout
+    for setting in ("MLFLOW_PORT", "MLFLOW_TRACKING_URI", "DATA_URL", "PARAMS", "TEST_WORKERS"):
+        assert re.search(rf"^  {setting} +\S", shown, re.M), shown
+    typo = make("tset-fast")
+    assert typo.returncode != 0
+    assert typo.stderr.strip().splitlines()[-1].endswith("no target 'tset-fast'; did you mean test-fast? (make help "
+                                                         "lists them).  Stop.")
+
+
+@pytest.mark.server
+def test_make_mlflow_returns_when_the_api_answers_and_mlflow_stop_when_its_processes_are_gone(tmp_path):
+    """A local address with any port is started there; a remote one that does not answer is refused saying what
+    to do."""
+    from mlflow.tracking import MlflowClient
+
+    uri, folder = f"http://localhost:{free_port()}", str(tmp_path / "mlflow")
+    started = make("mlflow", MLFLOW_TRACKING_URI=uri, MLFLOW_DIR=folder)
+    assert started.returncode == 0, started.stderr
+    assert MlflowClient(uri).search_experiments()[0].name == "Default"  # at once, no retry
+    group = int((tmp_path / "mlflow" / "server.pid").read_text())
+    again = make("mlflow", MLFLOW_TRACKING_URI=uri, MLFLOW_DIR=folder)
+    assert f"MLflow answers at {uri}: reusing it" in again.stdout
+    stopped = make("mlflow-stop", MLFLOW_DIR=folder)
+    assert stopped.returncode == 0 and "stopped the local MLflow server" in stopped.stdout
+    with pytest.raises(ProcessLookupError):  # every process of the server is gone when the command returns
+        os.killpg(group, 0)
+    remote = make("mlflow", MLFLOW_TRACKING_URI="http://mlflow.invalid:5000", MLFLOW_DIR=folder)
+    assert remote.returncode != 0
+    assert "MLflow does not answer at http://mlflow.invalid:5000: start it there, or leave MLFLOW_TRACKING_URI " \
+           "unset" in remote.stderr

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -213,6 +214,13 @@ def test_inputs_are_checked_against_what_the_model_was_trained_on(splits):
     assert len(model.refused(problems, flag=False)) == 4
     # Without a profile (a model saved before them) only fields and types are checked.
     assert [(p.row, p.field) for p in model.check_inputs(rows, None)[1]] == [(3, "name")]
+    # A number just past its bound is shown with the digits that tell it from the bound.
+    low = profile["ranges"]["latitude"][0]
+    rows = test[model.FEATURES].head(1).astype(object).reset_index(drop=True)
+    rows.at[0, "latitude"] = low - 4e-5
+    (problem,) = model.check_inputs(rows, profile)[1]
+    shown, bound = re.match(r"(\S+) is outside the range the model was trained on \((\S+) to ", problem.problem).groups()
+    assert shown != bound and float(shown) == pytest.approx(low - 4e-5, abs=1e-6) and float(bound) == pytest.approx(low)
 
 
 def test_checked_rows_price_as_the_raw_frame_does(boosted, splits):
