@@ -203,30 +203,58 @@ def column_profile(df: pd.DataFrame) -> list[list]:
         else:
             low = mid = high = "-"
             counts = s.value_counts().head(3)
-            top = f"{s.nunique()} distinct: " + ", ".join(f"{v[:24]} ({n})" for v, n in counts.items())
+            top = (f"{s.nunique()} distinct: " + ", ".join(f"{str(v)[:24]} ({n})" for v, n in counts.items())
+                   if len(counts) else "no values")
         rows.append([column, str(s.dtype), missing, low, mid, high, top])
     return rows
 
 
-def distribution_charts(df: pd.DataFrame, reference: pd.DataFrame, checks: list[Check]) -> list[str]:
-    """For each column a statistical check compares: its shares of rows in the new data and in prod's data."""
+def distribution_charts(df: pd.DataFrame, reference: pd.DataFrame | None, checks: list[Check]) -> list[str]:
+    """Each column the checks look at: its shares of rows in the new data and, when there is a prod, in prod's data
+    (numbers between prod's deciles); with no prod, the new data's own histogram. A column with no values says so."""
     found = {c.check.removesuffix(" drift"): c for c in checks}
-    series = lambda now, then: [("new data", NEW, list(now * 100)), ("prod's data", REFERENCE, list(then * 100))]  # noqa: E731
+    numeric = drift_columns(df, df if reference is None else reference)
     charts = []
-    for column in CATEGORY_COLUMNS + drift_columns(df, reference):
+    for column in [c for c in CATEGORY_COLUMNS if c in df.columns] + numeric:
+        if df[column].isna().all():
+            charts.append(figure(_svg(column, _text(W / 2, 20, "no values in this data"), 30),
+                                 f"{column}: no values in this data", column))
+            continue
+        then = None if reference is None else reference[column]
         if column in CATEGORY_COLUMNS:
-            labels, now, then = category_shares(df[column], reference[column])
+            labels, now, then = category_shares(df[column], df[column] if then is None else then)
             labels, what = [str(v) for v in labels], "per category"
+        elif then is None:
+            labels, now, what = value_bins(df[column])
         else:
-            edges, now, then = numeric_shares(df[column], reference[column])
+            edges, now, then = numeric_shares(df[column], then)
             labels = [f"≤ {number(edges[0])}"] + [f"{number(a)}–{number(b)}" for a, b in zip(edges, edges[1:])] + \
                 [f"> {number(edges[-1])}"]
             what = "between the deciles of prod's data"
         check = found.get(column)
         verdict_ = f" ({check.observed}: {check.status})" if check else ""
-        charts.append(figure(grouped_bars(f"{column}: % of rows {what}", labels, series(now, then), "%"),
+        series = [("new data", NEW, list(now * 100))] + ([] if reference is None else
+                                                          [("prod's data", REFERENCE, list(then * 100))])
+        charts.append(figure(grouped_bars(f"{column}: % of rows {what}", labels, series, "%"),
                              f"{column}: % of rows {what}{verdict_}", column))
     return charts
+
+
+def value_bins(values: pd.Series, bins: int = 12) -> tuple[list[str], np.ndarray, str]:
+    """Equal-width bins between the 1st and 99th percentile (a long tail would squeeze the rest into one bar),
+    the tails in a bin of their own each: labels, shares of rows, and what the bins are."""
+    values = values.dropna().astype(float)
+    low, high = np.quantile(values, [0.01, 0.99])
+    if low == high:
+        return [number(low)], np.array([1.0]), "(a single value)"
+    edges = np.linspace(low, high, bins + 1)
+    inner = np.histogram(values.clip(low, high), edges)[0].astype(float)
+    inner[0] -= (values < low).sum()
+    inner[-1] -= (values > high).sum()
+    counts = np.concatenate([[(values < low).sum()], inner, [(values > high).sum()]]) / len(values)
+    labels = [f"< {number(low)}"] + [f"{number(a)}–{number(b)}" for a, b in zip(edges, edges[1:])] + \
+        [f"> {number(high)}"]
+    return labels, counts, "in equal bins (tails apart)"
 
 
 def data_report(df: pd.DataFrame, checks: list[Check], notes: list[str],
@@ -256,10 +284,12 @@ def data_report(df: pd.DataFrame, checks: list[Check], notes: list[str],
         section("columns", "Columns", table(["column", "type", "missing", "min", "median", "max", "top values"],
                                             column_profile(df), {2})),
     ]
-    if reference is not None:
+    charts = '<div class="charts">' + "".join(distribution_charts(df, reference, checks)) + "</div>"
+    if reference is None:
+        sections.append(section("distributions", "Distributions (no prod model yet to compare with)", charts))
+    else:
         sections.append(section("distributions", f"New data against prod's data ({len(reference)} rows)",
-                                legend(("new data", NEW), ("prod's data", REFERENCE)),
-                                '<div class="charts">' + "".join(distribution_charts(df, reference, checks)) + "</div>"))
+                                legend(("new data", NEW), ("prod's data", REFERENCE)), charts))
     sections.append(section("notes", "Notes", *[para(n) for n in notes]))
     return page(title, lede, *sections)
 
@@ -291,10 +321,11 @@ def model_card(card: dict, predictions: pd.DataFrame, importance: pd.Series) -> 
     residual = predictions["price"] - predictions["predicted"]
     metrics = [["MAE ($)", money(scores["val_mae"]), money(scores["test_mae"])],
                ["R²", f"{scores['val_r2']:.3f}", f"{scores['test_r2']:.3f}"]]
-    by_group = []
+    by_group, grouped = [], []
     for column in ("neighbourhood_group", "room_type"):
         if predictions[column].isna().all():  # a city without area groups
             continue
+        grouped.append(model_label(column))
         found = error_by(predictions, column)
         by_group += [table([model_label(column), "test rows", "mean price ($)", "MAE ($)"],
                            [[k, int(r["rows"]), money(r["mean price"]), money(r["MAE"])] for k, r in found.iterrows()],
@@ -320,7 +351,7 @@ def model_card(card: dict, predictions: pd.DataFrame, importance: pd.Series) -> 
             + figure(scatter("Residual against predicted price", predictions["predicted"], residual,
                              "predicted price ($)", "residual ($)"),
                      "Residual against predicted price (dashed: no error)", "residual-vs-predicted") + "</div>"),
-        section("errors", "Error by area group and room type", *by_group),
+        section("errors", "Error by " + " and ".join(grouped), *by_group) if grouped else "",
         section("importance", "Feature importance", '<div class="charts">' + figure(
             hbars("Feature importance", readable, unit=" $"),
             "How much the test MAE grows ($) when the column is shuffled (permutation importance)", "importance")

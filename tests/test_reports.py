@@ -2,6 +2,7 @@
 page's DOM, screenshot to screenshots/. Built from the real sample and a real fitted model."""
 
 import json
+import re
 from html import escape
 
 import pandas as pd
@@ -78,11 +79,34 @@ def test_data_report_shows_every_check_and_each_distribution_against_prods(brows
     assert "Staten Island" in page["charts"]["neighbourhood_group"]["labels"]
 
 
-def test_a_data_report_without_prod_has_no_distributions(browser, tmp_path, halves):
+def test_a_data_report_without_prod_draws_the_new_datas_own_distributions(browser, tmp_path, halves):
     found = checks.deterministic_checks(halves[0], cities.city())
     page = rendered(browser, tmp_path, report.data_report(halves[0], found, ["no prod yet"], None), "data_report_first")
-    assert page["sections"] == ["checks", "columns", "notes"] and page["charts"] == {}
+    assert page["sections"] == SECTIONS["data"]
     assert page["verdict"] == "All 21 checks passed: the data goes on to training"
+    assert list(page["charts"]) == drift.CATEGORY_COLUMNS + drift.DRIFT_COLUMNS[:-1]
+    # One bar per category; a number in 12 equal bins between its 1st and 99th percentile, and a bar per tail.
+    assert page["charts"]["neighbourhood_group"]["marks"] == 5 and page["charts"]["price"]["marks"] == 14
+    assert any(label.startswith("< ") for label in page["charts"]["price"]["labels"])
+    assert "no prod model yet to compare with" in page["text"]
+
+
+def test_a_city_without_area_groups_gets_reports_without_them(browser, tmp_path, halves, card_inputs):
+    """A city whose listings have no area group (the column is empty): said plainly, never an 'area group' heading."""
+    new = halves[0].assign(neighbourhood_group=None)
+    found = checks.deterministic_checks(new, cities.city())
+    page = rendered(browser, tmp_path, report.data_report(new, found, [], None), "data_report_no_groups")
+    assert page["charts"]["neighbourhood_group"]["marks"] == 0
+    assert "neighbourhood_group: no values in this data" in page["text"]
+    assert not re.search(r"\b0 distinct", page["text"])
+    predictions, importance, meta, tags, scores = card_inputs
+    facts = promotion.model_card_facts("rental-price-x", "1", True, "no prod model yet", {
+        "prod_version": None, "comparable": False, "why": "no prod model yet"}, 0.1, scores, {**meta, "sweep": ""},
+        {}, {}, tags, len(predictions), "")
+    card = rendered(browser, tmp_path, report.model_card(facts, predictions.assign(neighbourhood_group=None),
+                                                         importance.drop("neighbourhood_group", errors="ignore")),
+                    "model_card_no_groups")
+    assert "Error by room type" in card["text"] and "area group" not in card["text"].lower()
 
 
 @pytest.fixture(scope="module")
