@@ -206,6 +206,22 @@ def steps_run(pipeline_run: str) -> set[str]:
     return set()
 
 
+def report_links(pipeline_run: str) -> dict[str, str]:
+    """The MLflow UI page of each report (a step run's `reports/` artifact) of a pipeline run, by file name; quick
+    calls only, and nothing raised (an unreachable server: none)."""
+    links = {}
+    with quick_calls(), suppress(MlflowException, requests.RequestException):
+        experiment = mlflow.get_experiment_by_name(experiment_name())
+        if experiment is None:
+            return links
+        client = MlflowClient()
+        for run in client.search_runs([experiment.experiment_id], max_results=100,
+                                      filter_string=f"tags.{RUN_ID_TAG} = '{pipeline_run}'"):
+            for artifact in client.list_artifacts(run.info.run_id, "reports"):
+                links[artifact.path.rsplit("/", 1)[-1]] = artifact_link(run, artifact.path)
+    return links
+
+
 def close_runs(pipeline_run: str, status: str) -> int:
     """End the MLflow runs of a pipeline run that are still RUNNING (a step killed, the server gone for a while):
     quick calls only, and nothing raised. Returns how many were closed."""

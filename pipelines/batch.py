@@ -32,9 +32,8 @@ def wiring(p, cluster: bool) -> Outputs:
 def finish(outputs: dict, run_params: dict) -> None:
     summary = json.loads(outputs["summary"])
     print(f"\npriced {summary['scored']} of {summary['rows']} listings with {summary['model_name']!r} version "
-          f"{summary['model_version']} ({summary['model']}); {summary['rejected']} rejected")
-    print(f"predictions: {summary['predictions']} (Parquet), {summary['predictions_csv']} (CSV)")
-    print(f"rejected rows, each with why: {summary['rejected_rows']}")
+          f"{summary['model_version']} ({summary['model']}); {summary['rejected']} rejected "
+          "(rejected_rows.csv says why for each)")
 
 
 PIPELINE = Pipeline(

@@ -7,21 +7,32 @@ import contextlib
 import hashlib
 import io
 import json
+import logging
 import os
+import shutil
 import socket
 import sys
 import uuid
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import mlflow
 from kfp import local
+from kfp.local import executor_input_utils
 
 from components import sources, tracking
 from components.errors import StepError
 from images import catalog
 from pipelines import PIPELINES, warm
 from pipelines.progress import ANSI, Progress
+
+# What a person opens after a run, by the step output that holds it (kfp.local's files have no extension): its name
+# in the run's folder, and what it is.
+OPENABLE = {"data_report": ("data_report.html", "data report"), "model_card": ("model_card.html", "model card"),
+            "drift_report": ("drift_report.html", "drift report"),
+            "predictions": ("predictions.parquet", "predictions"), "predictions_csv": ("predictions.csv", "predictions"),
+            "rejected_rows": ("rejected_rows.csv", "rejected rows")}
 
 
 def run(pipeline: str, params: dict, pipeline_root: str, cache: bool, runner: str = "subprocess",
@@ -59,10 +70,13 @@ def run_once(pipeline, params: dict, pipeline_root: str, cache: bool, runner: st
            tracking.OWNER_ENV: f"{socket.gethostname()}:{os.getpid()}",
            # MLflow's usage telemetry would call a public endpoint from every step.
            "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true")}
-    for closed in tracking.close_abandoned_runs(socket.gethostname()):
-        print(f"closed the MLflow runs that pipeline run {closed} left RUNNING when its process ended")
+    with contextlib.redirect_stdout(io.StringIO()):  # MLflow prints a link for each run it ends
+        closed = tracking.close_abandoned_runs(socket.gethostname())
+    for pipeline_run in closed:
+        print(f"closed the MLflow runs that pipeline run {pipeline_run} left RUNNING when its process ended")
     params = {**params, "source_sha256": source_sha256(params)}
     # Cached outputs name MLflow runs: one cache per server and experiment; a reset server makes a new experiment.
+    logging.getLogger("mlflow.tracking.fluent").setLevel(logging.WARNING)  # not "Creating a new experiment"
     experiment = mlflow.set_experiment(env["MLFLOW_EXPERIMENT_NAME"])
     scope = f"{tracking_uri} {experiment.experiment_id} {experiment.creation_time}"
     cache_root = os.path.join(pipeline_root, ".kfp_cache", hashlib.sha256(scope.encode()).hexdigest()[:12])
@@ -84,13 +98,16 @@ def run_once(pipeline, params: dict, pipeline_root: str, cache: bool, runner: st
     print("cache: " + ("on: a step is reused when its inputs (the data by its sha256), parameters and code are "
                        "unchanged" if cache else "off (--no-cache)"))
     # One line per step; kfp.local's own output (every task's input, logs, tracebacks) goes to the log file.
-    log_path = Path(pipeline_root, f"{kfp_run}.log")
+    # The run's folder is named by its run id (kfp.local would name it by the time).
+    run_dir = Path(pipeline_root, kfp_run)
+    log_path = run_dir / "run.log"
     progress = contextlib.nullcontext() if verbose else Progress(log_path)
     if not verbose:
         print(f"steps (full log: {log_path}):")
     failed = None
     try:
-        with progress:
+        with progress, mock.patch.object(executor_input_utils, "get_local_pipeline_resource_name",
+                                         lambda pipeline_name: kfp_run):
             outputs = pipeline.build(cluster=False)(**params).outputs
     except RuntimeError as exc:
         failed = ANSI.sub("", str(exc))  # kfp.local colours task names
@@ -98,6 +115,7 @@ def run_once(pipeline, params: dict, pipeline_root: str, cache: bool, runner: st
         with contextlib.redirect_stdout(io.StringIO()):  # MLflow prints a link for each run it ends
             tracking.close_runs(kfp_run, "FAILED")  # whatever a killed step left RUNNING
     if failed is not None:
+        show_outputs(run_dir, tracking.report_links(kfp_run))  # a failed check's report says why
         why, invalid_data = ((f"\nFAILED: {failed} (its error is printed above)", False) if verbose
                              else progress.failure())
         print(pipeline.failed(why.strip(), invalid_data) if not verbose else why, file=sys.stderr)
@@ -106,7 +124,42 @@ def run_once(pipeline, params: dict, pipeline_root: str, cache: bool, runner: st
     if reused:
         print(f"reused from the cache: {', '.join(sorted(reused))} (same data sha256 {params['source_sha256'][:12]}, "
               "parameters and code)")
+    show_outputs(run_dir, tracking.report_links(kfp_run))
     return pipeline.finish(outputs, params) or 0
+
+
+def show_outputs(run_dir: Path, links: dict[str, str]) -> None:
+    """Print where the run's reports and result files are, under names that open (in the run's folder, which
+    `latest` beside it points at) and, for a report, its page in the MLflow UI."""
+    found = named_outputs(run_dir)
+    if not found:
+        return
+    print(f"\noutputs (in {run_dir}/, also {run_dir.parent / 'latest'}/):")
+    for path, what in found:
+        print(f"  {what:<13} {path}" + (f"\n  {'':<13} {links[path.name]}" if path.name in links else ""))
+
+
+def named_outputs(run_dir: Path) -> list[tuple[Path, str]]:
+    """Each openable output of the run (a report, predictions) linked into the run's folder under a name with its
+    extension, and `latest` pointed at the run's folder: [(the file, what it is)]."""
+    made = []
+    for output, (name, what) in OPENABLE.items():
+        for found in sorted(run_dir.glob(f"*/{output}"))[-1:]:  # the step's own file, also when the step failed
+            target = run_dir / name
+            target.unlink(missing_ok=True)
+            try:
+                os.link(found, target)  # the same bytes, no copy
+            except OSError:
+                shutil.copyfile(found, target)
+            made.append((target, what))
+    if run_dir.is_dir():
+        latest, link = run_dir.parent / "latest", run_dir.parent / f".latest-{run_dir.name}"
+        link.unlink(missing_ok=True)
+        link.symlink_to(run_dir.name)
+        with contextlib.suppress(OSError):  # `latest` made by hand as a folder stays as it is
+            os.replace(link, latest)
+        link.unlink(missing_ok=True)
+    return made
 
 
 def source_sha256(params: dict) -> str:

@@ -48,7 +48,6 @@ def finish(outputs: dict, run_params: dict) -> tuple[str, dict] | None:
               f"its {summary['prod_mae_registered']:.2f} at registration")
     elif "prod_error_unknown" in summary:
         print(f"prod's error on the new rows is not measured: {summary['prod_error_unknown']}")
-    print(f"drift report: {summary['report']} (MLflow: {summary['report_link']})")
     drifted = "; ".join(f"{name} {figure}" for name, figure in summary["drifted"].items())
     print(f"verdict: {summary['verdict']}" + (f": {drifted}" if drifted else ""))
     if summary["verdict"] != "drift" or not run_params.get("retrain"):

@@ -2,6 +2,7 @@
 and the score step's logic called directly."""
 
 import json
+import re
 import subprocess
 
 import numpy as np
@@ -18,8 +19,8 @@ def run_batch(mlflow_uri: str, tmp_path, *params: str) -> subprocess.CompletedPr
 
 
 def outputs(tmp_path):
-    (run,) = (tmp_path / "outputs").glob("rental-price-batch-*")
-    return run / "score"
+    """The last run's folder, where its files are under names that say what they are."""
+    return (tmp_path / "outputs" / "latest").resolve()
 
 
 @pytest.fixture(scope="module")
@@ -41,22 +42,23 @@ def test_batch_prices_held_back_rows_exactly_as_the_version_does_in_process(
                        "max_rejected=0.5")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = outputs(tmp_path)
-    predictions = pd.read_parquet(out / "predictions")
-    csv = pd.read_csv(out / "predictions_csv")
+    for name in ("predictions.parquet", "predictions.csv", "rejected_rows.csv"):
+        assert re.search(rf"^  (predictions|rejected rows) +{re.escape(str(out / name))}$", result.stdout, re.M)
+    predictions = pd.read_parquet(out / "predictions.parquet")
+    csv = pd.read_csv(out / "predictions.csv")
     assert predictions.drop(columns="flags").equals(csv.drop(columns="flags"))  # the same rows in both formats
     assert predictions["flags"].isna().all() and csv["flags"].isna().all()  # unfamiliar rows are refused, not flagged
-    rejected = pd.read_csv(out / "rejected_rows")
+    rejected = pd.read_csv(out / "rejected_rows.csv")
     # Every row is either priced or listed with why; none is dropped silently.
     assert len(predictions) + rejected["row"].nunique() == len(held_back)
     assert set(rejected["field"]) <= set(model.FEATURES) and rejected["problem"].str.len().min() > 10
     assert (predictions["model_version"] == 1).all()  # prod, resolved once
     priced = held_back.set_index("id").loc[predictions["id"]].reset_index()
     assert np.array_equal(predictions["predicted_price"].to_numpy(), in_process(registered_model, "1", priced))
-    summary = json.loads((out / "metrics").read_text())
+    summary = json.loads((out / "score" / "metrics").read_text())
     assert summary["rows"] == len(held_back) and summary["scored"] == len(predictions)
     assert summary["p10_price"] < summary["p50_price"] < summary["p90_price"]
     assert f"priced {len(predictions)} of {len(held_back)} listings with {registered_model!r} version 1" in result.stdout
-    assert f"predictions: {out / 'predictions'} (Parquet)" in result.stdout
 
 
 def broken_rows(sample) -> pd.DataFrame:
@@ -74,11 +76,11 @@ def test_a_few_bad_rows_are_listed_and_the_rest_priced_with_the_version_named(re
     result = run_batch(mlflow_server, tmp_path, f"source={source}", f"model=models:/{registered_model}/2",
                        "max_rejected=0.2", "price_unfamiliar=true")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rejected = pd.read_csv(outputs(tmp_path) / "rejected_rows")
+    rejected = pd.read_csv(outputs(tmp_path) / "rejected_rows.csv")
     assert rejected[["row", "field"]].values.tolist() == [[3, "minimum_nights"], [7, "room_type"]]
     assert rejected["problem"].tolist() == ["'two' is not a finite number",
                                             "is null; the model was trained on no nulls here"]
-    predictions = pd.read_parquet(outputs(tmp_path) / "predictions")
+    predictions = pd.read_parquet(outputs(tmp_path) / "predictions.parquet")
     assert len(predictions) == 18 and (predictions["model_version"] == 2).all()
 
 

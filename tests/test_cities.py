@@ -265,6 +265,5 @@ def test_a_city_file_in_todays_format_trains_and_registers_its_own_model(sample,
     said = re.search(r"score: (\d+) of 20000 rows priced.*", scored.stdout)
     assert said and int(said[1]) > 15_000, scored.stdout[-2000:]
     assert "last_review: broken" not in said[0] and "neighbourhood: broken" not in said[0]
-    (out,) = (tmp_path / "root").glob("rental-price-batch-*/score")
-    priced = pd.read_parquet(out / "predictions")
+    priced = pd.read_parquet(tmp_path / "root" / "latest" / "predictions.parquet")
     assert set(priced["id"]) <= set(pd.read_csv(source)["id"])  # all 19 digits exact

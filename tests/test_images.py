@@ -144,7 +144,7 @@ def test_whole_pipeline_with_every_task_in_its_image(mlflow_server, tmp_path):
     assert f"Found image {images['score']!r}" in logged
     priced = re.search(r"^priced (\d+) of 20000 listings with '(.+)' version 1 ", result.stdout, re.M)
     assert priced and priced.group(2) == model and int(priced.group(1)) > 19000, result.stdout
-    (predictions,) = (tmp_path / "out").glob("rental-price-batch-*/score/predictions")
+    predictions = tmp_path / "out" / "latest" / "predictions.parquet"
     assert predictions.read_bytes()[:4] == b"PAR1"  # Parquet, written in the image
     # Monitoring the same listings against that prod, its monitor step in the data image: nothing moved.
     result = subprocess.run(
@@ -155,5 +155,5 @@ def test_whole_pipeline_with_every_task_in_its_image(mlflow_server, tmp_path):
     logged = Path(re.search(r"^steps \(full log: (.*)\):$", result.stdout, re.M).group(1)).read_text()
     assert f"Found image {images['monitor']!r}" in logged
     assert result.stdout.strip().splitlines()[-1] == "verdict: ok"
-    (report,) = (tmp_path / "out").glob("rental-price-monitor-*/monitor/drift_report")
+    report = tmp_path / "out" / "latest" / "drift_report.html"
     assert "Verdict: ok" in report.read_text()

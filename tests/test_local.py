@@ -7,15 +7,18 @@ must not move it, and every bad input must end at its step without registering a
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import uuid
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
+import readme
 from components import report
-from conftest import ROOT, free_port, listing
+from conftest import ROOT, free_port, listing, wait_until
 from mlflow.tracking import MlflowClient
 
 MODEL = f"rental-e2e-{uuid.uuid4().hex[:6]}"
@@ -50,10 +53,10 @@ def first_run(mlflow_server, tmp_path_factory) -> subprocess.CompletedProcess:
     return result
 
 
-def outputs_of(root: Path) -> Path:
-    """The one run's folder of kfp.local outputs: <root>/<pipeline>-<time>/<task>/<output>."""
-    (run,) = root.glob("rental-price-*")
-    return run
+def outputs_of(result: subprocess.CompletedProcess) -> Path:
+    """A run's folder, named by the run id it printed: <pipeline root>/<run id>/<task>/<output>."""
+    root = Path(result.args[result.args.index("--pipeline-root") + 1])
+    return root / re.search(r"^pipeline run (local-[0-9a-f]{12}) ", result.stdout, re.M).group(1)
 
 
 def test_first_run_registers_a_prod_model_with_lineage(first_run, client):
@@ -76,7 +79,65 @@ def test_first_run_registers_a_prod_model_with_lineage(first_run, client):
     # A line per step with its time and key figure; kfp.local's own output only in the log file.
     for step in ("download", "clean", "check", "split", "train", "select", "evaluate", "register"):
         assert re.search(rf"^  {step} +done in +[0-9.]+ s  {step}: ", first_run.stdout, re.M), first_run.stdout
-    assert "Executing task" not in first_run.stdout and len(first_run.stdout.splitlines()) < 20, first_run.stdout
+    assert "Executing task" not in first_run.stdout and len(first_run.stdout.splitlines()) < 28, first_run.stdout
+
+
+def test_the_readme_shows_the_first_run_and_an_identical_rerun_as_they_are(first_run, client, mlflow_server):
+    readme.assert_shows("first run", first_run.stdout[first_run.stdout.index("steps ("):], MODEL)
+    again = run_pipeline(mlflow_server, first_run.outputs.parent)  # the same pipeline root: its cache
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    readme.assert_shows("rerun", again.stdout[again.stdout.index("steps ("):], MODEL)
+    assert (first_run.outputs / "latest").resolve() == outputs_of(again)  # the last run's folder
+    assert versions(client) == ["1"]
+
+
+def test_the_readme_shows_a_failed_run_as_it_is(first_run, client, mlflow_server, sample, tmp_path):
+    """Dates written as 5/26/19: the clean step's one line says which format to name in the city profile."""
+    dates = pd.to_datetime(sample["last_review"])
+    odd = sample.assign(last_review=[f"{d.month}/{d.day}/{d:%y}" if pd.notna(d) else "" for d in dates])
+    result = run_pipeline(mlflow_server, tmp_path, f"source={write(tmp_path / 'dates.csv', odd.to_csv(index=False))}")
+    assert result.returncode == 1
+    shown = [line for line in result.stdout.splitlines() if "FAILED" in line] + result.stderr.strip().splitlines()[-1:]
+    readme.assert_shows("failed run", "\n".join(shown), MODEL)
+    assert versions(client) == ["1"]
+
+
+def test_the_reports_open_in_a_browser_from_the_paths_the_run_prints(first_run, browser):
+    """Each report under a name that opens (.html) in the run's folder, which `latest` points at; a page with
+    charts, also on a first run (no prod to compare with)."""
+    run = outputs_of(first_run)
+    shown = re.findall(r"^  (data report|model card) +(\S+)$", first_run.stdout, re.M)
+    assert [(what, Path(path)) for what, path in shown] == [("data report", run / "data_report.html"),
+                                                           ("model card", run / "model_card.html")]
+    assert (run / "data_report.html").read_text() == (run / "check" / "data_report").read_text()
+    for _, path in shown:
+        browser.open(Path(path).as_uri())
+        page = browser.evaluate("({title: document.title, charts: document.querySelectorAll('figure svg rect').length})")
+        assert page["title"].startswith(("Data report", "Model card")) and page["charts"] > 10, page
+    links = re.findall(r"^ {16}(http://\S+)$", first_run.stdout, re.M)
+    assert len(links) == 2 and all(link.endswith(("reports/data_report.html", "reports/model_card.html"))
+                                   for link in links)
+
+
+def test_the_readme_s_predict_and_curl_examples_are_what_the_model_server_answers(first_run, mlflow_server,
+                                                                                  sample_path, tmp_path):
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "components.serve", "--model", f"models:/{MODEL}@prod", "--port",
+                               str(port), "--cache", str(tmp_path / "cache")], cwd=ROOT,
+                              env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_server}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(f"{url}/ping", process=server)
+        predicted = subprocess.run([sys.executable, "-m", "components.predict", "--url", url, "--data", str(sample_path)],
+                                   cwd=ROOT, capture_output=True, text=True, timeout=120)
+        readme.assert_shows("predict", predicted.stdout, MODEL)
+        curl = subprocess.run(["bash", "-c", readme.block("curl").replace("127.0.0.1:8080", f"127.0.0.1:{port}")],
+                              capture_output=True, text=True, timeout=60)
+        readme.assert_shows("curl answer", curl.stdout)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
 
 
 def test_first_run_is_one_parent_run_with_a_child_per_step(first_run, client):
@@ -98,7 +159,7 @@ def test_first_run_is_one_parent_run_with_a_child_per_step(first_run, client):
 
 def test_first_run_leaves_a_data_report_a_model_card_and_named_metrics(first_run, client, mlflow_server):
     """What the KFP dashboard would show of the run (its output artifacts), and the same reports in MLflow."""
-    run = outputs_of(first_run.outputs)
+    run = outputs_of(first_run)
     words = report.as_text((run / "check" / "data_report").read_text())
     assert words.startswith("Data report: 19001 rows") and "All 21 checks passed" in words
     assert "has no 'prod' version yet" in words
@@ -145,7 +206,7 @@ def test_a_two_trial_sweep_registers_its_best_trial_which_being_worse_leaves_pro
     assert "version 2: prod unchanged" in result.stdout
     assert f"why: {worse.tags['promotion']}" in result.stdout
     # Candidate and prod side by side, in the KFP metrics and the model card.
-    run = outputs_of(tmp_path / "outputs")
+    run = outputs_of(result)
     evaluation = json.loads((run / "evaluate" / "metrics").read_text())
     assert evaluation["prod_version"] == 1 and evaluation["compared_rows"] == 3801
     assert evaluation["compared_candidate_mae"] > evaluation["compared_prod_mae"]
@@ -207,7 +268,7 @@ def test_bad_input_ends_at_its_step_and_changes_nothing(case, first_run, client,
     assert versions(client) == before
     assert client.get_model_version_by_alias(MODEL, "prod").version == "1"
     if step == "check":  # a failed check still leaves its report, which names the failed check
-        words = report.as_text((outputs_of(tmp_path / "outputs") / "check" / "data_report").read_text())
+        words = report.as_text((outputs_of(result) / "data_report.html").read_text())
         assert re.search(r"\d+ of \d+ checks failed", words)
 
 

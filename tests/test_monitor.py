@@ -64,9 +64,9 @@ def test_a_disjoint_half_of_the_same_listings_is_ok(prod, mlflow_server, halves,
     found = monitor_run(prod, "ok")
     assert 0.9 < found.data.metrics["prod_error_ratio"] < LIMITS.warn_error_ratio
     assert found.data.metrics["drift"] == 0 and found.data.tags["drifted"] == ""
-    (report_file,) = (tmp_path / "out").glob("rental-price-monitor-*/monitor/drift_report")
+    report_file = (tmp_path / "out" / "latest").resolve() / "drift_report.html"
     assert "Verdict: ok: the new listings look like prod's data" in report.as_text(report_file.read_text())
-    assert f"drift report: {report_file} (MLflow: {mlflow_server}/#/experiments/" in result.stdout
+    assert f"  drift report  {report_file}\n{'':16}{mlflow_server}/#/experiments/" in result.stdout
 
 
 def test_a_shifted_copy_is_drift_naming_the_shifted_columns_and_retrain_trains_on_it(prod, mlflow_server, halves,

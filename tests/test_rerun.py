@@ -161,7 +161,7 @@ def test_mlflow_gone_mid_train_fails_fast_and_the_next_run_cleans_up_and_reuses(
     code, out = run(own_server["uri"], tmp_path, model, source, "learner=random_forest", experiment=experiment)
     assert code == 0, out[-3000:]
     assert "closed the MLflow runs that pipeline run local-" in out
-    assert "reused from the cache: clean, download, split (same data sha256" in out
+    assert "reused from the cache: clean, download, split (same data sha256" in out, out
     assert running(experiment) == [] and versions(model) == ["1"]
     # The server reset (an empty database): cached outputs name runs that no longer exist, so none is reused.
     own_server["down"]()
