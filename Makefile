@@ -44,7 +44,7 @@ KFP_HOST ?= http://127.0.0.1:$(KFP_PORT)
 WAIT ?=
 #: NO_CACHE=1 runs every step again instead of reusing the unchanged ones
 NO_CACHE ?=
-#: monitoring: RETRAIN=1 starts the training pipeline on the new listings when they drifted (default: report only)
+#: monitoring: RETRAIN=1 trains on the new listings when prod's error on them is worse (degraded); RETRAIN=shifted also when only distributions moved
 RETRAIN ?=
 # When the cluster's recurring monitoring run starts: 5 cron fields (KFP's 6, seconds first, also do).
 CRON ?= 0 6 * * *
@@ -154,10 +154,10 @@ BATCH_PARAMS = $(if $(DATA_URL),--param source=$(DATA_URL)) $(if $(MODEL),--para
 predict-batch: venv mlflow  ## Price every listing of DATA_URL with MODEL (default prod) locally; prints where the predictions are
 	$(PY) pipeline.py run --pipeline batch $(BATCH_PARAMS) $(if $(VERBOSE),--verbose)
 
-MONITOR_PARAMS = $(if $(DATA_URL),--param source=$(DATA_URL)) $(if $(RETRAIN),--param retrain=true) \
+MONITOR_PARAMS = $(if $(DATA_URL),--param source=$(DATA_URL)) $(if $(RETRAIN),--param retrain=true) $(if $(filter shifted,$(RETRAIN)),--param retrain_on_shift=true) \
   $(foreach p,$(PARAMS),--param '$(p)')
 
-monitor: venv mlflow  ## New listings of DATA_URL against prod's data locally: prints the verdict (ok, drift, invalid) and the report; RETRAIN=1
+monitor: venv mlflow  ## New listings of DATA_URL against prod's data locally: prints the verdict (ok, shifted, degraded, suspect, invalid) and the report; RETRAIN=1
 	$(PY) pipeline.py run --pipeline monitor $(MONITOR_PARAMS) $(if $(VERBOSE),--verbose)
 
 # The KFP API at KFP_HOST as it is, or through a port-forward of the dashboard for the recipe's duration.

@@ -33,6 +33,8 @@ class DriftLimits:
     warn_error_ratio: float = 1.1
 
 
+# prod's error interval: a bootstrap over the new rows, as the promotion gate's (components/gate.py).
+CONFIDENCE, RESAMPLES, BATCH = 0.95, 2000, 50
 CATEGORY_COLUMNS = ["neighbourhood_group", "room_type"]
 ERROR_CHECK = "prod's error on new rows"
 # Fewer values than this in a numeric column and its drift is not measured: KS between two samples of one
@@ -142,21 +144,30 @@ def cleaning_check(counts: dict, reference: dict, limits: DriftLimits) -> tuple[
                   f"rows clean drops: {observed}" if psi > warn else ""), {"psi_clean_drops": psi})
 
 
-def error_check(mae_now: float, mae_registered: float, rows: int, version: str,
+def error_check(errors: np.ndarray, mae_registered: float, version: str,
                 limits: DriftLimits) -> tuple[Check, dict[str, float]]:
-    """prod's MAE on the new data (rows it was not trained on) against its test MAE at registration: the data
-    the model will learn from no longer relates price to the listing as before when this grows."""
-    ratio = mae_now / mae_registered
-    figures = {"prod_mae_now": mae_now, "prod_mae_registered": mae_registered, "prod_error_ratio": ratio}
-    text = (f"prod version {version}'s MAE on {rows} rows new to it is {mae_now:.2f}, {ratio:.2f} x its "
-            f"{mae_registered:.2f} at registration")
-    name, observed = ERROR_CHECK, f"{ratio:.2f} x (MAE {mae_now:.2f} vs {mae_registered:.2f})"
-    limit = f"fail > {limits.max_error_ratio} x, warn > {limits.warn_error_ratio} x"
-    if ratio > limits.max_error_ratio:
-        return Check(name, FAIL, observed, limit, f"price: {text} (> {limits.max_error_ratio}): prices no longer "
-                     "follow the listings as they did"), figures
-    if ratio > limits.warn_error_ratio:
-        return Check(name, WARN, observed, limit, f"price: {text} (> {limits.warn_error_ratio})"), figures
+    """prod's absolute errors on the new rows (rows it was not trained on) against its test MAE at registration:
+    worse only with evidence, i.e. when the whole bootstrap interval of the ratio lies past a limit (the data the
+    model will learn from no longer relates price to the listing as before)."""
+    from scipy import stats  # here: only check and monitor measure prod's error
+
+    errors = np.asarray(errors, dtype=float)
+    mae_now = float(errors.mean())
+    interval = stats.bootstrap((errors,), np.mean, confidence_level=CONFIDENCE, n_resamples=RESAMPLES, batch=BATCH,
+                               method="percentile", random_state=0).confidence_interval
+    ratio, low, high = mae_now / mae_registered, interval.low / mae_registered, interval.high / mae_registered
+    figures = {"prod_mae_now": mae_now, "prod_mae_registered": mae_registered, "prod_error_ratio": ratio,
+               "prod_error_ratio_low": float(low), "prod_error_ratio_high": float(high), "prod_error_rows": len(errors)}
+    text = (f"prod version {version}'s MAE on {len(errors)} rows new to it is {mae_now:.2f}, {ratio:.2f} x its "
+            f"{mae_registered:.2f} at registration ({CONFIDENCE:.0%} interval {low:.2f} to {high:.2f} x)")
+    name = ERROR_CHECK
+    observed = f"{ratio:.2f} x ({low:.2f} to {high:.2f}; MAE {mae_now:.2f} vs {mae_registered:.2f}, {len(errors)} rows)"
+    limit = f"fail if all > {limits.max_error_ratio} x, warn if all > {limits.warn_error_ratio} x"
+    if low > limits.max_error_ratio:
+        return Check(name, FAIL, observed, limit, f"price: {text}: all above {limits.max_error_ratio}: prices no "
+                     "longer follow the listings as they did"), figures
+    if low > limits.warn_error_ratio:
+        return Check(name, WARN, observed, limit, f"price: {text}: all above {limits.warn_error_ratio}"), figures
     return Check(name, PASS, observed, limit), figures
 
 

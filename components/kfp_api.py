@@ -50,7 +50,7 @@ def newest_version(client, pipeline_id: str) -> str:
     return found[0].pipeline_version_id
 
 
-def start_training(host: str, source: str, source_sha256: str, params: dict, version_id: str, drift: str) -> str:
+def start_training(host: str, source: str, source_sha256: str, params: dict, version_id: str, why: str) -> str:
     """A run of the training pipeline on `source` (checked against its sha256) with `params`: the version
     `version_id`, or the newest one uploaded. Returns the run's id."""
     client = connect(host, "retrain")
@@ -60,10 +60,11 @@ def start_training(host: str, source: str, source_sha256: str, params: dict, ver
                                                "`make schedule` uploads it")
     version_id = version_id or newest_version(client, pipeline_id)
     experiment = client.create_experiment(EXPERIMENT)
-    run = client.run_pipeline(experiment.experiment_id, f"retrain on drift ({source_sha256[:12]})",
+    verdict = why.split(":")[0]  # "degraded: prod's MAE ..."
+    run = client.run_pipeline(experiment.experiment_id, f"retrain on {verdict} ({source_sha256[:12]})",
                               params={**params, "source": source, "source_sha256": source_sha256},
                               pipeline_id=pipeline_id, version_id=version_id)
-    print(f"retrain: started training run {run.run_id} on {source} because of drift: {drift}")
+    print(f"retrain: started training run {run.run_id} on {source}, the verdict being {why}")
     return run.run_id
 
 

@@ -1,5 +1,13 @@
 """Monitoring: new listings against prod's data with the check step's checks, and what clean dropped of them: a
-verdict (ok, drift or invalid) and the drift report."""
+verdict a person and a scheduler can act on, with a one-line reason, and the drift report.
+
+- ok: nothing moved that matters;
+- shifted: distributions moved, but prod's error on the new priced rows is not worse with evidence (or there are
+  no prices to tell);
+- degraded: prod's error on the new priced rows is worse than at registration, its whole interval past the limit;
+- suspect: the rows do not look like real listings (components/quality.py);
+- invalid: the file cannot be read or cleaned, or fails the data's own checks.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +15,21 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from components import drift, report, tracking
-from components.checks import SKIP, UNKNOWN, Check, failed
+from components.checks import FAIL, SKIP, UNKNOWN, WARN, Check, failed
 from components.cities import City
 from components.drift import DriftLimits
 from components.errors import InvalidData, StepError
 from components.listings import read_listings
 from components.prod import same_city
+from components.quality import is_quality, suspect
 from components.validation import run_checks, subjects
 
 DRIFT_REPORT = "reports/drift_report.html"
 
-OK, DRIFT, INVALID = "ok", "drift", "invalid"
+OK, SHIFTED, DEGRADED, SUSPECT, INVALID = "ok", "shifted", "degraded", "suspect", "invalid"
+# `pipeline.py run --pipeline monitor`'s exit status by verdict (any other failure: 1).
+EXIT_CODES = {OK: 0, SHIFTED: 0, INVALID: 2, DEGRADED: 3, SUSPECT: 4}
+CONFIDENCE = drift.CONFIDENCE
 
 
 def monitor(
@@ -49,13 +61,15 @@ def monitor(
             figures |= dropped_figures
             mlflow.log_metrics(dropped_figures)
         checks, drifted = own + against, drift.drifted(against)
-        verdict = INVALID if failed(own) else DRIFT if drifted else OK
-        report.keep_report(report.data_report(df, checks, notes, reference, monitor_verdict=verdict), report_path,
-                           DRIFT_REPORT)
+        verdict, reason = verdict_of(own, against)
+        report.keep_report(report.data_report(df, checks, notes, reference, monitor_verdict=verdict, reason=reason),
+                           report_path, DRIFT_REPORT)
         link = tracking.artifact_link(run, DRIFT_REPORT)
-        mlflow.set_tags({"verdict": verdict, "drifted": ", ".join(drifted), "prod_version": prod.version})
+        mlflow.set_tags({"verdict": verdict, "verdict_reason": reason[:5000], "drifted": ", ".join(drifted),
+                         "prod_version": prod.version})
         priced = int(df["price"].notna().sum())
-        summary = {"verdict": verdict, "drifted": drifted, "model_name": model_name, "prod_version": int(prod.version),
+        summary = {"verdict": verdict, "reason": reason, "drifted": drifted, "model_name": model_name,
+                   "prod_version": int(prod.version),
                    "rows": len(df), "priced_rows": priced, "checks": len(checks), "report_link": link,
                    "trainable": trainable, "not_trainable_because": failed(against),
                    "training_params": {"model_name": model_name, "city": profile.as_param(), **vars(limits)},
@@ -65,14 +79,47 @@ def monitor(
                 summary["prod_error_unknown"] = (c.message.removeprefix("price: ")
                                                  .removeprefix("prod's error on this data is unknown: "))
         mlflow.log_metrics({"rows": len(df), "priced_rows": priced, "drifted_columns": len(drifted),
-                            "drift": int(verdict == DRIFT)})
+                            "drift": int(verdict in (SHIFTED, DEGRADED))})
         if verdict == INVALID:
             failures = failed(own)
             raise InvalidData("monitor", subjects(failures), f"the new listings are invalid: {len(failures)} check(s) "
                               f"failed (drift report: {link}):\n  - " + "\n  - ".join(failures))
-        said = "; ".join(f"{name} {figure}" for name, figure in drifted.items())
-        print(f"monitor: {verdict}" + (f": {said}" if said else f" against prod version {prod.version}"))
+        print(f"monitor: {verdict}: {reason}")
         return summary
+
+
+def verdict_of(own: list[Check], against: list[Check]) -> tuple[str, str]:
+    """The verdict on new listings from the data's own checks and those against prod, and its one-line reason."""
+    broken = failed([c for c in own if not is_quality(c)])
+    if broken:
+        return INVALID, "; ".join(broken)
+    if suspect(own):
+        return SUSPECT, "; ".join(suspect(own))
+    error = next((c for c in against if c.check == drift.ERROR_CHECK), None)
+    if error is not None and error.status in (WARN, FAIL) and error.observed != UNKNOWN:
+        return DEGRADED, error.message.removeprefix("price: ")
+    moved = drift.drifted([c for c in against if c.check != drift.ERROR_CHECK])
+    if error is None or error.observed == UNKNOWN:
+        evidence = "prod's error on them is not measured" + (f" ({error.message.split(': ', 2)[-1]})" if error else "")
+    else:
+        evidence = f"prod's error is not worse with evidence: {error.observed}"
+    if moved:
+        return SHIFTED, "; ".join(f"{name} {figure}" for name, figure in moved.items()) + f"; {evidence}"
+    return OK, f"nothing moved that matters; {evidence}"
+
+
+def retrain_decision(summary: dict, on_shift: bool) -> tuple[bool, str]:
+    """Whether monitoring starts training on the listings it judged, and why (asked with retrain=true): on degraded,
+    and on shifted only when asked too (retrain_on_shift=true); never on suspect or invalid data, nor on data
+    training's checks would refuse."""
+    verdict = summary["verdict"]
+    wanted = (DEGRADED, SHIFTED) if on_shift else (DEGRADED,)
+    if verdict not in wanted:
+        return False, (f"the verdict is {verdict}: training starts on {' or '.join(wanted)}"
+                       + ("" if on_shift else " (and on shifted with retrain_on_shift=true)"))
+    if not summary["trainable"]:
+        return False, "training's checks would refuse this data: " + "; ".join(summary["not_trainable_because"])
+    return True, f"the verdict is {verdict}: {summary['reason']}"
 
 
 def clean_drops_check(prod, counts: dict, limits: DriftLimits) -> tuple[Check, dict]:

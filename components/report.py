@@ -258,8 +258,9 @@ def value_bins(values: pd.Series, bins: int = 12) -> tuple[list[str], np.ndarray
 
 
 def data_report(df: pd.DataFrame, checks: list[Check], notes: list[str],
-                reference: pd.DataFrame | None, monitor_verdict: str = "") -> str:
-    """The check step's report; with `monitor_verdict` (ok, drift, invalid), the monitoring pipeline's."""
+                reference: pd.DataFrame | None, monitor_verdict: str = "", reason: str = "") -> str:
+    """The check step's report; with `monitor_verdict` (components/monitoring.py) and its reason, the monitoring
+    pipeline's."""
     failures, warnings = failed(checks), warned(checks)
     status = FAIL if failures else WARN if warnings else PASS
     summary = (f"{len(failures)} of {len(checks)} checks failed" if failures else
@@ -267,14 +268,11 @@ def data_report(df: pd.DataFrame, checks: list[Check], notes: list[str],
     headline = verdict(status, summary + ("" if failures else ": the data goes on to training"))
     title, lede = f"Data report: {len(df)} rows", "The check step's verdict on the clean data, before training."
     if monitor_verdict:
-        moved = drifted(checks)
-        status = {"ok": PASS, "drift": WARN}.get(monitor_verdict, FAIL)
-        detail = {"ok": "the new listings look like prod's data", "invalid": summary.lower(),
-                  "drift": "; ".join(f"{name} ({figure})" for name, figure in moved.items())}[monitor_verdict]
+        status = {"ok": PASS, "shifted": WARN}.get(monitor_verdict, FAIL)
         unmeasured = [c.check for c in checks if c.status == SKIP or c.observed == UNKNOWN]
         if unmeasured and monitor_verdict != "invalid":
-            detail += f" (not measured: {', '.join(unmeasured)})"
-        headline = verdict(status, f"Verdict: {monitor_verdict}: {detail}")
+            reason += f" (not measured: {', '.join(unmeasured)})"
+        headline = verdict(status, f"Verdict: {monitor_verdict}: {reason}")
         title, lede = f"Drift report: {len(df)} new listings", "The monitoring pipeline's verdict on new listings."
     rows = [[c.check, c.status, c.observed, c.threshold] for c in checks]
     problems = [para(m) for m in failures + warnings]

@@ -156,18 +156,18 @@ def monitor(
 
 @_component("retrain")
 def retrain(raw_data: Input[Dataset], source: str, model_name: str, kfp_host: str, training_version: str,
-            drift: str) -> str:
-    """Start the training pipeline (as uploaded to KFP) on the listings that drifted, the same bytes by their
-    sha256 and with the monitor's check parameters; returns its run id, or nothing when training would refuse
-    the data."""
+            drift: str, on_shift: bool = False) -> str:
+    """Start the training pipeline (as uploaded to KFP) on the listings monitored, the same bytes by their sha256
+    and with the monitor's check parameters, when the verdict calls for it (monitoring.retrain_decision); returns
+    its run id, or nothing (saying why)."""
     import json
 
-    from components import kfp_api
+    from components import kfp_api, monitoring
 
     summary = json.loads(drift)
-    if not summary["trainable"]:
-        print("retrain: not started: training's checks would refuse this data: "
-              + "; ".join(summary["not_trainable_because"]))
+    start, why = monitoring.retrain_decision(summary, on_shift)
+    if not start:
+        print(f"retrain: not started: {why}")
         return ""
     return kfp_api.start_training(kfp_host, source, raw_data.metadata["sha256"], summary["training_params"],
-                                  training_version, "; ".join(f"{k} {v}" for k, v in summary["drifted"].items()))
+                                  training_version, f"{summary['verdict']}: {summary['reason']}"[:500])

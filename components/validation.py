@@ -15,6 +15,7 @@ from components.drift import DriftLimits
 from components.errors import InvalidData
 from components.listings import read_listings
 from components.prod import new_rows, predict_with, same_city
+from components.quality import quality_checks
 
 # prod's error on new data is estimated on at most this many of its rows (a random sample): MAE's standard error on
 # 50,000 rows is under 0.5 % of it, and scoring 500,000 rows cost check 15 s.
@@ -57,6 +58,9 @@ def run_checks(df: pd.DataFrame, model_name: str, current, city: City, limits: D
     if failed(own):
         # The comparisons with prod assume the schema the deterministic checks just found broken.
         return own, [], ["Checks against prod skipped: the deterministic checks failed."], None, {}
+    own += quality_checks(df)
+    if failed(own):
+        return own, [], ["Checks against prod skipped: the rows do not look like real listings."], None, {}
     if current is None:
         return own, [], [f"Checks against prod skipped: model {model_name!r} has no '{names.PROD_ALIAS}' "
                          "version yet."], None, {}
@@ -95,10 +99,12 @@ def checks_against_prod(model_name: str, current, df, limits: DriftLimits):
         found.append(Check(error, WARN, UNKNOWN, "", f"price: prod version {current.version} cannot score this data "
                            f"({type(exc).__name__}: {str(exc)[:200]})"))
         return found, figures, notes, reference
-    mae_now = float((rows[model.TARGET] - predicted).abs().mean())
-    error_check, error_figures = drift.error_check(mae_now, float(current.tags["test_mae"]), len(rows),
-                                                  current.version, limits)
+    errors = (rows[model.TARGET] - predicted).abs().to_numpy(dtype=float)
+    error_check, error_figures = drift.error_check(errors, float(current.tags["test_mae"]), current.version, limits)
     sampled = f" (a random {len(rows)} of them)" if len(rows) < new else ""
+    f = error_figures
     notes.append(f"prod version {current.version}'s error is measured on the {new} rows new to it{sampled}: MAE "
-                 f"{mae_now:.2f}, {error_figures['prod_error_ratio']:.2f} x its test MAE at registration.")
+                 f"{f['prod_mae_now']:.2f}, {f['prod_error_ratio']:.2f} x its test MAE at registration "
+                 f"({drift.CONFIDENCE:.0%} interval {f['prod_error_ratio_low']:.2f} to {f['prod_error_ratio_high']:.2f}"
+                 ", a bootstrap over those rows).")
     return found + [error_check], figures | error_figures, notes, reference

@@ -91,8 +91,9 @@ class Pipeline:
     fresh_data: bool = False  # new listings arrive behind the same source: download and clean run every time
     # After a local run: print what it did; return the next pipeline to run and its parameters, if any.
     finish: Callable[[dict, dict], tuple[str, dict] | None] = lambda outputs, run_params: None
-    # The last line of a failed local run, from the step's own error (`why`) and whether the data was at fault.
-    failed: Callable[[str, bool], str] = lambda why, invalid_data: why
+    # The last line of a failed local run and its exit status, from the step's own error (`why`) and whether the
+    # data was at fault.
+    failed: Callable[[str, bool], tuple[str, int]] = lambda why, invalid_data: (why, 1)
 
     def parameters(self, cluster: bool = True) -> dict[str, inspect.Parameter]:
         """The pipeline's signature: every field of its groups, with its default (the cluster's where it differs)."""

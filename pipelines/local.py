@@ -116,10 +116,12 @@ def run_once(pipeline, params: dict, pipeline_root: str, cache: bool, runner: st
             tracking.close_runs(kfp_run, "FAILED")  # whatever a killed step left RUNNING
     if failed is not None:
         show_outputs(run_dir, tracking.report_links(kfp_run))  # a failed check's report says why
-        why, invalid_data = ((f"\nFAILED: {failed} (its error is printed above)", False) if verbose
-                             else progress.failure())
-        print(pipeline.failed(why.strip(), invalid_data) if not verbose else why, file=sys.stderr)
-        return 1
+        if verbose:
+            print(f"\nFAILED: {failed} (its error is printed above)", file=sys.stderr)
+            return 1
+        last, status = pipeline.failed(*progress.failure())
+        print(last, file=sys.stderr)
+        return status
     reused = [step for step in dict.fromkeys(pipeline.steps()) if step not in tracking.steps_run(kfp_run)]
     if reused:
         print(f"reused from the cache: {', '.join(sorted(reused))} (same data sha256 {params['source_sha256'][:12]}, "

@@ -150,7 +150,7 @@ def test_batch_scoring_is_training_download_then_score_in_the_model_image(texts)
     assert set(platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]) == {"exec-download", "exec-score"}
 
 
-def test_monitoring_is_training_download_clean_then_monitor_and_retrain_only_on_drift_when_asked(texts):
+def test_monitoring_is_training_download_clean_then_monitor_and_retrain_only_when_asked(texts):
     spec, platform = yaml.safe_load_all(texts["monitor"])
     tasks = spec["root"]["dag"]["tasks"]
     assert {name: set(task.get("dependentTasks", [])) for name, task in tasks.items()} == {
@@ -162,14 +162,13 @@ def test_monitoring_is_training_download_clean_then_monitor_and_retrain_only_on_
     assert tasks["clean"]["inputs"]["parameters"]["keep_unpriced"] == {"runtimeValue": {"constant": True}}
     # New listings arrive behind the same source: no run reuses an earlier run's download.
     assert not any(tasks[step].get("cachingOptions", {}).get("enableCache") for step in ("download", "clean", "monitor"))
-    # retrain runs inside two conditions: the verdict is drift, and the run asked for it (default: report only).
-    drifted = tasks["condition-1"]
-    assert drifted["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--monitor-verdict'] == 'drift'"
-    inner = spec["components"][drifted["componentRef"]["name"]]["dag"]["tasks"]
-    (asked,) = inner.values()
+    # retrain runs when the run asked for it (default: report only); the step decides on the monitor's verdict.
+    asked = tasks["condition-1"]
     assert asked["triggerPolicy"]["condition"] == "inputs.parameter_values['pipelinechannel--retrain'] == true"
     retrain = spec["components"][asked["componentRef"]["name"]]["dag"]["tasks"]["retrain"]
     assert not retrain.get("cachingOptions", {}).get("enableCache")
+    assert retrain["inputs"]["parameters"]["drift"] == {"componentInputParameter": "pipelinechannel--monitor-summary"}
+    assert spec["root"]["inputDefinitions"]["parameters"]["retrain_on_shift"]["defaultValue"] is False
     parameters = spec["root"]["inputDefinitions"]["parameters"]
     assert parameters["retrain"]["defaultValue"] is False
     images = catalog.step_images()

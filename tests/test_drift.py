@@ -1,5 +1,6 @@
 """Drift from prod's data (components/drift.py): real halves of the sample pass, real shifts are named."""
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -41,17 +42,25 @@ def test_drift_checks_name_the_column_and_figure_of_a_real_shift(halves, shift, 
     assert [w for w in warnings if w.startswith(warns)] if warns else warnings == []
 
 
-@pytest.mark.parametrize("mae_now, failed, warned", [(33.4, False, False), (37.0, False, True), (50.9, True, False),
-                                                     (69.0, True, False)])
-def test_error_check_fails_when_prod_no_longer_fits_the_data(mae_now, failed, warned):
-    """Figures of prod (33.2 at registration) on the other half, +10 %, +30 % and shuffled prices (README)."""
-    check, figures = drift.error_check(mae_now, 33.2, 8000, "3", LIMITS)
+@pytest.mark.parametrize("mae_now, rows, failed, warned", [
+    (33.4, 8000, False, False), (38.5, 8000, False, True), (50.9, 8000, True, False), (69.0, 8000, True, False),
+    (39.2, 200, False, False),  # 1.18 x on 200 rows: its interval reaches below 1.1, no evidence
+])
+def test_error_check_fails_when_prod_no_longer_fits_the_data_with_evidence(mae_now, rows, failed, warned):
+    """Figures of prod (33.2 at registration) on the other half, +15 %, +30 % and shuffled prices (README): the
+    whole bootstrap interval of the ratio must lie past a limit."""
+    errors = np.random.default_rng(0).exponential(1.0, rows)
+    errors *= mae_now / errors.mean()  # absolute errors as real ones spread, with this mean
+    check, figures = drift.error_check(errors, 33.2, "3", LIMITS)
     failures, warnings = checks.failed([check]), checks.warned([check])
     assert bool(failures) is failed and bool(warnings) is warned
     assert figures["prod_error_ratio"] == pytest.approx(mae_now / 33.2)
+    assert figures["prod_error_ratio_low"] < figures["prod_error_ratio"] < figures["prod_error_ratio_high"]
+    width = figures["prod_error_ratio_high"] - figures["prod_error_ratio_low"]
+    assert width < 0.1 if rows == 8000 else width > 0.2  # the interval narrows with rows
     if failed:
         assert failures[0].startswith(f"price: prod version 3's MAE on 8000 rows new to it is {mae_now:.2f}, "
-                                      f"{mae_now / 33.2:.2f} x its 33.20 at registration (> 1.25)")
+                                      f"{mae_now / 33.2:.2f} x its 33.20 at registration (95% interval ")
 
 
 def test_psi_is_zero_for_equal_distributions_and_large_for_a_missing_category():

@@ -161,7 +161,7 @@ def test_first_run_leaves_a_data_report_a_model_card_and_named_metrics(first_run
     """What the KFP dashboard would show of the run (its output artifacts), and the same reports in MLflow."""
     run = outputs_of(first_run)
     words = report.as_text((run / "check" / "data_report").read_text())
-    assert words.startswith("Data report: 19001 rows") and "All 21 checks passed" in words
+    assert words.startswith("Data report: 19001 rows") and "All 27 checks passed" in words
     assert "has no 'prod' version yet" in words
     card = report.as_text((run / "register" / "model_card").read_text())
     assert card.startswith(f"Model card: {MODEL} version 1") and "Promoted to prod: no prod model yet" in card

@@ -57,7 +57,8 @@ def test_a_disjoint_half_of_the_same_listings_is_ok(prod, mlflow_server, halves,
     halves[1].to_csv(source, index=False)
     result = run(mlflow_server, prod["experiment"], tmp_path / "out", f"source={source}", f"model_name={prod['model']}")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert result.stdout.strip().splitlines()[-1] == "verdict: ok"
+    assert result.stdout.strip().splitlines()[-1].startswith("verdict: ok: nothing moved that matters; prod's error is "
+                                                             "not worse with evidence: ")
     # prod's error on rows it never saw, against its own at registration: about the same.
     assert "prod's MAE on the new priced rows:" in result.stdout
     mlflow.set_tracking_uri(mlflow_server)
@@ -65,27 +66,28 @@ def test_a_disjoint_half_of_the_same_listings_is_ok(prod, mlflow_server, halves,
     assert 0.9 < found.data.metrics["prod_error_ratio"] < LIMITS.warn_error_ratio
     assert found.data.metrics["drift"] == 0 and found.data.tags["drifted"] == ""
     report_file = (tmp_path / "out" / "latest").resolve() / "drift_report.html"
-    assert "Verdict: ok: the new listings look like prod's data" in report.as_text(report_file.read_text())
+    assert "Verdict: ok: nothing moved that matters" in report.as_text(report_file.read_text())
     assert f"  drift report  {report_file}\n{'':16}{mlflow_server}/#/experiments/" in result.stdout
 
 
-def test_a_shifted_copy_is_drift_naming_the_shifted_columns_and_retrain_trains_on_it(prod, mlflow_server, halves,
-                                                                                      tmp_path):
+def test_a_shifted_copy_is_shifted_naming_the_columns_and_retrain_on_shift_trains_on_it(prod, mlflow_server, halves,
+                                                                                         tmp_path):
     shifted = halves[1].assign(minimum_nights=halves[1]["minimum_nights"] * 3,
                                availability_365=(halves[1]["availability_365"] + 120).clip(upper=365))
     source = tmp_path / "shifted.csv"
     shifted.to_csv(source, index=False)
     result = run(mlflow_server, prod["experiment"], tmp_path / "out", f"source={source}",
-                 f"model_name={prod['model']}", "retrain=true")
+                 f"model_name={prod['model']}", "retrain=true", "retrain_on_shift=true")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     mlflow.set_tracking_uri(mlflow_server)
-    found = monitor_run(prod, "drift")
+    found = monitor_run(prod, "shifted")
     assert found.data.tags["drifted"] == "minimum_nights, availability_365"
     assert found.data.metrics["ks_minimum_nights"] > LIMITS.warn_ks and found.data.metrics["drift"] == 1
     verdict = next(line for line in result.stdout.splitlines() if line.startswith("verdict: "))
-    assert verdict.startswith("verdict: drift: minimum_nights PSI ") and "; availability_365 PSI " in verdict
-    # retrain=true: the training pipeline ran on the same bytes and registered a version from them.
-    assert "retrain=true: running the training pipeline on the same data" in result.stdout
+    assert verdict.startswith("verdict: shifted: minimum_nights PSI ") and "; availability_365 PSI " in verdict
+    assert "prod's error is not worse with evidence" in verdict
+    # retrain_on_shift=true: the training pipeline ran on the same bytes and registered a version from them.
+    assert "retrain=true: running the training pipeline on the same data (the verdict is shifted: " in result.stdout
     assert f"registered model {prod['model']!r} version 2" in result.stdout
     client = mlflow.MlflowClient()
     version = client.get_model_version(prod["model"], "2")
@@ -105,7 +107,7 @@ def test_a_broken_file_is_invalid_at_the_step_that_cannot_read_it(prod, mlflow_s
     model = prod["model"] if case == "no latitude" else "nobody"
     result = run(mlflow_server, prod["experiment"], tmp_path / "out", f"source={source}", f"model_name={model}",
                  "retrain=true")
-    assert result.returncode == 1
+    assert result.returncode == (2 if case == "no latitude" else 1)  # invalid has an exit status of its own
     assert result.stderr.strip().splitlines()[-1].startswith(last_line), result.stderr[-2000:]
     assert "retrain" not in result.stdout.split("steps (full log")[1]  # nothing trained on it
 
@@ -123,16 +125,31 @@ def monitor(prod, rows, tmp_path, **limits) -> dict:
                          drift.DriftLimits(**limits), counts)
 
 
-def test_prices_up_by_a_third_is_drift_of_price_and_of_prods_error_which_training_would_refuse(prod, tracking, halves,
-                                                                                              tmp_path):
+def test_prices_up_by_a_third_is_degraded_with_its_interval_which_training_would_refuse(prod, tracking, halves,
+                                                                                       tmp_path):
     rows = halves[1].assign(price=halves[1]["price"] * 1.3)
     summary = monitor(prod, rows, tmp_path)
-    assert summary["verdict"] == "drift"
+    assert summary["verdict"] == "degraded"
     assert set(summary["drifted"]) == {"price", drift.ERROR_CHECK}
-    assert summary["prod_error_ratio"] > LIMITS.max_error_ratio
+    assert summary["prod_error_ratio_low"] > LIMITS.max_error_ratio
+    assert summary["reason"].startswith("prod version 1's MAE on ") and "(95% interval " in summary["reason"]
     # So retrain=true would not start training: its check step fails on exactly this.
     assert not summary["trainable"] and summary["not_trainable_because"][0].startswith("price: prod version 1's MAE")
-    assert "Verdict: drift: price (PSI" in report.as_text((tmp_path / "report.html").read_text())
+    assert monitoring.retrain_decision(summary, on_shift=False)[0] is False
+    assert "Verdict: degraded: prod version 1's MAE" in report.as_text((tmp_path / "report.html").read_text())
+
+
+def test_a_generated_file_is_suspect_and_never_trained_on(prod, tracking, halves, tmp_path):
+    """Each column drawn on its own from real values: nothing real about the rows, though each value is."""
+    new = halves[1]
+    rows = pd.DataFrame({c: new[c].sample(len(new), replace=True, random_state=i).to_numpy()
+                         for i, c in enumerate(new.columns)}).assign(id=new["id"].to_numpy())
+    summary = monitor(prod, rows, tmp_path)
+    assert summary["verdict"] == "suspect" and "the data looks generated" in summary["reason"]
+    assert monitoring.EXIT_CODES["suspect"] != 0 and not summary["trainable"]
+    assert monitoring.retrain_decision(summary, on_shift=True) == (
+        False, "the verdict is suspect: training starts on degraded or shifted")
+    assert "Verdict: suspect: rows: " in report.as_text((tmp_path / "report.html").read_text())
 
 
 def test_listings_priced_out_of_range_are_drift_though_clean_drops_them(prod, tracking, halves, tmp_path):
@@ -141,7 +158,7 @@ def test_listings_priced_out_of_range_are_drift_though_clean_drops_them(prod, tr
     moved = rows.sample(frac=0.2, random_state=1).index
     rows.loc[moved, "price"] += 400
     summary = monitor(prod, rows, tmp_path)
-    assert summary["verdict"] == "drift" and set(summary["drifted"]) == {"rows clean drops"}
+    assert summary["verdict"] == "shifted" and set(summary["drifted"]) == {"rows clean drops"}
     assert summary["drifted"]["rows clean drops"].endswith("prod's data 4.9%")
     assert summary["trainable"]  # training would drop those rows and learn from the rest
 
@@ -157,8 +174,8 @@ def test_listings_with_few_or_no_prices_are_compared_on_the_rest_and_say_what_wa
         assert summary["prod_error_unknown"].startswith(f"only {priced} of ")
         text = report.as_text((tmp_path / "report.html").read_text())
         assert f"price drift skipped {priced} value(s) in the new data" in text
-        assert ("Verdict: ok: the new listings look like prod's data (not measured: price drift, prod's error on "
-                "new rows, rows clean drops drift)") in text
+        assert "Verdict: ok: nothing moved that matters; prod's error on them is not measured" in text
+        assert "(not measured: price drift, prod's error on new rows, rows clean drops drift)" in text
 
 
 def test_values_the_checks_refuse_make_the_monitor_step_fail_as_invalid_after_keeping_its_report(prod, tracking, halves,
@@ -169,7 +186,7 @@ def test_values_the_checks_refuse_make_the_monitor_step_fail_as_invalid_after_ke
                                         r"failed \(drift report: http://.*drift_report.html\):\n  - neighbourhood_group: "
                                         r"unknown values \['Atlantis'\]"):
         monitor(prod, rows, tmp_path)
-    assert "Verdict: invalid: 1 of" in report.as_text((tmp_path / "report.html").read_text())
+    assert "Verdict: invalid: neighbourhood_group: unknown values" in report.as_text((tmp_path / "report.html").read_text())
     assert monitor_run(prod | {"experiment": tracking["experiment"]}, "invalid").info.status == "FAILED"
 
 
@@ -277,7 +294,7 @@ def test_the_retrain_step_starts_the_named_training_version_on_the_same_bytes(sp
             assert made["pipeline_version_reference"]["pipeline_version_id"] == started
             assert made["runtime_config"]["parameters"] == {"source": "s3://data/new.csv", "source_sha256": "ab" * 32,
                                                             "model_name": "m"}
-            assert made["display_name"] == "retrain on drift (abababababab)"
+            assert made["display_name"] == "retrain on price PSI 0.2 (abababababab)"
 
 
 class Artifact:
@@ -289,8 +306,8 @@ def test_the_retrain_component_trains_on_the_bytes_monitored_with_the_monitors_p
     """The component's own body, as the cluster runs it (its Input[Dataset] stood in for)."""
     retrain = steps.retrain.python_func
     training_params = {"model_name": "m", "max_error_ratio": 1.5, "min_rows": 300}
-    summary = {"drifted": {"price": "PSI 0.2, KS 0.1"}, "trainable": True, "not_trainable_because": [],
-               "training_params": training_params}
+    summary = {"verdict": "degraded", "reason": "prod's MAE 1.3 x", "drifted": {"price": "PSI 0.2, KS 0.1"},
+               "trainable": True, "not_trainable_because": [], "training_params": training_params}
     with KfpStandIn() as kfp:
         kfp_api.upload(kfp_api.connect(kfp.url, "test"), specs["training"], names.TRAINING_PIPELINE)
         run_id = retrain(raw_data=Artifact(), source="s3://data/new.csv", model_name="m", kfp_host=kfp.url,
@@ -300,4 +317,10 @@ def test_the_retrain_component_trains_on_the_bytes_monitored_with_the_monitors_p
         refused = summary | {"trainable": False, "not_trainable_because": ["price: prod's MAE ... 1.37 x"]}
         assert retrain(raw_data=Artifact(), source="s3://data/new.csv", model_name="m", kfp_host=kfp.url,
                        training_version="", drift=json.dumps(refused)) == ""
+        shifted = summary | {"verdict": "shifted"}  # only with on_shift
+        assert retrain(raw_data=Artifact(), source="s3://data/new.csv", model_name="m", kfp_host=kfp.url,
+                       training_version="", drift=json.dumps(shifted)) == ""
         assert len(kfp.runs) == 1
+        assert retrain(raw_data=Artifact(), source="s3://data/new.csv", model_name="m", kfp_host=kfp.url,
+                       training_version="", drift=json.dumps(shifted), on_shift=True)
+        assert len(kfp.runs) == 2

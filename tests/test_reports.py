@@ -5,6 +5,7 @@ import json
 import re
 from html import escape
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -64,7 +65,7 @@ def test_data_report_shows_every_check_and_each_distribution_against_prods(brows
     new = new[new["neighbourhood_group"] != "Staten Island"].assign(price=new["price"] * 1.2)
     found = checks.deterministic_checks(new, cities.city())
     moved, _ = drift.drift_checks(new, reference, drift.DriftLimits())
-    error, _ = drift.error_check(41.0, 33.2, 5000, "3", drift.DriftLimits())
+    error, _ = drift.error_check(np.full(5000, 41.0), 33.2, "3", drift.DriftLimits())
     found += moved + [error]
     page = rendered(browser, tmp_path, report.data_report(new, found, ["a note"], reference), "data_report")
     assert page["sections"] == SECTIONS["data"]
