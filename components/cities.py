@@ -51,6 +51,9 @@ class City:
     max_rows: int
     area_groups: tuple[str, ...] = ()
     date_formats: tuple[str, ...] = ()
+    # The largest share of rows whose value in one column cannot be read (an id a spreadsheet rounded, a price or
+    # a date that does not parse) that clean drops, counting them; past it, clean fails naming the column.
+    max_unreadable: float = 0.25
 
     @property
     def box(self) -> Box:
@@ -85,7 +88,7 @@ class City:
         missing = set(fields) - set(given)
         if missing and name in shipped_cities():  # {"name": "nyc", "max_price": 500}: the rest is nyc's
             values = {**city_profile(name, step), **given}
-        elif missing - {"area_groups", "date_formats"}:
+        elif missing - {"area_groups", "date_formats", "max_unreadable"}:
             raise StepError(step, "city", f"{name}'s profile lacks {sorted(missing)} (and {name!r} is not a shipped "
                                           f"profile to take them from: {shipped_cities()})")
         typed = {}
@@ -97,6 +100,8 @@ class City:
                     raise StepError(step, where, f"expected a list of non-empty strings, got {value!r}")
                 typed[field] = tuple(value)
             elif field != "name":
+                if value is None and field == "max_unreadable":
+                    value = cls.max_unreadable  # a profile written before the field
                 number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
                 if number is None or not math.isfinite(number) or (kind == "int" and number != int(number)):
                     raise StepError(step, where, f"expected {'a whole number' if kind == 'int' else 'a number'}, "
@@ -106,6 +111,8 @@ class City:
                           ("min_price", "max_price"), ("min_rows", "max_rows")):
             if typed[low] >= typed[high]:
                 raise StepError(step, f"city.{low}", f"{typed[low]} is not below {high} {typed[high]}")
+        if not 0 <= typed["max_unreadable"] <= 1:
+            raise StepError(step, "city.max_unreadable", f"expected a share between 0 and 1, got {typed['max_unreadable']}")
         for code in typed["date_formats"]:
             if "%" not in code:
                 raise StepError(step, "city.date_formats", f"{code!r} is not a strptime format such as '%m/%d/%y'")

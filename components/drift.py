@@ -41,7 +41,8 @@ ERROR_CHECK = "prod's error on new rows"
 # distribution exceeds warn_ks by chance at 30 values, and stays under it from about 100.
 MIN_DRIFT_VALUES = 200
 # How clean sorts the rows it reads (its `dropped` counts, and the rows kept).
-CLEAN_OUTCOMES = ["rows", "dropped_no_price", "dropped_price_range", "dropped_outside_box", "dropped_duplicate_id"]
+CLEAN_OUTCOMES = ["rows", "dropped_no_price", "dropped_price_range", "dropped_outside_box", "dropped_duplicate_id",
+                  "dropped_unreadable"]
 # A share below this counts as this, so that a category or bin missing on one side gives a large, finite PSI.
 PSI_FLOOR = 1e-4
 

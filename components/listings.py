@@ -83,8 +83,9 @@ def known_columns(df: pd.DataFrame, step: str) -> tuple[pd.DataFrame, list[str]]
     return df[[c for c in SCHEMA if c in df.columns]], ignored
 
 
-def parse_column(df: pd.DataFrame, column: str, step: str, kind: str, date_formats=()) -> pd.Series:
-    """The column as numbers or dates; a value that is present but does not parse is an error naming it."""
+def parse_column(df: pd.DataFrame, column: str, step: str, kind: str, date_formats=()) -> tuple[pd.Series, str]:
+    """The column as numbers or dates (NaN/NaT where a value does not parse), and what a value that is present but
+    does not parse is said to be not ("" when every one parses)."""
     text = df[column]
     if kind == "number":
         if column == "price" and not pd.api.types.is_numeric_dtype(text):  # "$1,250.00", as in detailed listings
@@ -96,9 +97,7 @@ def parse_column(df: pd.DataFrame, column: str, step: str, kind: str, date_forma
         if not date_formats:
             expected += " (name the file's own format in the city profile's date_formats, e.g. '%m/%d/%y')"
     bad = df[column][values.isna() & df[column].notna()]
-    if len(bad):
-        raise InvalidData(step, column, f"{len(bad)} value(s) are not {expected}, e.g. {bad.head(3).tolist()}")
-    return values
+    return values, (f"{len(bad)} value(s) are not {expected}, e.g. {bad.head(3).tolist()}" if len(bad) else "")
 
 
 def read_dates(text: pd.Series, date_formats=(), step: str = "clean") -> pd.Series:
@@ -124,15 +123,32 @@ def exact_ids(values: pd.Series) -> pd.Series:
     return text.where(whole).astype("Int64")
 
 
-def parse_ids(df: pd.DataFrame, column: str, step: str) -> pd.Series:
-    """Ids as exact integers: a spreadsheet writes a long id as 7.13172E+17, and two listings then share it."""
+def parse_ids(df: pd.DataFrame, column: str) -> tuple[pd.Series, str]:
+    """Ids as exact integers (missing where not): a spreadsheet writes a long id as 7.13172E+17, and two listings
+    then share it. And what the ones that are not exact are ("" when all are)."""
     ids = exact_ids(df[column])
     bad = df[column][ids.isna()]
-    if len(bad):
-        raise InvalidData(step, column, f"{len(bad)} value(s) are empty or not whole numbers as written, e.g. "
-                        f"{bad.head(3).fillna('').tolist()}: ids must be exact (a spreadsheet rounds long ids to forms "
-                        "like 7.13172E+17); take the file as downloaded, not as a spreadsheet saved it")
-    return ids.astype("int64")
+    return ids, (f"{len(bad)} value(s) are empty or not whole numbers as written, e.g. "
+                 f"{bad.head(3).fillna('').tolist()}: ids must be exact (a spreadsheet rounds long ids to forms like "
+                 "7.13172E+17); take the file as downloaded, not as a spreadsheet saved it" if len(bad) else "")
+
+
+def drop_unreadable(df: pd.DataFrame, unreadable: dict[str, tuple[pd.Series, str]], city: City,
+                    ) -> tuple[pd.DataFrame, dict[str, dict]]:
+    """Rows with a value that cannot be read (`unreadable`: per column, which rows and what they are), dropped when
+    each column's share is within the city's max_unreadable; past it, clean fails naming the column. Returns the
+    rows kept and, per column, how many were dropped and examples."""
+    found, drop = {}, pd.Series(False, index=df.index)
+    for column, (bad, message) in unreadable.items():
+        if not bad.any():
+            continue
+        share = bad.mean()
+        if share > city.max_unreadable:
+            raise InvalidData("clean", column, f"{message} ({int(bad.sum())} of {len(df)} rows, {share:.1%}: more than "
+                                               f"the city profile's max_unreadable {city.max_unreadable:.0%})")
+        found[column] = {"rows": int(bad.sum()), "problem": message}
+        drop |= bad
+    return df[~drop], found
 
 
 def clean_listings(
@@ -143,17 +159,25 @@ def clean_listings(
     from them)."""
     df, _ = known_columns(df, "clean")
     df = df.copy()
+    unreadable = {}  # column: (its rows that cannot be read, what they are)
     for column in IDS:
-        df[column] = parse_ids(df, column, "clean")
+        df[column], problem = parse_ids(df, column)
+        unreadable[column] = (df[column].isna(), problem)
     for column in NUMBER_COLUMNS:
         if column in df.columns:
-            df[column] = parse_column(df, column, "clean", "number")
+            values, problem = parse_column(df, column, "clean", "number")
+            unreadable[column] = (values.isna() & df[column].notna(), problem)
+            df[column] = values
     for column in TEXT_COLUMNS:
         if column in df.columns:  # a zip code read as a number, or a column empty in every row, is still text
             df[column] = df[column].astype("str")
-    df["last_review"] = parse_column(df, "last_review", "clean", "date", city.date_formats)
+    values, problem = parse_column(df, "last_review", "clean", "date", city.date_formats)
+    unreadable["last_review"] = (values.isna() & df["last_review"].notna(), problem)
+    df["last_review"] = values
+    kept, found = drop_unreadable(df, unreadable, city)
+    df = kept.astype({column: "int64" for column in IDS})
 
-    dropped = {}
+    dropped = {"unreadable": len(unreadable["id"][0]) - len(df)}
     keep = df["price"].notna() | keep_unpriced  # today's files list many with no price
     dropped["no_price"] = int((~keep).sum())
     df = df[keep]
@@ -169,6 +193,7 @@ def clean_listings(
     if df.empty:
         raise InvalidData("clean", "price/latitude/longitude", f"every row was filtered out (dropped: {dropped}; "
                         f"city {city.name}: price [{city.min_price}, {city.max_price}], box {city.box})")
+    df.attrs["unreadable"] = found  # per column: rows dropped and what they were (clean's metadata names them)
     return df, dropped
 
 
@@ -201,17 +226,19 @@ def clean(raw_path: str, out_path: str, city: str | dict, keep_unpriced: bool = 
         shape = listing_format(df.columns)
         df, dropped = clean_listings(df, profile, keep_unpriced)
         write_listings(df, out_path)
-        counts = clean_counts(df, dropped)
+        counts, unreadable = clean_counts(df, dropped), df.attrs.get("unreadable", {})
         mlflow.log_metrics(counts)
         mlflow.set_tags({"city": profile.name, "format": shape, "ignored_columns": ", ".join(ignored)})
         # The clean data is the reference for later statistical checks, so it is kept in MLflow too.
         mlflow.log_artifact(out_path, "data")
         reference = f"runs:/{run.info.run_id}/data/{Path(out_path).name}"
+        for column, found in unreadable.items():
+            print(f"clean: dropped {found['rows']} row(s) whose {column} cannot be read: {found['problem']}")
         ignoring = f", ignoring {len(ignored)} unknown column(s) ({', '.join(ignored)})" if ignored else ""
-        print(f"clean: {profile.name} listings in {shape}{ignoring}: {len(df)} rows kept; dropped "
+        print(f"clean: {profile.name} listings in {shape}{ignoring}: {len(df)} rows kept; dropped "  # its last line
               f"{', '.join(f'{n} ({rule})' for rule, n in dropped.items())}")
         return {**counts, "mlflow_run_id": run.info.run_id, "reference_uri": reference, "city": profile.as_dict(),
-                "format": shape, "ignored_columns": ignored}
+                "format": shape, "ignored_columns": ignored, "unreadable": unreadable}
 
 
 # ---------------------------------------------------------------- split

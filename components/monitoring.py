@@ -22,7 +22,7 @@ from components.errors import InvalidData, StepError
 from components.listings import read_listings
 from components.prod import same_city
 from components.quality import is_quality, suspect
-from components.validation import run_checks, subjects
+from components.validation import run_checks, subjects, unreadable_notes
 
 DRIFT_REPORT = "reports/drift_report.html"
 
@@ -54,6 +54,7 @@ def monitor(
         clean_meta = clean_meta or {}
         own, against, notes, reference, figures = run_checks(df, model_name, prod, profile, limits,
                                                              clean_meta.get("ignored_columns", []))
+        notes = unreadable_notes(clean_meta) + notes
         trainable = not failed(own + against)
         if not failed(own):
             dropped, dropped_figures = clean_drops_check(prod, clean_meta, limits)

@@ -37,6 +37,7 @@ def check(
         current = same_city(tracking.prod_version(model_name), model_name, profile, "check")
         own, against, notes, reference, _ = run_checks(df, model_name, current, profile, limits,
                                                        (clean_meta or {}).get("ignored_columns", []))
+        notes = unreadable_notes(clean_meta) + notes
         found = own + against
         report.keep_report(report.data_report(df, found, notes, reference), report_path, DATA_REPORT)
         failures, warnings = failed(found), warned(found)
@@ -67,6 +68,12 @@ def run_checks(df: pd.DataFrame, model_name: str, current, city: City, limits: D
     against, figures, notes, reference = checks_against_prod(model_name, current, df, limits)
     mlflow.log_metrics(figures)
     return own, against, notes, reference, figures
+
+
+def unreadable_notes(clean_meta: dict | None) -> list[str]:
+    """What clean dropped because a value could not be read (its metadata), for the report."""
+    return [f"clean dropped {found['rows']} row(s) whose {column} cannot be read: {found['problem']}"
+            for column, found in (clean_meta or {}).get("unreadable", {}).items()]
 
 
 def subjects(failures: list[str]) -> str:

@@ -16,9 +16,25 @@ def test_clean_counts_what_each_rule_drops():
         listing(id=1, price=5), listing(id=2, price=351), listing(id=3, price=10), listing(id=4, price=350),
         listing(id=5, longitude=-75.0), listing(id=6, latitude=41.5), listing(id=3, price=99), listing(id=7, price=None),
     ), NYC)
-    assert dropped == {"no_price": 1, "price_range": 2, "outside_box": 2, "duplicate_id": 1}
+    assert dropped == {"unreadable": 0, "no_price": 1, "price_range": 2, "outside_box": 2, "duplicate_id": 1}
     assert df["id"].tolist() == [3, 4]
     assert pd.api.types.is_datetime64_any_dtype(df["last_review"])
+
+
+@pytest.mark.parametrize("column, written", [("id", "4.98554E+17"), ("price", "call me"), ("last_review", "soon")])
+def test_a_minority_of_unreadable_values_is_dropped_and_counted_and_a_majority_fails_naming_the_column(
+        sample, column, written):
+    """As a real file comes: a spreadsheet rounded some long ids, a price or a date someone typed in."""
+    raw = sample.astype({"id": "str", "price": "object"})
+    some = raw.sample(frac=0.17, random_state=0).index
+    df, dropped = listings.clean_listings(raw.assign(**{column: raw[column].where(~raw.index.isin(some), written)}), NYC)
+    assert dropped["unreadable"] == len(some) and len(df) == 19001 - int(raw.loc[some, "price"].between(10, 350).sum())
+    found = df.attrs["unreadable"][column]
+    assert found["rows"] == len(some) and f"e.g. [{written!r}" in found["problem"]
+    most = raw.sample(frac=0.6, random_state=1).index
+    with pytest.raises(StepError, match=rf"clean: {column}: {len(most)} value\(s\) .* \({len(most)} of 20000 rows, "
+                                        r"60.0%: more than the city profile's max_unreadable 25%\)"):
+        listings.clean_listings(raw.assign(**{column: raw[column].where(~raw.index.isin(most), written)}), NYC)
 
 
 def test_clean_box_and_price_are_parameters():
@@ -83,3 +99,10 @@ def test_split_is_stratified_and_seeded(sample):
 def test_split_rejects_a_bad_test_size():
     with pytest.raises(StepError, match="split: test_size: must be between 0 and 1"):
         listings.split_listings(clean_frame(listing()), 1.5, 1)
+
+
+def test_a_quoted_name_that_spans_lines_is_one_row():
+    raw = frame(listing(id=1, name="Loft\nwith a view, \"quoted\""), listing(id=2)).to_csv(index=False).encode()
+    assert raw.count(b"\n") == 4  # header, two rows, one of them over two lines
+    df, _ = listings.clean_listings(listings.parse_csv(raw, "clean"), NYC)
+    assert df["id"].tolist() == [1, 2] and df["name"][0] == "Loft\nwith a view, \"quoted\""

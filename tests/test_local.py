@@ -250,7 +250,15 @@ BAD_INPUTS = {
     "every row filtered": (lambda s, t: write(t / "f.csv", csv_of(listing(price=5000), listing(id=2, price=1))),
                            "clean", "every row was filtered out"),
     "fails a drift check": (shifted_sample, "check", "neighbourhood_group: distribution shifted from prod's data (PSI"),
+    "most ids rounded by a spreadsheet": (lambda s, t: write(t / "ids.csv", rounded_ids(s, 0.6).to_csv(index=False)),
+                                          "clean", "clean: id: 12000 value(s) are empty or not whole numbers as written"),
 }
+
+
+def rounded_ids(sample, share: float):
+    """The sample as a spreadsheet saves it when some of its ids are long: 4.98554E+17."""
+    rounded = sample.sample(frac=share, random_state=0).index
+    return sample.astype({"id": "str"}).assign(id=lambda d: d["id"].where(~d.index.isin(rounded), "4.98554E+17"))
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -270,6 +278,17 @@ def test_bad_input_ends_at_its_step_and_changes_nothing(case, first_run, client,
     if step == "check":  # a failed check still leaves its report, which names the failed check
         words = report.as_text((outputs_of(result) / "data_report.html").read_text())
         assert re.search(r"\d+ of \d+ checks failed", words)
+
+
+def test_a_minority_of_unreadable_ids_is_dropped_counted_and_named_and_the_rest_trains(first_run, mlflow_server, sample,
+                                                                                     tmp_path):
+    source = write(tmp_path / "ids.csv", rounded_ids(sample, 0.17).to_csv(index=False))
+    result = run_pipeline(mlflow_server, tmp_path, f"source={source}", f"model_name={MODEL}-ids")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.search(r"clean: .*: \d+ rows kept; dropped 3400 \(unreadable\)", result.stdout)
+    assert f"registered model '{MODEL}-ids' version 1: now prod" in result.stdout
+    words = report.as_text((outputs_of(result) / "data_report.html").read_text())
+    assert "clean dropped 3400 row(s) whose id cannot be read: 3400 value(s) are empty or not whole numbers" in words
 
 
 def test_unreachable_mlflow_stops_the_run_before_any_step(first_run, client, sample_path, tmp_path):
