@@ -71,8 +71,8 @@ def run_checks(df: pd.DataFrame, model_name: str, current, city: City, limits: D
 
 
 def unreadable_notes(clean_meta: dict | None) -> list[str]:
-    """What clean dropped because a value could not be read (its metadata), for the report."""
-    return [f"clean dropped {found['rows']} row(s) whose {column} cannot be read: {found['problem']}"
+    """What clean dropped because a value could not be read (its metadata, where KFP makes 3400 a 3400.0)."""
+    return [f"clean dropped {int(found['rows'])} row(s) whose {column} cannot be read: {found['problem']}"
             for column, found in (clean_meta or {}).get("unreadable", {}).items()]
 
 
