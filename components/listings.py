@@ -174,10 +174,11 @@ def clean_listings(
     values, problem = parse_column(df, "last_review", "clean", "date", city.date_formats)
     unreadable["last_review"] = (values.isna() & df["last_review"].notna(), problem)
     df["last_review"] = values
+    rows_read = len(df)
     kept, found = drop_unreadable(df, unreadable, city)
     df = kept.astype({column: "int64" for column in IDS})
 
-    dropped = {"unreadable": len(unreadable["id"][0]) - len(df)}
+    dropped = {"unreadable": rows_read - len(df)}
     keep = df["price"].notna() | keep_unpriced  # today's files list many with no price
     dropped["no_price"] = int((~keep).sum())
     df = df[keep]
