@@ -82,7 +82,7 @@ def run_once(pipeline, params: dict, pipeline_root: str, cache: bool, runner: st
     cache_root = os.path.join(pipeline_root, ".kfp_cache", hashlib.sha256(scope.encode()).hexdigest()[:12])
     if runner == "docker":
         env |= {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k.endswith("S3_ENDPOINT_URL")}
-        chosen = docker_runner(pipeline_root, env)
+        chosen = docker_runner(pipeline_root, kfp_run, env)
         if "source" in params:
             params["source"] = local_source(params["source"], pipeline_root)
     else:
@@ -175,14 +175,18 @@ def source_sha256(params: dict) -> str:
         return ""
 
 
-def docker_runner(pipeline_root: str, env: dict[str, str]) -> local.DockerRunner:
+def docker_runner(pipeline_root: str, kfp_run: str, env: dict[str, str]) -> local.DockerRunner:
     """Every task in its own image, as in the cluster (run_once checked the daemon and the images)."""
     # Containers run as the image's user (uid 10001) or, for a non-root caller, as the caller, so the
     # outputs they write into the mounted pipeline root stay the caller's own.
-    Path(pipeline_root).mkdir(parents=True, exist_ok=True)
+    # The run's folder is made here (named by its run id), so the containers' user must be able to write in it too.
+    folders = (Path(pipeline_root), Path(pipeline_root, kfp_run))
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
     user = {}
     if os.getuid() == 0:
-        os.chmod(pipeline_root, 0o1777)
+        for folder in folders:
+            os.chmod(folder, 0o1777)
     else:
         user = {"user": f"{os.getuid()}:{os.getgid()}"}
     # Host networking: the containers reach the MLflow server on 127.0.0.1 like the local steps do.
