@@ -19,7 +19,7 @@ import mlflow
 
 from components import model
 from components.checks import FAIL, PASS, SKIP, UNKNOWN, WARN, Check, failed, warned
-from components.drift import CATEGORY_COLUMNS, category_shares, drift_columns, drifted, numeric_shares
+from components.drift import CATEGORY_COLUMNS, category_shares, drift_columns, numeric_shares
 
 STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;color:#1d2330;margin:0;background:#f6f7f9}
