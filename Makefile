@@ -46,8 +46,12 @@ WAIT ?=
 NO_CACHE ?=
 #: monitoring: RETRAIN=1 trains on the new listings when prod's error on them is worse (degraded); RETRAIN=shifted also when only distributions moved
 RETRAIN ?=
+#: monitoring: when DATA_URL is a model server's inference log (a folder, or an s3:// prefix ending in /), the hours of it read (0: all)
+LOG_HOURS ?=
 # When the cluster's recurring monitoring run starts: 5 cron fields (KFP's 6, seconds first, also do).
 CRON ?= 0 6 * * *
+# What it reads unless DATA_URL= says otherwise: the inference log the cluster's model server writes.
+CLUSTER_INFERENCE_LOG ?= s3://inference-log/serving/
 #: VERBOSE=1 prints kfp.local's whole output (every task's input and logs) instead of a line per step and a log file
 VERBOSE ?=
 
@@ -62,6 +66,8 @@ PREDICT_URL ?= http://127.0.0.1:$(PORT)
 VERSION ?=
 #: serve-local: the model server's worker processes
 SERVE_WORKERS ?= 1
+#: serve-local: log every priced row (request data) to this folder or s3://bucket/prefix/, for make monitor DATA_URL=<it>; empty: off
+INFERENCE_LOG ?=
 DATA_ARG = $(if $(DATA_URL),--data $(DATA_URL))
 
 # Images (names and tags come from images/images.toml through images/catalog.py, never from here).
@@ -155,7 +161,7 @@ predict-batch: venv mlflow  ## Price every listing of DATA_URL with MODEL (defau
 	$(PY) pipeline.py run --pipeline batch $(BATCH_PARAMS) $(if $(VERBOSE),--verbose)
 
 MONITOR_PARAMS = $(if $(DATA_URL),--param source=$(DATA_URL)) $(if $(RETRAIN),--param retrain=true) $(if $(filter shifted,$(RETRAIN)),--param retrain_on_shift=true) \
-  $(foreach p,$(PARAMS),--param '$(p)')
+  $(if $(LOG_HOURS),--param log_hours=$(LOG_HOURS)) $(foreach p,$(PARAMS),--param '$(p)')
 
 monitor: venv mlflow  ## New listings of DATA_URL against prod's data locally: prints the verdict (ok, shifted, degraded, suspect, invalid) and the report; RETRAIN=1
 	$(PY) pipeline.py run --pipeline monitor $(MONITOR_PARAMS) $(if $(VERBOSE),--verbose)
@@ -175,10 +181,10 @@ submit-batch: venv compile  ## Start a batch scoring run on KFP (DATA_URL= an s3
 	@$(KFP_API); \
 	$(PY) pipeline.py submit --pipeline batch --spec $(BATCH_SPEC) --host $(KFP_HOST) $(BATCH_PARAMS) $(if $(WAIT),--wait)
 
-schedule: venv compile  ## Monitoring as a KFP recurring run at CRON, one run at a time (DATA_URL= an s3:// source, RETRAIN=1)
+schedule: venv compile  ## Monitoring as a KFP recurring run at CRON, one run at a time, of the serving pod's inference log (DATA_URL= another s3:// source, RETRAIN=1)
 	@$(KFP_API); \
 	$(PY) pipeline.py schedule --cron "$(CRON)" --spec $(MONITOR_SPEC) --training-spec $(PIPELINE_SPEC) \
-	  --host $(KFP_HOST) $(MONITOR_PARAMS)
+	  --host $(KFP_HOST) $(MONITOR_PARAMS) $(if $(DATA_URL),,--param source=$(CLUSTER_INFERENCE_LOG))
 
 unschedule: venv  ## Remove the monitoring recurring run from KFP
 	@$(KFP_API); \
@@ -214,7 +220,8 @@ test-core: venv  ## Unit, compile and registry tests and one end-to-end run (CI:
 	$(PY) -m pytest $(XDIST) $(CORE_TESTS)
 
 serve-local: venv mlflow  ## Serve MODEL_URI (default the prod model) from the local MLflow server on PORT
-	$(PY) -m components.serve --model $(MODEL_URI) --port $(PORT) --workers $(SERVE_WORKERS)
+	$(PY) -m components.serve --model $(MODEL_URI) --port $(PORT) --workers $(SERVE_WORKERS) \
+	  $(if $(INFERENCE_LOG),--inference-log $(INFERENCE_LOG))
 
 predict: venv  ## Send a few real listings to PREDICT_URL and print the predicted prices (DATA_URL= to choose them)
 	$(PY) -m components.predict --url $(PREDICT_URL) $(DATA_ARG)

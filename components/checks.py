@@ -52,9 +52,10 @@ def _check(check: str, bad: bool, observed: str, threshold: str, message: str) -
     return Check(check, FAIL if bad else PASS, observed, threshold, message if bad else "")
 
 
-def deterministic_checks(df: pd.DataFrame, city: City, ignored: list[str] = ()) -> list[Check]:
+def deterministic_checks(df: pd.DataFrame, city: City, ignored: list[str] = (), training: bool = True) -> list[Check]:
     """Every check of the data on its own against its city's profile, passed or failed (failed() lists the
-    failures' messages); `ignored` names the unknown columns clean left out (a warning)."""
+    failures' messages); `ignored` names the unknown columns clean left out (a warning). Fewer rows than the
+    profile's min_rows fail `training` data; monitored data is judged on them all the same (a warning)."""
     missing = [c for c in REQUIRED if c not in df.columns]
     checks = [_check("columns", bool(missing), listing_format(df.columns) if not missing else f"missing {missing}",
                      f"the {len(REQUIRED)} columns of the 2019 format, or the {len(SCHEMA)} of today's",
@@ -87,8 +88,12 @@ def deterministic_checks(df: pd.DataFrame, city: City, ignored: list[str] = ()) 
         checks.append(_check("latitude/longitude in the box", outside > 0, f"{outside} row(s) outside",
                              str(city.box), f"latitude/longitude: {outside} row(s) outside the box {city.box}"))
     low, high = city.min_rows, city.max_rows
-    checks.append(_check("row count", not low <= len(df) <= high, str(len(df)), f"[{low}, {high}]",
-                         f"row count: {len(df)} not within [{low}, {high}]"))
+    if len(df) < low and not training:
+        checks.append(Check("row count", WARN, str(len(df)), f"[{low}, {high}]",
+                            f"row count: {len(df)}, fewer than the {low} training needs"))
+    else:
+        checks.append(_check("row count", not low <= len(df) <= high, str(len(df)), f"[{low}, {high}]",
+                             f"row count: {len(df)} not within [{low}, {high}]"))
     if "price" in df.columns:
         low, high = city.min_price, city.max_price
         outside = int((df["price"].notna() & ~df["price"].between(low, high)).sum())

@@ -85,8 +85,6 @@ def drift_columns(df: pd.DataFrame, reference: pd.DataFrame) -> list[str]:
 
 def drift_checks(df: pd.DataFrame, reference: pd.DataFrame, limits: DriftLimits) -> tuple[list[Check], dict]:
     """Distribution shift of each column against prod's data: (every check, its figures)."""
-    from scipy.stats import ks_2samp  # here, not at the top: every step imports this module, only check needs it
-
     checks, figures = [], {}
     fail, warn = limits.max_category_psi, limits.warn_psi
     limit = f"fail > {fail}, warn > {warn}"
@@ -110,19 +108,28 @@ def drift_checks(df: pd.DataFrame, reference: pd.DataFrame, limits: DriftLimits)
             continue
         if column not in df.columns:
             continue
-        values = int(df[column].notna().sum())
-        if values < MIN_DRIFT_VALUES:  # listings with no price yet, say: too few to tell a shift from chance
-            checks.append(Check(f"{column} drift", SKIP, f"{values} value(s) in the new data",
-                                f"at least {MIN_DRIFT_VALUES} values"))
-            continue
-        psi = figures[f"psi_{column}"] = numeric_psi(df[column], reference[column])
-        ks = figures[f"ks_{column}"] = float(ks_2samp(df[column].dropna(), reference[column].dropna()).statistic)
-        moved = psi > warn or ks > limits.warn_ks
-        checks.append(Check(f"{column} drift", WARN if moved else PASS, f"PSI {psi:.3f}, KS {ks:.3f}",
-                            f"warn > {warn} / {limits.warn_ks}", moved and (
-                                f"{column}: distribution moved (PSI {psi:.3f}, KS statistic {ks:.3f}; warn above "
-                                f"{warn} / {limits.warn_ks})") or ""))
+        check, found = numeric_check(column, df[column], reference[column], limits)
+        checks.append(check)
+        figures |= found
     return checks, figures
+
+
+def numeric_check(column: str, current: pd.Series, reference: pd.Series, limits: DriftLimits
+                  ) -> tuple[Check, dict[str, float]]:
+    """A numeric column's shift from prod's data (PSI over its deciles and KS): warns past the limits."""
+    from scipy.stats import ks_2samp
+
+    values, warn = int(current.notna().sum()), limits.warn_psi
+    if values < MIN_DRIFT_VALUES:  # listings with no price yet, say: too few to tell a shift from chance
+        return Check(f"{column} drift", SKIP, f"{values} value(s) in the new data",
+                     f"at least {MIN_DRIFT_VALUES} values"), {}
+    key = column.replace(" ", "_")
+    psi, ks = numeric_psi(current, reference), float(ks_2samp(current.dropna(), reference.dropna()).statistic)
+    moved = psi > warn or ks > limits.warn_ks
+    return Check(f"{column} drift", WARN if moved else PASS, f"PSI {psi:.3f}, KS {ks:.3f}",
+                 f"warn > {warn} / {limits.warn_ks}", moved and (
+                     f"{column}: distribution moved (PSI {psi:.3f}, KS statistic {ks:.3f}; warn above "
+                     f"{warn} / {limits.warn_ks})") or ""), {f"psi_{key}": psi, f"ks_{key}": ks}
 
 
 def cleaning_check(counts: dict, reference: dict, limits: DriftLimits) -> tuple[Check, dict[str, float]]:

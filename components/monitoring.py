@@ -12,9 +12,10 @@ verdict a person and a scheduler can act on, with a one-line reason, and the dri
 from __future__ import annotations
 
 import mlflow
+import pandas as pd
 from mlflow.exceptions import MlflowException
 
-from components import drift, report, tracking
+from components import drift, model, names, report, saved_model, tracking
 from components.checks import FAIL, SKIP, UNKNOWN, WARN, Check, failed
 from components.cities import City
 from components.drift import DriftLimits
@@ -22,7 +23,7 @@ from components.errors import InvalidData, StepError
 from components.listings import read_listings
 from components.prod import same_city
 from components.quality import is_quality, suspect
-from components.validation import run_checks, subjects, unreadable_notes
+from components.validation import ERROR_CHECK_ROWS, run_checks, subjects, unreadable_notes
 
 DRIFT_REPORT = "reports/drift_report.html"
 
@@ -30,6 +31,7 @@ OK, SHIFTED, DEGRADED, SUSPECT, INVALID = "ok", "shifted", "degraded", "suspect"
 # `pipeline.py run --pipeline monitor`'s exit status by verdict (any other failure: 1).
 EXIT_CODES = {OK: 0, SHIFTED: 0, INVALID: 2, DEGRADED: 3, SUSPECT: 4}
 CONFIDENCE = drift.CONFIDENCE
+PREDICTIONS_CHECK = "predicted price drift"
 
 
 def monitor(
@@ -53,14 +55,17 @@ def monitor(
         df = read_listings(clean_path)
         clean_meta = clean_meta or {}
         own, against, notes, reference, figures = run_checks(df, model_name, prod, profile, limits,
-                                                             clean_meta.get("ignored_columns", []))
+                                                             clean_meta.get("ignored_columns", []), training=False)
         notes = unreadable_notes(clean_meta) + notes
-        trainable = not failed(own + against)
-        if not failed(own):
-            dropped, dropped_figures = clean_drops_check(prod, clean_meta, limits)
-            against.append(dropped)
-            figures |= dropped_figures
-            mlflow.log_metrics(dropped_figures)
+        priced = int(df["price"].notna().sum())
+        not_trainable = failed(own + against) + ([f"price: only {priced} row(s) have a price, training needs "
+                                                  f"{profile.min_rows}"] if priced < profile.min_rows else [])
+        if reference is not None:
+            for added, added_figures in (clean_drops_check(prod, clean_meta, limits),
+                                         predictions_check(model_name, prod, df, reference, limits)):
+                against.append(added)
+                figures |= added_figures
+                mlflow.log_metrics(added_figures)
         checks, drifted = own + against, drift.drifted(against)
         verdict, reason = verdict_of(own, against)
         report.keep_report(report.data_report(df, checks, notes, reference, monitor_verdict=verdict, reason=reason),
@@ -68,12 +73,12 @@ def monitor(
         link = tracking.artifact_link(run, DRIFT_REPORT)
         mlflow.set_tags({"verdict": verdict, "verdict_reason": reason[:5000], "drifted": ", ".join(drifted),
                          "prod_version": prod.version})
-        priced = int(df["price"].notna().sum())
         summary = {"verdict": verdict, "reason": reason, "drifted": drifted, "model_name": model_name,
                    "prod_version": int(prod.version),
                    "rows": len(df), "priced_rows": priced, "checks": len(checks), "report_link": link,
-                   "trainable": trainable, "not_trainable_because": failed(against),
-                   "training_params": {"model_name": model_name, "city": profile.as_param(), **vars(limits)},
+                   "trainable": not not_trainable, "not_trainable_because": not_trainable,
+                   "training_params": {"model_name": model_name, "city": profile.as_param(), **vars(limits),
+                                       "trigger": f"monitoring run {run.info.run_id}: {verdict}: {reason}"[:5000]},
                    **{k: v for k, v in figures.items() if k.startswith("prod_")}}
         for c in against:
             if c.check == drift.ERROR_CHECK and c.observed == UNKNOWN:  # no priced rows new to prod, say
@@ -121,6 +126,20 @@ def retrain_decision(summary: dict, on_shift: bool) -> tuple[bool, str]:
     if not summary["trainable"]:
         return False, "training's checks would refuse this data: " + "; ".join(summary["not_trainable_because"])
     return True, f"the verdict is {verdict}: {summary['reason']}"
+
+
+def predictions_check(model_name: str, prod, df: pd.DataFrame, reference: pd.DataFrame, limits: DriftLimits
+                      ) -> tuple[Check, dict]:
+    """prod's prices for the new rows against its prices for its own data: how far the model's answers moved, priced
+    rows or not (an inference log has no prices)."""
+    sample = lambda rows: rows.sample(min(len(rows), ERROR_CHECK_ROWS), random_state=0)  # noqa: E731
+    try:
+        fitted, _ = saved_model.load_model(names.model_uri(model_name, version=prod.version), "monitor")
+        now, before = model.predictions(fitted, sample(df)), model.predictions(fitted, sample(reference))
+    except Exception as exc:  # a prod that cannot score these rows: say so, the other checks still tell
+        return Check(PREDICTIONS_CHECK, WARN, UNKNOWN, "", f"predicted price: prod version {prod.version} cannot "
+                     f"score these rows ({type(exc).__name__}: {str(exc)[:200]})"), {}
+    return drift.numeric_check(PREDICTIONS_CHECK.removesuffix(" drift"), now, before, limits)
 
 
 def clean_drops_check(prod, counts: dict, limits: DriftLimits) -> tuple[Check, dict]:

@@ -34,6 +34,8 @@ def same_city(prod, model_name: str, city: City, step: str):
 
 def new_rows(prod, df) -> tuple[pd.DataFrame | None, str]:
     """The rows of `df` that prod was not trained on, or None and why they cannot be known (or are too few)."""
+    if df["price"].isna().all():
+        return None, f"none of the {len(df)} rows has a price"
     ids_uri = prod.tags.get(TRAINING_IDS_TAG)
     if not ids_uri:
         return None, (f"prod version {prod.version} has no record of the rows it was trained on (tag "

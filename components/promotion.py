@@ -25,10 +25,12 @@ MODEL_CARD = "reports/model_card.html"
 def register(
     model_path: str, model_meta: dict, scores: dict, comparison: dict, test_path: str, model_name: str,
     margin: float, raw_meta: dict, clean_meta: dict, git_commit: str, images: str, importance: dict, card_path: str,
+    trigger: str = "",
 ) -> dict:
     """Register the candidate as a new version (unless an identical one exists), then, holding the promotion lock,
     decide against the actual prod and move `prod` only on evidence. Writes the model card (HTML) to `card_path`,
-    MLflow and the version's description. Returns version, promoted, test_mae, reason."""
+    MLflow and the version's description. Returns version, promoted, test_mae, reason. `trigger`: why the run
+    started, when monitoring started it (a tag of the version)."""
     with tracking.step_run("register", params={"model_name": model_name, "margin": margin}, last=True) as run:
         pipeline_run = os.environ.get("KFP_RUN_ID", "")
         tags = lineage(raw_meta, clean_meta, model_meta, git_commit, images)
@@ -57,7 +59,7 @@ def register(
             return {"version": int(twin.version), "promoted": False, "test_mae": test_mae, "reason": reason}
         if earlier is None:
             tags |= {tracking.RUN_ID_TAG: pipeline_run, "test_mae": f"{test_mae:.4f}",
-                     "test_r2": f"{scores['candidate_r2']:.4f}"}
+                     "test_r2": f"{scores['candidate_r2']:.4f}", **({"trigger": trigger[:5000]} if trigger else {})}
             version = mlflow.register_model(model_meta["mlflow_model_uri"], model_name, tags=tags).version
         else:
             version = earlier.version

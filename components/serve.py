@@ -11,6 +11,9 @@ route answers 503 saying why. Requests are checked against what the model was tr
 row that is broken or unfamiliar gets a 400 naming the row and field; with `?flag=true` unfamiliar rows are priced
 and listed under "flags". At most `--max-queue` requests are admitted at once; the rest get 429 with Retry-After
 at once, and a request whose client has gone is not computed.
+
+With `--inference-log FOLDER` (or s3://bucket/prefix/) every priced row is logged off the request path for the
+monitoring pipeline to read (components/inference_log.py): it holds the requests' data. Off unless asked.
 """
 
 import argparse
@@ -101,8 +104,10 @@ class ServingApp:
     """The ASGI app: 503 until the model is loaded, then predictions behind a bounded queue."""
 
     def __init__(self, model_uri: str, version: str = "", cache: str = "", max_body_bytes: int = 5_000_000,
-                 max_queue: int = 8, retry_seconds: float = 10.0):
+                 max_queue: int = 8, retry_seconds: float = 10.0, inference_log: str = "",
+                 inference_log_keep_mb: float = 1000.0):
         self.model_uri, self.version, self.max_body_bytes, self.max_queue = model_uri, version, max_body_bytes, max_queue
+        self.log_location, self.log_keep_bytes, self.inference_log = inference_log, int(inference_log_keep_mb * 1e6), None
         self.cache = Path(cache or Path(tempfile.gettempdir(), f"{names.PREFIX}-models"))
         self.retry_seconds = retry_seconds
         self.model = self.profile = None
@@ -157,8 +162,15 @@ class ServingApp:
         if scope["type"] == "lifespan":
             while (message := await receive())["type"] != "lifespan.shutdown":
                 if message["type"] == "lifespan.startup":
+                    if self.log_location:
+                        from components.inference_log import InferenceLog
+
+                        self.inference_log = InferenceLog(self.log_location, keep_bytes=self.log_keep_bytes)
+                        log.info("inference log: every priced row goes to %s", self.log_location)
                     threading.Thread(target=self.load, daemon=True).start()
                     await send({"type": "lifespan.startup.complete"})
+            if self.inference_log is not None:
+                await asyncio.to_thread(self.inference_log.close)  # the last part, written and closed
             await send({"type": "lifespan.shutdown.complete"})
             return
         if scope["type"] != "http":
@@ -217,6 +229,8 @@ class ServingApp:
                 log.info("client left before its turn: %d rows not priced", len(typed))
                 return 0, None
             prices = self.model.predict(typed).tolist()
+        if self.inference_log is not None:
+            self.inference_log.record(rows, typed, prices, self.version)
         flags = [p.as_dict() for p in problems]
         return 200, {"predictions": prices, **({"flags": flags} if flags else {})}
 
@@ -296,7 +310,9 @@ def build_app() -> ServingApp:
     """App factory for uvicorn (one per worker), configured by the environment that main() sets."""
     env = os.environ
     return ServingApp(env["SERVE_MODEL_URI"], env.get("SERVE_MODEL_VERSION", ""), env.get("SERVE_MODEL_CACHE", ""),
-                      int(env.get("SERVE_MAX_BODY_BYTES", 5_000_000)), int(env.get("SERVE_MAX_QUEUE", 8)))
+                      int(env.get("SERVE_MAX_BODY_BYTES", 5_000_000)), int(env.get("SERVE_MAX_QUEUE", 8)),
+                      inference_log=env.get("SERVE_INFERENCE_LOG", ""),
+                      inference_log_keep_mb=float(env.get("SERVE_INFERENCE_LOG_KEEP_MB", 1000)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -315,16 +331,23 @@ def main(argv: list[str] | None = None) -> None:
                         help="requests admitted at once per worker; more get 429 (make bench-serve)")
     parser.add_argument("--max-body-mb", type=float, default=5.0,
                         help="larger requests get 413 (5 MB is about 15,000 listings)")
+    parser.add_argument("--inference-log", default=os.environ.get("SERVE_INFERENCE_LOG", ""),
+                        help="log every priced row (it holds request data) to this folder or s3://bucket/prefix/ "
+                             "for monitoring; empty: off. Parts kept locally past SERVE_INFERENCE_LOG_KEEP_MB "
+                             "(1000) are removed, oldest first")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     version = "" if args.version in ("", "none") else args.version
     if version and not version.isdigit():
         raise SystemExit(f"serve: --version: {version!r} is not a version number")
+    if args.inference_log.startswith("s3://") and not args.inference_log.endswith("/"):
+        raise SystemExit(f"serve: --inference-log: {args.inference_log!r}: an s3:// log is a prefix ending in /")
     name, alias, _ = parse_model_uri(args.model)
     if alias and not version:
         refuse_missing_alias(name, alias)
     os.environ.update(SERVE_MODEL_URI=args.model, SERVE_MODEL_VERSION=version, SERVE_MODEL_CACHE=args.cache,
-                      SERVE_MAX_QUEUE=str(args.max_queue), SERVE_MAX_BODY_BYTES=str(int(args.max_body_mb * 1e6)))
+                      SERVE_MAX_QUEUE=str(args.max_queue), SERVE_MAX_BODY_BYTES=str(int(args.max_body_mb * 1e6)),
+                      SERVE_INFERENCE_LOG=args.inference_log)
     uvicorn.run("components.serve:build_app", factory=True, host=args.host, port=args.port,
                 workers=args.workers, log_level="info")
 

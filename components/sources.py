@@ -14,7 +14,7 @@ from pathlib import Path
 
 import mlflow
 
-from components import listings, tracking
+from components import inference_log, listings, tracking
 from components.errors import StepError
 
 # The default data: 20,000 real NYC listings of 2019, shipped gzipped in components/sample/ so that the pipeline
@@ -41,9 +41,12 @@ def shown_source(source: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-def fetch(source: str) -> bytes:
+def fetch(source: str, log_hours: float = 0.0) -> bytes:
     """The CSV bytes at `source` (sample://, http(s)://, s3://bucket/key, file:// or a local path), gunzipped
-    when the file is gzip."""
+    when the file is gzip. A folder (a local directory, an s3:// prefix ending in /) is a model server's inference
+    log: its rows of the last `log_hours` (0: all) as listings."""
+    if inference_log.is_log(source):
+        return read_inference_log(source, log_hours)
     raw = read_source(source)
     if raw[:2] != b"\x1f\x8b":
         return raw
@@ -51,6 +54,19 @@ def fetch(source: str) -> bytes:
         return gzip.decompress(raw)
     except (OSError, EOFError) as exc:
         raise StepError("download", "source", f"{shown_source(source)!r} is a broken gzip file: {exc}") from exc
+
+
+def read_inference_log(source: str, hours: float) -> bytes:
+    try:
+        rows = inference_log.read_log(source, hours)
+    except Exception as exc:  # every transport has its own error types; the message is what matters
+        raise StepError("download", "source", f"cannot read the inference log at {shown_source(source)!r}: "
+                                              f"{exc}") from exc
+    if rows.empty:
+        period = f" in the last {hours:g} hours" if hours > 0 else ""
+        raise StepError("download", "source", f"the inference log at {shown_source(source)!r} has no rows{period} "
+                                              "(is the model server writing it? serve --inference-log)")
+    return inference_log.as_listings(rows)
 
 
 def read_source(source: str) -> bytes:
@@ -131,11 +147,12 @@ def describe_download(source: str, raw: bytes, rows: int) -> dict:
 
 # ---------------------------------------------------------------- the download step
 
-def download(source: str, out_path: str, expected_sha256: str = "") -> dict:
+def download(source: str, out_path: str, expected_sha256: str = "", log_hours: float = 0.0) -> dict:
     """Fetch and parse the data; keep its bytes in MLflow once per sha256 (MinIO in the cluster), so that every
     model's lineage points at the exact data it came from."""
-    with tracking.step_run("download", params={"source": shown_source(source)}) as run:
-        raw = fetch(source)
+    with tracking.step_run("download", params={"source": shown_source(source), **(
+            {"log_hours": log_hours} if inference_log.is_log(source) else {})}) as run:
+        raw = fetch(source, log_hours)
         meta = describe_download(source, raw, len(listings.parse_csv(raw)))
         if expected_sha256 and meta["sha256"] != expected_sha256:
             raise StepError("download", "source", f"the data at {meta['source']!r} changed since this run started (sha256 "

@@ -21,12 +21,12 @@ def _component(step: str):
 
 
 @_component("download")
-def download(source: str, expected_sha256: str, raw_data: Output[Dataset]):
+def download(source: str, expected_sha256: str, raw_data: Output[Dataset], log_hours: float = 0.0):
     """Fetch the raw listings CSV (sample://, https://, s3://, file:// or a local path), checking its sha256 when
-    the run names one."""
+    the run names one; or a model server's inference log (a folder), its last `log_hours`."""
     from components import sources
 
-    raw_data.metadata.update(sources.download(source, raw_data.path, expected_sha256))
+    raw_data.metadata.update(sources.download(source, raw_data.path, expected_sha256, log_hours))
 
 
 @_component("clean")
@@ -101,7 +101,7 @@ def evaluate(
 def register(
     model: Input[Model], evaluation: Input[Metrics], test_data: Input[Dataset], raw_data: Input[Dataset],
     clean_data: Input[Dataset], model_card: Output[HTML], comparison: str, importance: str, model_name: str,
-    margin: float, git_commit: str, images: str,
+    margin: float, git_commit: str, images: str, trigger: str = "",
 ) -> NamedTuple("Registered", version=int, promoted=bool, test_mae=float, reason=str):
     """Register the candidate as a new model version; move `prod` to it only on evidence against the actual prod.
     The model card (HTML) says where it came from, how good it is and why it was or was not promoted."""
@@ -112,7 +112,7 @@ def register(
     scores = {"candidate_mae": evaluation.metadata["test_mae"], "candidate_r2": evaluation.metadata["test_r2"]}
     result = promotion.register(model.path, model.metadata, scores, json.loads(comparison), test_data.path, model_name,
                             margin, raw_data.metadata, clean_data.metadata, git_commit, images, json.loads(importance),
-                            model_card.path)
+                            model_card.path, trigger)
     return (result["version"], result["promoted"], result["test_mae"], result["reason"])
 
 

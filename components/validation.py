@@ -52,10 +52,10 @@ def check(
 
 
 def run_checks(df: pd.DataFrame, model_name: str, current, city: City, limits: DriftLimits,
-               ignored: list[str] = ()):
+               ignored: list[str] = (), training: bool = True):
     """The data's own checks and, when they pass and there is a prod (`current`), those against prod (their figures
     logged): (own, against prod, notes, prod's data, figures)."""
-    own = deterministic_checks(df, city, ignored)
+    own = deterministic_checks(df, city, ignored, training)
     if failed(own):
         # The comparisons with prod assume the schema the deterministic checks just found broken.
         return own, [], ["Checks against prod skipped: the deterministic checks failed."], None, {}

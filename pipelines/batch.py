@@ -23,7 +23,7 @@ Outputs = NamedTuple("Outputs", summary=str)
 
 
 def wiring(p, cluster: bool) -> Outputs:
-    download = steps.download(source=p.source, expected_sha256=p.source_sha256)
+    download = steps.download(source=p.source, expected_sha256=p.source_sha256, log_hours=p.log_hours)
     score = steps.score(raw_data=download.outputs["raw_data"], model=p.model, price_unfamiliar=p.price_unfamiliar,
                         max_rejected=p.max_rejected)
     return Outputs(summary=score.outputs["summary"])

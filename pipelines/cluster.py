@@ -10,7 +10,7 @@ from pathlib import Path
 
 from kfp import compiler
 
-from components import kfp_api, names, sources
+from components import inference_log, kfp_api, names, sources
 from components.errors import StepError
 from pipelines import PIPELINES
 
@@ -45,7 +45,7 @@ def pin_source(params: dict) -> dict:
     """A run's params with the sha256 of its source when this machine can read it: the cluster reuses a cached
     download only for the same source *and* hash, so new bytes behind the same key are read."""
     source = params.get("source", sources.CLUSTER_SOURCE)
-    if "source_sha256" in params:
+    if "source_sha256" in params or inference_log.is_log(source):  # a log grows: nothing to pin
         return params
     if source.startswith("s3://") and not os.environ.get("S3_ENDPOINT_URL"):
         print(f"note: {source} cannot be read from here (no S3_ENDPOINT_URL) to pin its sha256: the cluster reuses a "

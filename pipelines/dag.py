@@ -49,10 +49,13 @@ READS_SOURCE = {"download", "clean"}
 
 @dataclass(frozen=True)
 class Source:
-    """Where the listings come from, and the sha256 they must have (empty: any; `run` and `submit` pin it)."""
+    """Where the listings come from, and the sha256 they must have (empty: any; `run` and `submit` pin it). A source
+    that is a folder (a local directory, an s3:// prefix ending in /) is a model server's inference log, read for
+    its last `log_hours` (0: all)."""
 
     source: str = sources.DEFAULT_SOURCE
     source_sha256: str = ""
+    log_hours: float = 24.0
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import mlflow
 from kfp import local
 from kfp.local import executor_input_utils
 
-from components import sources, tracking
+from components import inference_log, sources, tracking
 from components.errors import StepError
 from images import catalog
 from pipelines import PIPELINES, warm
@@ -168,9 +168,11 @@ def source_sha256(params: dict) -> str:
     """The data's content drives the cache: download is cached on the source and its sha256, read here first (unless
     given: monitoring hands training the sha256 of the bytes it judged). A source that cannot be read is left to
     download, which says why."""
+    source = params.get("source", sources.DEFAULT_SOURCE)
+    if inference_log.is_log(source):
+        return ""  # a log grows while the run reads it; its steps are never cached (fresh_data)
     try:
-        return params.get("source_sha256") or hashlib.sha256(
-            sources.fetch(params.get("source", sources.DEFAULT_SOURCE))).hexdigest()
+        return params.get("source_sha256") or hashlib.sha256(sources.fetch(source)).hexdigest()
     except StepError:
         return ""
 

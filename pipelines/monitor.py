@@ -30,7 +30,7 @@ Outputs = NamedTuple("Outputs", verdict=str, summary=str)
 
 
 def wiring(p, cluster: bool) -> Outputs:
-    download = steps.download(source=p.source, expected_sha256=p.source_sha256)
+    download = steps.download(source=p.source, expected_sha256=p.source_sha256, log_hours=p.log_hours)
     clean = steps.clean(raw_data=download.outputs["raw_data"], city=p.city, keep_unpriced=True)
     monitor = steps.monitor(clean_data=clean.outputs["clean_data"], model_name=p.model_name, city=p.city,
                             limits=p.group(DriftLimits))

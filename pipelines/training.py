@@ -26,13 +26,14 @@ class Training:
     val_size: float = 0.2  # the share of the rest every sweep trial is scored on (the same rows for each)
     sweep: list = field(default_factory=lambda: [{}])  # each item changes the model's parameters for one trial
     margin: float = 0.1  # the promotion gate's: how much lower prod's MAE the candidate's must be
+    trigger: str = ""  # why the run started when monitoring started it (its verdict and evidence): on the version
 
 
 Outputs = NamedTuple("Outputs", version=int, promoted=bool, test_mae=float, reason=str)
 
 
 def wiring(p, cluster: bool) -> Outputs:
-    download = steps.download(source=p.source, expected_sha256=p.source_sha256)
+    download = steps.download(source=p.source, expected_sha256=p.source_sha256, log_hours=p.log_hours)
     clean = steps.clean(raw_data=download.outputs["raw_data"], city=p.city)
     check = steps.check(clean_data=clean.outputs["clean_data"], model_name=p.model_name, city=p.city,
                         limits=p.group(DriftLimits))
@@ -47,7 +48,7 @@ def wiring(p, cluster: bool) -> Outputs:
         model=select.outputs["model"], evaluation=evaluate.outputs["metrics"], test_data=split.outputs["test_data"],
         raw_data=download.outputs["raw_data"], clean_data=clean.outputs["clean_data"],
         comparison=evaluate.outputs["comparison"], importance=evaluate.outputs["importance"],
-        model_name=p.model_name, margin=p.margin, git_commit=git_commit(), images=images(STEPS))
+        model_name=p.model_name, margin=p.margin, git_commit=git_commit(), images=images(STEPS), trigger=p.trigger)
     return Outputs(**{name: register.outputs[name] for name in Outputs._fields})
 
 

@@ -12,12 +12,13 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import mlflow
 import requests
 
-from components import cities, listings, model, names, predict, saved_model, sources
+from components import cities, inference_log, listings, model, names, predict, saved_model, sources
 from conftest import free_port, wait_until  # tests/ is this script's folder
 
 
@@ -98,19 +99,14 @@ def main() -> None:
     for n_jobs in settings:
         if n_jobs is not None:
             estimator.n_jobs = n_jobs
-        floor[n_jobs] = (statistics.median(timed(lambda: sk_model.predict(listings.head(1)[model.FEATURES]), 50)),
-                         statistics.median(timed(lambda: sk_model.predict(listings.head(1000)[model.FEATURES]), 5)))
+        floor[n_jobs] = (statistics.median(timed(lambda: sk_model.predict(rows.head(1)[model.features_of(sk_model)]), 50)),
+                         statistics.median(timed(lambda: sk_model.predict(rows.head(1000)[model.features_of(sk_model)]), 5)))
         print(f"in-process predict{f', n_jobs={n_jobs}' if n_jobs is not None else ''}: 1 row "
               f"{floor[n_jobs][0] * 1000:.1f} ms; 1,000 rows {floor[n_jobs][1] * 1000:.0f} ms "
               f"({1000 / floor[n_jobs][1]:,.0f} rows/s)")
 
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "components.serve", "--model", uri, "--port", str(port),
-                               "--workers", str(args.workers)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    server, url = start(uri, args.workers)
     try:
-        wait_until(f"http://127.0.0.1:{port}/ping", process=server, timeout=180)
-        url = f"http://127.0.0.1:{port}/invocations"
         clients(url, one, 1, 10)  # warm-up
         floor_single, floor_batch = floor[saved]  # what the server runs
         print(f"server: {args.workers} worker(s)")
@@ -127,9 +123,35 @@ def main() -> None:
         median = statistics.median(latencies)
         print(f"  1,000-row batches: {1000 / median:,.0f} rows/s (median {median * 1000:.0f} ms); "
               f"server / in-process time = {median / floor_batch:.2f}x")
+        without = (pct(clients(url, one, 1, args.requests)[0], 50), statistics.median(clients(url, batch, 1, 10)[0]))
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+    with tempfile.TemporaryDirectory() as folder:  # the same, with every priced row logged
+        server, url = start(uri, args.workers, "--inference-log", folder)
+        try:
+            clients(url, one, 1, 10)
+            logged = (pct(clients(url, one, 1, args.requests)[0], 50), statistics.median(clients(url, batch, 1, 10)[0]))
+        finally:
+            os.killpg(server.pid, 15)
+            server.wait(timeout=30)
+        rows = len(inference_log.read_log(folder))
+    print(f"with the inference log on ({rows:,} rows logged): 1 row p50 {logged[0]:.1f} ms against {without[0]:.1f} ms "
+          f"({logged[0] / without[0]:.2f}x); 1,000-row batch median {logged[1] * 1000:.0f} ms against "
+          f"{without[1] * 1000:.0f} ms ({logged[1] / without[1]:.2f}x)")
+
+
+def start(uri: str, workers: int, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "components.serve", "--model", uri, "--port", str(port),
+                               "--workers", str(workers), *extra], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_until(f"http://127.0.0.1:{port}/ping", process=server, timeout=180)
+    except Exception:
+        os.killpg(server.pid, 15)
+        raise
+    return server, f"http://127.0.0.1:{port}/invocations"
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def test_a_new_pipeline_is_its_record_in_the_registry_and_nothing_else(monkeypat
     assert pipeline.main(["compile", "--pipeline", "toy"]) == 0
     spec, platform = yaml.safe_load_all((tmp_path / "toy.yaml").read_text())
     assert spec["pipelineInfo"]["name"] == "rental-price-toy"
-    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"source", "source_sha256", "note"}
+    assert set(spec["root"]["inputDefinitions"]["parameters"]) == {"source", "source_sha256", "log_hours", "note"}
     assert spec["root"]["dag"]["tasks"]["download"]["cachingOptions"] == {}  # not cached
     executor = spec["deploymentSpec"]["executors"]["exec-download"]["container"]
     assert executor["resources"]["cpuLimit"] == 1.0 and executor["image"] == steps.IMAGES["download"]

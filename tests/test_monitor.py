@@ -92,6 +92,7 @@ def test_a_shifted_copy_is_shifted_naming_the_columns_and_retrain_on_shift_train
     client = mlflow.MlflowClient()
     version = client.get_model_version(prod["model"], "2")
     assert version.tags["data_sha256"] == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert version.tags["trigger"] == f"monitoring run {found.info.run_id}: {verdict.removeprefix('verdict: ')}"
     client.set_registered_model_alias(prod["model"], "prod", "1")  # the other tests compare with the first half's
 
 
@@ -171,7 +172,7 @@ def test_listings_with_few_or_no_prices_are_compared_on_the_rest_and_say_what_wa
         summary = monitor(prod, rows, tmp_path)
         assert summary["verdict"] == "ok" and summary["priced_rows"] == priced and summary["rows"] > 9000
         assert "prod_error_ratio" not in summary
-        assert summary["prod_error_unknown"].startswith(f"only {priced} of ")
+        assert summary["prod_error_unknown"].startswith(f"only {priced} of " if priced else "none of the ")
         text = report.as_text((tmp_path / "report.html").read_text())
         assert f"price drift skipped {priced} value(s) in the new data" in text
         assert "Verdict: ok: nothing moved that matters; prod's error on them is not measured" in text
