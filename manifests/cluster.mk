@@ -34,7 +34,7 @@ SECRET = secret() { $(KUBECTL) -n "$$1" create secret generic "$$2" --from-env-f
 # A variable given on the command line must agree with $(CLUSTER_SECRETS) (read into the shell just before).
 same-as-file = $(if $($(1)),{ [ "$$$(1)" = '$($(1))' ] || { echo "$(1) differs from $(CLUSTER_SECRETS)" >&2; exit 1; }; } &&)
 # Access key and secret key of each MinIO user (the secret keys are printf arguments).
-MINIO_USERS = KFP_ACCESS_KEY=kfp\nKFP_SECRET_KEY=%s\nMLFLOW_ACCESS_KEY=mlflow\nMLFLOW_SECRET_KEY=%s\nREADER_ACCESS_KEY=pipeline-reader\nREADER_SECRET_KEY=%s\n
+MINIO_USERS = KFP_ACCESS_KEY=kfp\nKFP_SECRET_KEY=%s\nMLFLOW_ACCESS_KEY=mlflow\nMLFLOW_SECRET_KEY=%s\nREADER_ACCESS_KEY=pipeline-reader\nREADER_SECRET_KEY=%s\nLOG_WRITER_ACCESS_KEY=inference-log-writer\nLOG_WRITER_SECRET_KEY=%s\n
 
 .PHONY: preflight cluster deploy seed-data load-images serve promote-cluster rollback-cluster ui predict-cluster down checkov
 
@@ -54,16 +54,17 @@ $(CLUSTER_SECRETS):
 	  echo "KFP_SECRET_KEY=$$($(TOKEN))"; \
 	  echo "MLFLOW_SECRET_KEY=$$($(TOKEN))"; \
 	  echo "READER_SECRET_KEY=$$($(TOKEN))"; \
+	  echo "LOG_WRITER_SECRET_KEY=$$($(TOKEN))"; \
 	  echo "POSTGRES_PASSWORD=$$($(TOKEN))"; \
 	  echo "MLFLOW_ADMIN_PASSWORD=$$($(TOKEN))"; \
 	  echo "MLFLOW_FLASK_SECRET_KEY=$$($(TOKEN))"; \
 	} > $@.tmp && mv $@.tmp $@ && echo "wrote the cluster's credentials to $@ (git-ignored: keep it while the cluster lives)"
 
-# The Secrets hold one MinIO user per client (manifests/minio/setup-job.yaml): KFP, MLflow, and a read-only
-# one for pipeline steps; MinIO's root credentials stay in namespace minio.
-# A credentials file from before MLflow required a user gets the two MLflow keys added.
+# The Secrets hold one MinIO user per client (manifests/minio/setup-job.yaml): KFP, MLflow, a read-only one for
+# pipeline steps and a write-only one for the model server's inference log; MinIO's root credentials stay in
+# namespace minio. A credentials file from before a key existed gets it added.
 deploy: $(CLUSTER_SECRETS)  ## Deploy KFP, MinIO, MLflow and the pipeline's config into the cluster, waiting for each
-	@umask 077 && for key in MLFLOW_ADMIN_PASSWORD MLFLOW_FLASK_SECRET_KEY; do \
+	@umask 077 && for key in MLFLOW_ADMIN_PASSWORD MLFLOW_FLASK_SECRET_KEY LOG_WRITER_SECRET_KEY; do \
 	  grep -q "^$$key=" $(CLUSTER_SECRETS) || echo "$$key=$$($(TOKEN))" >> $(CLUSTER_SECRETS); done
 	$(KUBECTL) apply -k manifests/kfp/cluster-scoped
 	$(KUBECTL) wait --for=condition=established --timeout=$(WAIT_TIMEOUT) crd -l app.kubernetes.io/part-of=kubeflow-pipelines
@@ -73,7 +74,8 @@ deploy: $(CLUSTER_SECRETS)  ## Deploy KFP, MinIO, MLflow and the pipeline's conf
 	$(SECRET) && \
 	printf 'MINIO_ROOT_USER=%s\nMINIO_ROOT_PASSWORD=%s\n' "$$MINIO_ROOT_USER" "$$MINIO_ROOT_PASSWORD" \
 	  | secret minio minio-root && \
-	printf '$(MINIO_USERS)' "$$KFP_SECRET_KEY" "$$MLFLOW_SECRET_KEY" "$$READER_SECRET_KEY" | secret minio minio-users && \
+	printf '$(MINIO_USERS)' "$$KFP_SECRET_KEY" "$$MLFLOW_SECRET_KEY" "$$READER_SECRET_KEY" "$$LOG_WRITER_SECRET_KEY" \
+	  | secret minio minio-users && \
 	printf 'accesskey=kfp\nsecretkey=%s\n' "$$KFP_SECRET_KEY" | secret kubeflow mlpipeline-minio-artifact && \
 	printf 'AWS_ACCESS_KEY_ID=pipeline-reader\nAWS_SECRET_ACCESS_KEY=%s\n' "$$READER_SECRET_KEY" \
 	  | secret kubeflow pipeline-s3 && \
@@ -83,7 +85,9 @@ deploy: $(CLUSTER_SECRETS)  ## Deploy KFP, MinIO, MLflow and the pipeline's conf
 	  "$$MLFLOW_ADMIN_PASSWORD" "$$MLFLOW_FLASK_SECRET_KEY" | secret mlflow mlflow-auth && \
 	printf 'username=admin\npassword=%s\n' "$$MLFLOW_ADMIN_PASSWORD" | secret kubeflow kfp-mlflow-credentials && \
 	printf 'MLFLOW_TRACKING_USERNAME=admin\nMLFLOW_TRACKING_PASSWORD=%s\n' "$$MLFLOW_ADMIN_PASSWORD" \
-	  | secret serving mlflow-credentials
+	  | secret serving mlflow-credentials && \
+	printf 'AWS_ACCESS_KEY_ID=inference-log-writer\nAWS_SECRET_ACCESS_KEY=%s\n' "$$LOG_WRITER_SECRET_KEY" \
+	  | secret serving inference-log-s3
 	$(KUBECTL) -n minio delete job minio-setup --ignore-not-found
 	$(KUBECTL) apply -k manifests/minio
 	$(KUBECTL) -n minio rollout status deployment/minio --timeout=$(WAIT_TIMEOUT)

@@ -369,7 +369,7 @@ def test_minio_setup_script_has_every_variable_it_uses(objects, deployed):
     used = set(re.findall(r"\$\{?([A-Z][A-Z0-9_]*)", script)) - {"MC_HOST_local"}
     assert used and used <= given, used - given
     buckets = re.search(r"mc mb --ignore-existing (.*)", script).group(1).split()
-    assert set(buckets) == {"local/mlpipeline", "local/mlflow", "local/data"}
+    assert set(buckets) == {"local/mlpipeline", "local/mlflow", "local/data", "local/inference-log"}
 
 
 FAKE_MC = """\
@@ -379,6 +379,7 @@ echo "$*" >> "$FAKE_LOG"
 case "$1 $2 $3" in
   "admin policy attach") echo "$5" > "$FAKE_DIR/policy-$7" ;;
   "admin user info") echo "AccessKey: $5"; echo "PolicyName: $(cat "$FAKE_DIR/policy-$5" 2>/dev/null)" ;;
+  "ilm rule ls") exit 1 ;;  # as mc does for a bucket with no lifecycle yet
 esac
 """
 
@@ -391,28 +392,36 @@ def test_minio_setup_script_creates_buckets_and_users(objects, tmp_path, attach_
     env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "FAKE_LOG": str(tmp_path / "log"), "FAKE_DIR": str(tmp_path),
            "MINIO_ROOT_USER": "root", "MINIO_ROOT_PASSWORD": "rootpass", "KFP_ACCESS_KEY": "kfp",
            "KFP_SECRET_KEY": "k", "MLFLOW_ACCESS_KEY": "mlflow", "MLFLOW_SECRET_KEY": "m",
-           "READER_ACCESS_KEY": "pipeline-reader", "READER_SECRET_KEY": "r"}
+           "READER_ACCESS_KEY": "pipeline-reader", "READER_SECRET_KEY": "r",
+           "LOG_WRITER_ACCESS_KEY": "inference-log-writer", "LOG_WRITER_SECRET_KEY": "w"}
     result = subprocess.run(["/bin/sh", "-c", script], env=env, capture_output=True, text=True, timeout=30)
     if not attach_works:
         assert result.returncode != 0 and "user kfp lacks policy kfp-artifacts" in result.stderr
         return
     assert result.returncode == 0, result.stderr
     calls = (tmp_path / "log").read_text().splitlines()
-    assert "mb --ignore-existing local/mlpipeline local/mlflow local/data" in calls
+    assert "mb --ignore-existing local/mlpipeline local/mlflow local/data local/inference-log" in calls
+    assert "ilm rule add --expire-days 30 local/inference-log" in calls
     assert {c for c in calls if c.startswith("admin policy attach")} == {
         "admin policy attach local kfp-artifacts --user kfp",
         "admin policy attach local mlflow-artifacts --user mlflow",
-        "admin policy attach local data-reader --user pipeline-reader"}
+        "admin policy attach local data-reader --user pipeline-reader",
+        "admin policy attach local inference-log-writer --user inference-log-writer"}
 
 
-def test_only_mlflow_and_kfp_hold_minio_credentials(objects, deployed):
-    """The model server holds no MinIO credentials (only MLflow's); pipeline steps get the read-only user only."""
+def test_each_minio_client_holds_only_its_own_user(objects, deployed):
+    """The model server holds the inference log's write-only user (and MLflow's credentials); pipeline steps get
+    the read-only user only."""
     refs = references(objects)
-    assert {r[2] for r in refs if r[0] == "serving" and r[1] == "Secret"} == {"mlflow-credentials"}
+    assert {r[2] for r in refs if r[0] == "serving" and r[1] == "Secret"} == {"mlflow-credentials", "inference-log-s3"}
+    policies = find(objects, "ConfigMap", "minio-policies")["data"]
+    writer = json.loads(policies["inference-log-writer.json"])["Statement"]
+    assert writer == [{"Effect": "Allow", "Action": ["s3:PutObject"], "Resource": ["arn:aws:s3:::inference-log/*"]}]
     secrets = {(d["metadata"]["namespace"], d["metadata"]["name"]): d
                for d in deployed["applied"] if d["kind"] == "Secret"}
     values = deployed["credentials"]
     assert secrets[("kubeflow", "pipeline-s3")]["data"]["AWS_SECRET_ACCESS_KEY"] == values["READER_SECRET_KEY"]
+    assert secrets[("serving", "inference-log-s3")]["data"]["AWS_SECRET_ACCESS_KEY"] == values["LOG_WRITER_SECRET_KEY"]
     assert secrets[("mlflow", "mlflow-s3")]["data"]["AWS_SECRET_ACCESS_KEY"] == values["MLFLOW_SECRET_KEY"]
     assert secrets[("kubeflow", "mlpipeline-minio-artifact")]["data"]["secretkey"] == values["KFP_SECRET_KEY"]
     root = values["MINIO_ROOT_PASSWORD"]
@@ -459,6 +468,9 @@ def test_model_server_deployment(objects):
     assert env["MODEL_VERSION"]["valueFrom"] == {
         "fieldRef": {"fieldPath": f"metadata.annotations['{rollout.ANNOTATION}']"}}
     assert env["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"]["value"] == "false"
+    # The inference log goes to the bucket the scheduled monitor reads by default (Makefile CLUSTER_INFERENCE_LOG).
+    make_default = re.search(r"CLUSTER_INFERENCE_LOG \?= (\S+)", (ROOT / "Makefile").read_text())[1]
+    assert env["SERVE_INFERENCE_LOG"]["value"] == make_default and env["S3_ENDPOINT_URL"]["value"] == MINIO_URL
     mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert "emptyDir" in volumes[mounts[env["SERVE_MODEL_CACHE"]["value"]]]  # kept across container restarts
@@ -540,8 +552,8 @@ ALLOWED = [("run-step", "minio", 9000), ("run-step", "mlflow", 5000), ("ml-pipel
            ("mlflow", "postgres", 5432), ("rental-price-serve", "mlflow", 5000), ("minio-setup", "minio", 9000),
            ("mlflow", "kube-dns", 53), ("rental-price-serve", "kube-dns", 53), ("minio-setup", "kube-dns", 53),
            ("run-step", "rental-price-serve", 8080), ("stranger", "rental-price-serve", 8080),
-           ("ml-pipeline", "mlflow", 5000)]
-DENIED = [("rental-price-serve", "minio", 9000), ("rental-price-serve", "postgres", 5432),
+           ("ml-pipeline", "mlflow", 5000), ("rental-price-serve", "minio", 9000)]
+DENIED = [("rental-price-serve", "minio", 9001), ("rental-price-serve", "postgres", 5432),
           ("run-step", "postgres", 5432), ("ml-pipeline-ui", "mlflow", 5000), ("stranger", "mlflow", 5000),
           ("stranger", "minio", 9000), ("stranger", "postgres", 5432), ("minio", "mlflow", 5000),
           ("postgres", "minio", 9000), ("mlflow", "rental-price-serve", 8080), ("minio-setup", "mlflow", 5000),
@@ -712,7 +724,7 @@ def test_deploy_generates_credentials_once_and_never_prints_them(deployed, tmp_p
     credentials = deployed["credentials"]
     assert set(credentials) == {"MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD", "KFP_SECRET_KEY", "MLFLOW_SECRET_KEY",
                                 "READER_SECRET_KEY", "POSTGRES_PASSWORD", "MLFLOW_ADMIN_PASSWORD",
-                                "MLFLOW_FLASK_SECRET_KEY"}
+                                "MLFLOW_FLASK_SECRET_KEY", "LOG_WRITER_SECRET_KEY"}
     assert all(re.fullmatch(r"[0-9a-f]{32}", v) for k, v in credentials.items() if k != "MINIO_ROOT_USER")
     assert len(set(credentials.values())) == len(credentials)
     assert stat.S_IMODE(deployed["secrets"].stat().st_mode) == 0o600
@@ -731,7 +743,7 @@ def test_deploy_applies_every_part_in_order(deployed):
     assert secrets == [("kubeflow", "kfp-mlflow-credentials"), ("kubeflow", "mlpipeline-minio-artifact"),
                        ("kubeflow", "pipeline-s3"), ("minio", "minio-root"), ("minio", "minio-users"),
                        ("mlflow", "mlflow-auth"), ("mlflow", "mlflow-postgres"), ("mlflow", "mlflow-s3"),
-                       ("serving", "mlflow-credentials")]
+                       ("serving", "inference-log-s3"), ("serving", "mlflow-credentials")]
     first_secret = next(i for i, c in enumerate(deployed["calls"]) if "create secret" in c)
     assert deployed["calls"].index("apply -k manifests/namespaces") < first_secret
     assert deployed["calls"].index("-n minio delete job minio-setup --ignore-not-found") \
@@ -751,12 +763,13 @@ def test_deploy_puts_the_shipped_sample_where_the_cluster_s_default_source_reads
     assert deployed["calls"].index("-n minio wait --for=condition=complete job/minio-setup --timeout=900s") < forward
 
 
-def test_the_steps_reader_may_read_bucket_data_only(objects):
+def test_the_steps_reader_may_read_buckets_data_and_inference_log_only(objects):
     policy = json.loads(find(objects, "ConfigMap", "minio-policies")["data"]["data-reader.json"])
     actions = {a for s in policy["Statement"] for a in s["Action"]}
     resources = {r for s in policy["Statement"] for r in s["Resource"]}
     assert actions == {"s3:GetBucketLocation", "s3:ListBucket", "s3:GetObject"}
-    assert resources == {"arn:aws:s3:::data", "arn:aws:s3:::data/*"}
+    assert resources == {"arn:aws:s3:::data", "arn:aws:s3:::data/*", "arn:aws:s3:::inference-log",
+                         "arn:aws:s3:::inference-log/*"}
     assert all(s["Effect"] == "Allow" for s in policy["Statement"])
 
 
