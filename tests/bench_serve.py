@@ -3,7 +3,8 @@
 Starts `python -m components.serve` on the production model, then measures on 127.0.0.1 only:
 single-row latency p50/p99, requests per second and the share refused (429) with 1, 8 and 32 concurrent clients;
 how fast refusals come; what 30 clients that give up after 1 s cost the next request; rows per second for
-1,000-row batches; and beside them the same model's in-process `predict` (the floor), as ratios.
+1,000-row batches; and beside them the same model's in-process `predict` (the floor), as ratios; then the
+same requests with the inference log on, against it off.
 """
 
 import argparse
