@@ -37,6 +37,10 @@ class DriftLimits:
 CONFIDENCE, RESAMPLES, BATCH = 0.95, 2000, 50
 CATEGORY_COLUMNS = ["neighbourhood_group", "room_type"]
 ERROR_CHECK = "prod's error on new rows"
+COVERAGE_CHECK = "prod's price ranges on new rows"
+# prod's ranges count as degrading when their coverage on new priced rows is further than this from nominal, with
+# evidence (the promotion gate refuses a candidate past the same gap).
+MAX_COVERAGE_GAP = 0.05
 # Fewer values than this in a numeric column and its drift is not measured: KS between two samples of one
 # distribution exceeds warn_ks by chance at 30 values, and stays under it from about 100.
 MIN_DRIFT_VALUES = 200
@@ -177,6 +181,26 @@ def error_check(errors: np.ndarray, mae_registered: float, version: str,
     if low > limits.warn_error_ratio:
         return Check(name, WARN, observed, limit, f"price: {text}: all above {limits.warn_error_ratio}"), figures
     return Check(name, PASS, observed, limit), figures
+
+
+def coverage_check(prices: pd.Series, ranges: pd.DataFrame, version: str) -> tuple[Check, dict[str, float]]:
+    """The share of new prices inside prod's ranges against its nominal share: off only with evidence, i.e. when the
+    whole exact binomial interval of the share lies more than MAX_COVERAGE_GAP from nominal."""
+    from scipy import stats
+
+    inside = int(prices.between(ranges["low"], ranges["high"]).sum())
+    rows, nominal = len(prices), ranges.attrs["coverage"]
+    interval = stats.binomtest(inside, rows).proportion_ci(CONFIDENCE, method="exact")
+    share, low, high = inside / rows, float(interval.low), float(interval.high)
+    figures = {"prod_coverage": share, "prod_coverage_low": low, "prod_coverage_high": high}
+    observed = f"{share:.1%} ({low:.1%} to {high:.1%}; nominal {nominal:.0%}, {rows} rows)"
+    limit = f"warn if all beyond {nominal:.0%} ± {MAX_COVERAGE_GAP * 100:.0f} points"
+    if high < nominal - MAX_COVERAGE_GAP or low > nominal + MAX_COVERAGE_GAP:
+        return Check(COVERAGE_CHECK, WARN, observed, limit,
+                     f"price: prod version {version}'s ranges hold {share:.1%} of {rows} new prices ({CONFIDENCE:.0%} "
+                     f"interval {low:.1%} to {high:.1%}), not the nominal {nominal:.0%}: its ranges no longer hold "
+                     "as promised"), figures
+    return Check(COVERAGE_CHECK, PASS, observed, limit), figures
 
 
 def drifted(checks: list[Check]) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Custom feature functions held by the trained model.
+"""Custom feature functions held by the trained model, and its price range (PriceRange).
 
 This module ships with every logged model (MLflow `code_paths`), so it imports only numpy, pandas and
 scikit-learn and nothing from the project: whatever loads the model needs no other project code.
@@ -8,7 +8,7 @@ import re
 
 import numpy as np
 import pandas as pd
-from sklearn.base import BaseEstimator, TransformerMixin, clone
+from sklearn.base import BaseEstimator, RegressorMixin, TransformerMixin, clone
 from sklearn.model_selection import KFold, cross_val_predict
 
 
@@ -88,3 +88,64 @@ class OutOfFold(TransformerMixin, BaseEstimator):
 
     def get_feature_names_out(self, input_features=None):
         return np.array(["stacked_log_price", "stacked_price"], dtype=object)
+
+
+class PriceRange(RegressorMixin, BaseEstimator):
+    """A price (`point`'s) and a range that holds the price for `coverage` of listings like those it was calibrated on.
+
+    Conformalized quantile regression (Romano, Patterson and Candès, 2019): boosters on the quantile loss for the
+    low and high ends, fitted on the same rows as `point` (`quantile_params` are theirs), then widened by the
+    conformity scores of rows none of them saw (`calibrate`): with n such rows, the ceil((n + 1) * coverage)-th
+    smallest of max(low - price, price - high). A new listing exchangeable with those gets a range that holds its
+    price with probability at least `coverage`. The range always holds the price predicted and starts at 0 or more
+    (both only widen it).
+    """
+
+    def __init__(self, point=None, coverage: float = 0.8, quantile_params: dict | None = None):
+        self.point, self.coverage, self.quantile_params = point, coverage, quantile_params
+
+    def fit(self, X, y):
+        from sklearn.ensemble import HistGradientBoostingRegressor
+
+        self.point_ = clone(self.point).fit(X, y)
+        tail = (1 - self.coverage) / 2
+        booster = HistGradientBoostingRegressor(**(self.quantile_params or {}))
+        dense = _dense(X)
+        self.low_ = clone(booster).set_params(loss="quantile", quantile=tail).fit(dense, y)
+        self.high_ = clone(booster).set_params(loss="quantile", quantile=1 - tail).fit(dense, y)
+        self.margin_ = None  # set by calibrate
+        return self
+
+    def predict(self, X):
+        return self.point_.predict(X)
+
+    def _ends(self, X) -> tuple[np.ndarray, np.ndarray]:
+        dense = _dense(X)
+        low, high = self.low_.predict(dense), self.high_.predict(dense)
+        return np.minimum(low, high), np.maximum(low, high)  # quantile boosters can cross
+
+    def calibrate(self, X, y) -> "PriceRange":
+        """Set the range's margin from rows the models were not fitted on."""
+        y = np.asarray(y, dtype=float)
+        low, high = self._ends(X)
+        scores = np.sort(np.maximum(low - y, y - high))
+        rank = int(np.ceil((len(y) + 1) * self.coverage))
+        if rank > len(y):
+            raise ValueError(f"{len(y)} calibration rows cannot give a {self.coverage:.0%} range: at least "
+                             f"{int(np.ceil(self.coverage / (1 - self.coverage) - 1e-9))} are needed")
+        self.margin_, self.calibration_rows_ = float(scores[rank - 1]), len(y)
+        return self
+
+    def predict_range(self, X) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(price, low, high) for each row."""
+        if self.margin_ is None:
+            raise ValueError("the range is not calibrated: PriceRange.calibrate on rows the model was not fitted on")
+        price = self.point_.predict(X)
+        low, high = self._ends(X)
+        low, high = np.minimum(low - self.margin_, price), np.maximum(high + self.margin_, price)
+        return price, np.maximum(low, 0.0), high
+
+
+def _dense(X):
+    """The histogram boosters take no sparse matrices (the forest's TF-IDF columns are sparse)."""
+    return X.toarray() if hasattr(X, "toarray") else X

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from components import tracking
+# A candidate whose price range holds a share of test prices further than this from its nominal share is refused.
+from components.drift import MAX_COVERAGE_GAP
 
 CONFIDENCE = 0.95
 RESAMPLES = 2000
@@ -61,6 +63,18 @@ def decide(comparison: Comparison, margin: float) -> tuple[bool, str]:
     return False, f"not clearly better than prod: the interval reaches below the margin {margin} {figures}"
 
 
+def coverage_problem(comparison: dict) -> str:
+    """Why the candidate's price range cannot be trusted ("" when it can): it holds a share of the prices of rows it
+    was not trained on further than MAX_COVERAGE_GAP from its nominal share."""
+    if "coverage" not in comparison:
+        return ""
+    found, nominal = comparison["coverage"], comparison["nominal_coverage"]
+    if abs(found - nominal) <= MAX_COVERAGE_GAP:
+        return ""
+    return (f"its price range holds {found:.1%} of the prices of {comparison['coverage_rows']} test rows it was not "
+            f"trained on, against the nominal {nominal:.0%}: more than {MAX_COVERAGE_GAP * 100:.0f} points off")
+
+
 def decide_promotion(name: str, version: str, comparison: dict, margin: float, run_started: float,
                      compare_again) -> tuple[bool, str, dict]:
     """Whether `version` takes `prod`, decided against the actual prod (call it holding the promotion lock).
@@ -80,6 +94,9 @@ def decide_promotion(name: str, version: str, comparison: dict, margin: float, r
     if current_version != comparison.get("prod_version"):
         comparison = compare_again(current)
         moved = f"prod moved to version {current_version} during this run; compared with it instead: "
+    badly_calibrated = coverage_problem(comparison)
+    if badly_calibrated:
+        return False, f"{moved}not promoted: {badly_calibrated}", comparison
     if current is None:
         return True, "no prod model yet", comparison
     if not comparison["comparable"]:

@@ -102,8 +102,10 @@ def verdict_of(own: list[Check], against: list[Check]) -> tuple[str, str]:
     if suspect(own):
         return SUSPECT, "; ".join(suspect(own))
     error = next((c for c in against if c.check == drift.ERROR_CHECK), None)
-    if error is not None and error.status in (WARN, FAIL) and error.observed != UNKNOWN:
-        return DEGRADED, error.message.removeprefix("price: ")
+    worse = [c.message.removeprefix("price: ") for c in against if c.check in (drift.ERROR_CHECK, drift.COVERAGE_CHECK)
+             and c.status in (WARN, FAIL) and c.observed != UNKNOWN]
+    if worse:
+        return DEGRADED, "; ".join(worse)
     moved = drift.drifted([c for c in against if c.check != drift.ERROR_CHECK])
     if error is None or error.observed == UNKNOWN:
         evidence = "prod's error on them is not measured" + (f" ({error.message.split(': ', 2)[-1]})" if error else "")

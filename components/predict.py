@@ -20,7 +20,8 @@ def payload(listings) -> dict:
     return {"dataframe_split": json.loads(listings[columns].to_json(orient="split", index=False, date_format="iso"))}
 
 
-def predict(url: str, listings) -> tuple[list[float], str]:
+def predict(url: str, listings) -> tuple[dict, str]:
+    """The server's answer (prices under "predictions", their ranges under "price_ranges") and the version it names."""
     try:
         response = requests.post(f"{url.rstrip('/')}/invocations", json=payload(listings), timeout=60)
     except requests.RequestException as exc:
@@ -28,7 +29,7 @@ def predict(url: str, listings) -> tuple[list[float], str]:
                          "(make serve-local, or make predict-cluster for the cluster's)")
     if not response.ok:
         raise SystemExit(f"predict: {url} answered {response.status_code}: {response.text[:500]}")
-    return response.json()["predictions"], response.headers.get("x-model-version", "?")
+    return response.json(), response.headers.get("x-model-version", "?")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,11 +42,15 @@ def main(argv: list[str] | None = None) -> None:
         listings = model.numbers_from_text(parse_csv(sources.fetch(args.data), "predict").head(args.rows))
     except StepError as exc:
         raise SystemExit(f"predict: {exc} (choose the listings with --data / DATA_URL=)")
-    prices, version = predict(args.url, listings)
-    print(f"model version {version} at {args.url}:")
-    for (_, row), price in zip(listings.iterrows(), prices):
+    answer, version = predict(args.url, listings)
+    ranges = answer.get("price_ranges") or [None] * len(answer["predictions"])
+    coverage = f"; ranges hold {answer['coverage']:.0%} of prices" if "coverage" in answer else ""
+    print(f"model version {version} at {args.url}{coverage}:")
+    for (_, row), price, found in zip(listings.iterrows(), answer["predictions"], ranges):
         actual = f" (listed at ${row['price']:.0f})" if "price" in row else ""
-        print(f"  ${price:7.2f}  {row['room_type']:<16} {row['neighbourhood_group']:<13} {str(row['name'])[:40]}{actual}")
+        span = f"${found['low']:.0f} to ${found['high']:.0f}" if found else ""
+        print(f"  ${price:7.2f}  {span:<13} {row['room_type']:<16} {row['neighbourhood_group']:<13} "
+              f"{str(row['name'])[:40]}{actual}")
 
 
 if __name__ == "__main__":

@@ -52,26 +52,43 @@ def new_rows(prod, df) -> tuple[pd.DataFrame | None, str]:
     return rows, ""
 
 
+def coverage_on(ranges: pd.DataFrame | None, rows: pd.DataFrame) -> dict:
+    """How many of `rows`' prices the candidate's ranges hold, against the nominal share (nothing for no ranges)."""
+    if ranges is None:
+        return {}
+    inside = model.range_scores(rows[model.TARGET], ranges.loc[rows.index])["coverage"]
+    return {"coverage": inside, "coverage_rows": len(rows), "nominal_coverage": ranges.attrs["coverage"]}
+
+
 def predict_with(model_name: str, prod, rows: pd.DataFrame, step: str) -> pd.Series:
+    return ranges_with(model_name, prod, rows, step)["price"]
+
+
+def ranges_with(model_name: str, prod, rows: pd.DataFrame, step: str) -> pd.DataFrame:
+    """prod's prices for `rows` and, when it has them (versions since ranges), their ranges (columns low, high)."""
     fitted, _ = saved_model.load_model(names.model_uri(model_name, version=prod.version), step)
-    return model.predictions(fitted, rows)
+    found = model.price_ranges(fitted, rows)
+    return found if found is not None else model.predictions(fitted, rows).to_frame("price")
 
 
-def compare_with_prod(model_name: str, prod, predicted: pd.Series, test: pd.DataFrame) -> dict:
-    """The candidate (its predictions on `test`) and `prod` (a ModelVersion, or None) on the test rows prod was not
-    trained on. When they cannot be compared fairly, says why (comparable False) and compares nothing."""
+def compare_with_prod(model_name: str, prod, predicted: pd.Series, test: pd.DataFrame,
+                      ranges: pd.DataFrame | None = None) -> dict:
+    """The candidate (its predictions on `test`, and its price `ranges`) and `prod` (a ModelVersion, or None) on the
+    test rows prod was not trained on. When they cannot be compared fairly, says why (comparable False) and compares
+    nothing but the candidate's range coverage, then on every test row."""
     if prod is None:
-        return {"prod_version": None, "comparable": False, "why": "no prod model yet"}
+        return {"prod_version": None, "comparable": False, "why": "no prod model yet", **coverage_on(ranges, test)}
     version = int(prod.version)
     found = {"prod_version": version, "comparable": False}
     fair, why = new_rows(prod, test)
     if fair is None:
-        return found | {"why": why}
+        return found | {"why": why} | coverage_on(ranges, test)
+    found |= coverage_on(ranges, fair)
     try:
         prod_predictions = predict_with(model_name, prod, fair, "evaluate")
     except Exception as exc:  # any failure to load or score prod means: no comparison, no automatic promotion
         return found | {"why": f"prod version {version} cannot score this data ({type(exc).__name__}: "
-                               f"{str(exc)[:300]})"}
+                               f"{str(exc)[:300]})"} | coverage_on(ranges, test)
     comparison = gate.compare(fair[model.TARGET], predicted[fair.index], prod_predictions)
     r2 = {f"{who}_r2": model.errors(fair[model.TARGET], values)["r2"]
           for who, values in (("candidate", predicted[fair.index]), ("prod", prod_predictions))}

@@ -37,12 +37,14 @@ def register(
         test_mae = scores["candidate_mae"]
         test = read_listings(test_path)
         candidate, _ = saved_model.load_model(model_path, "register")
-        predicted = model.predictions(candidate, test)
+        ranges = model.price_ranges(candidate, test)
+        predicted = ranges["price"]
 
         def card(version, promoted: bool, reason: str, final: dict) -> str:
             facts = model_card_facts(model_name, version, promoted, reason, final, margin, scores, model_meta,
                                      raw_meta, clean_meta, tags, len(test), pipeline_run)
-            html = report.model_card(facts, test.assign(predicted=predicted), pd.Series(importance).sort_values())
+            html = report.model_card(facts, test.assign(predicted=predicted, low=ranges["low"], high=ranges["high"]),
+                                     pd.Series(importance).sort_values())
             report.keep_report(html, card_path, MODEL_CARD)
             return report.model_card_markdown(facts, tracking.artifact_link(run, MODEL_CARD))
 
@@ -59,13 +61,14 @@ def register(
             return {"version": int(twin.version), "promoted": False, "test_mae": test_mae, "reason": reason}
         if earlier is None:
             tags |= {tracking.RUN_ID_TAG: pipeline_run, "test_mae": f"{test_mae:.4f}",
-                     "test_r2": f"{scores['candidate_r2']:.4f}", **({"trigger": trigger[:5000]} if trigger else {})}
+                     "test_r2": f"{scores['candidate_r2']:.4f}", "test_coverage": f"{scores['candidate_coverage']:.4f}",
+                     "coverage": str(ranges.attrs["coverage"]), **({"trigger": trigger[:5000]} if trigger else {})}
             version = mlflow.register_model(model_meta["mlflow_model_uri"], model_name, tags=tags).version
         else:
             version = earlier.version
 
         def compare_again(prod):
-            return compare_with_prod(model_name, prod, predicted, test)
+            return compare_with_prod(model_name, prod, predicted, test, ranges)
 
         holder = f"pipeline run {pipeline_run}"
         with tracking.promotion_lock(model_name, holder, "register"):
@@ -98,8 +101,9 @@ def model_card_facts(name: str, version, promoted: bool, reason: str, comparison
         "name": name, "version": version, "promoted": promoted, "reason": reason, "comparison": comparison,
         "margin": margin, "pipeline_run": pipeline_run, "learner": model_meta.get("learner", "-"),
         "scores": {"val_mae": model_meta["val_mae"], "val_r2": model_meta["val_r2"],
-                   "test_mae": scores["candidate_mae"], "test_r2": scores["candidate_r2"]},
-        "rows": rows, "city": tags.get("city") or "-", "source": tags["data_source"], "sha256": tags["data_sha256"],
+                   "test_mae": scores["candidate_mae"], "test_r2": scores["candidate_r2"],
+                   "test_coverage": scores["candidate_coverage"], "test_interval_width": scores["candidate_interval_width"]},
+        "coverage": model_meta.get("coverage"), "rows": rows, "city": tags.get("city") or "-", "source": tags["data_source"], "sha256": tags["data_sha256"],
         "data_uri": tags["data_uri"],
         "parameters": json.loads(tags["parameters"]), "sweep": json.loads(board) if board else [],
         "sweep_choice": tags["sweep_choice"], "git_commit": tags["git_commit"], "images": json.loads(tags["images"] or "{}"),

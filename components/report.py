@@ -19,7 +19,7 @@ import mlflow
 
 from components import model
 from components.checks import FAIL, PASS, SKIP, UNKNOWN, WARN, Check, failed, warned
-from components.drift import CATEGORY_COLUMNS, category_shares, drift_columns, numeric_shares
+from components.drift import CATEGORY_COLUMNS, MAX_COVERAGE_GAP, category_shares, drift_columns, numeric_shares
 
 STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;color:#1d2330;margin:0;background:#f6f7f9}
@@ -153,6 +153,25 @@ def hbars(title: str, values: pd.Series, colour: str = NEW, unit: str = "") -> s
         parts += [_text(left - 4, y + 10, str(label), "end"),
                   f'<rect x="{left}" y="{y + 2}" width="{w:.1f}" height="{row - 4}" fill="{colour}"/>',
                   _text(left + w + 3, y + 10, f"{number(float(value))}{unit}", "start")]
+    return _svg(title, "".join(parts), height)
+
+
+def coverage_bars(title: str, coverage: pd.Series, nominal: float) -> str:
+    """Horizontal bars of shares, one per label, from 50 % (a few points apart must show), with a dashed line at the
+    nominal share."""
+    row, left = 15, 130
+    height = 22 + row * len(coverage)
+    scale = lambda share: left + (W - left - 40) * max(share - 0.5, 0) / 0.5  # noqa: E731
+    parts = [f'<line x1="{scale(nominal):.1f}" y1="2" x2="{scale(nominal):.1f}" y2="{height - 14}" stroke="#374151" '
+             f'stroke-dasharray="4 3"/>', _text(scale(nominal), height - 3, f"nominal {nominal:.0%}", size=8),
+             _text(left, height - 3, "50%", size=8), _text(scale(1.0), height - 3, "100%", size=8)]
+    for i, (label, share) in enumerate(coverage.items()):
+        y = 5 + i * row
+        off = abs(share - nominal) > MAX_COVERAGE_GAP
+        parts += [_text(left - 4, y + 10, str(label), "end"),
+                  f'<rect x="{left}" y="{y + 2}" width="{scale(share) - left:.1f}" height="{row - 4}" '
+                  f'fill="{"#b91c1c" if off else NEW}"><title>{escape(str(label))}: {share:.1%}</title></rect>',
+                  _text(scale(share) + 3, y + 10, f"{share:.1%}", "start")]
     return _svg(title, "".join(parts), height)
 
 
@@ -308,6 +327,34 @@ def error_by(predictions: pd.DataFrame, column: str) -> pd.DataFrame:
                          "MAE": grouped["error"].mean()}).sort_values("rows", ascending=False)
 
 
+def coverage_by(predictions: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Rows, the share of prices inside their range and its median width per value of `column`, largest first."""
+    grouped = predictions.assign(inside=predictions["price"].between(predictions["low"], predictions["high"]),
+                                 width=predictions["high"] - predictions["low"]).groupby(column)
+    return pd.DataFrame({"rows": grouped.size(), "coverage": grouped["inside"].mean(),
+                         "width": grouped["width"].median()}).sort_values("rows", ascending=False)
+
+
+def range_section(card: dict, predictions: pd.DataFrame, columns: list[str]) -> str:
+    """How far the price ranges can be trusted: the share of test prices inside them, overall and by group."""
+    nominal, scores = card["coverage"], card["scores"]
+    parts = [para(f"Each price comes with a range meant to hold the price of {nominal:.0%} of listings "
+                  f"(conformalized quantile regression, calibrated on the {card['rows'].get('validation', '-')} "
+                  f"validation rows). On the {card['rows'].get('test', '-')} test rows it holds "
+                  f"{scores['test_coverage']:.1%} of the prices; its median width is "
+                  f"{money(scores['test_interval_width'])} $. Groups of fewer than 200 test rows vary by chance.")]
+    charts = []
+    for column in columns:
+        found = coverage_by(predictions, column)
+        parts.append(table([model_label(column), "test rows", "prices in range", "median width ($)"],
+                           [[k, int(r["rows"]), f"{r['coverage']:.1%}", money(r["width"])] for k, r in found.iterrows()],
+                           {1, 2, 3}))
+        charts.append(figure(coverage_bars(f"Range coverage by {model_label(column)}", found["coverage"], nominal),
+                             f"Share of test prices inside their range by {model_label(column)} (dashed: nominal; red: "
+                             f"more than {MAX_COVERAGE_GAP * 100:.0f} points off)", f"coverage-{column}"))
+    return section("ranges", "Price range", *parts, '<div class="charts">' + "".join(charts) + "</div>")
+
+
 def model_card(card: dict, predictions: pd.DataFrame, importance: pd.Series) -> str:
     """The card of one candidate: where it came from, how good it is, and why it was or was not promoted.
 
@@ -319,11 +366,12 @@ def model_card(card: dict, predictions: pd.DataFrame, importance: pd.Series) -> 
     residual = predictions["price"] - predictions["predicted"]
     metrics = [["MAE ($)", money(scores["val_mae"]), money(scores["test_mae"])],
                ["R²", f"{scores['val_r2']:.3f}", f"{scores['test_r2']:.3f}"]]
-    by_group, grouped = [], []
+    by_group, grouped, columns = [], [], []
     for column in ("neighbourhood_group", "room_type"):
         if predictions[column].isna().all():  # a city without area groups
             continue
         grouped.append(model_label(column))
+        columns.append(column)
         found = error_by(predictions, column)
         by_group += [table([model_label(column), "test rows", "mean price ($)", "MAE ($)"],
                            [[k, int(r["rows"]), money(r["mean price"]), money(r["MAE"])] for k, r in found.iterrows()],
@@ -350,6 +398,7 @@ def model_card(card: dict, predictions: pd.DataFrame, importance: pd.Series) -> 
                              "predicted price ($)", "residual ($)"),
                      "Residual against predicted price (dashed: no error)", "residual-vs-predicted") + "</div>"),
         section("errors", "Error by " + " and ".join(grouped), *by_group) if grouped else "",
+        range_section(c, predictions, columns) if "low" in predictions and c.get("coverage") else "",
         section("importance", "Feature importance", '<div class="charts">' + figure(
             hbars("Feature importance", readable, unit=" $"),
             "How much the test MAE grows ($) when the column is shuffled (permutation importance)", "importance")

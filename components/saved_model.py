@@ -42,12 +42,14 @@ def shipped_features(path: str | None = None) -> ModuleType:
 def skops_trusted_types(module: ModuleType, learner: str) -> list[str]:
     """Types the skops file of a `learner` model built with `module` holds beyond skops' defaults: exactly these, no
     pickle fallback. tests/test_model.py compares them with what skops reports for a freshly trained model."""
+    # Both hold their price range's quantile boosters (features.PriceRange).
+    ranged = [f"{module.__name__}.PriceRange", "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"]
     if learner == "random_forest":
-        return [f"{module.__name__}.as_text", f"{module.__name__}.days_since", "numpy.dtype", "sklearn.tree._tree.Tree"]
+        return [f"{module.__name__}.as_text", f"{module.__name__}.days_since", "numpy.dtype", "sklearn.tree._tree.Tree",
+                *ranged]
     # The booster's own categorical preprocessing holds functools.partial(check_array).
     return [f"{module.__name__}.OutOfFold", f"{module.__name__}.listing_features", "functools.partial", "numpy.dtype",
-            "sklearn.utils.validation.check_array", "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
-            "sklearn.model_selection._split.KFold"]
+            "sklearn.utils.validation.check_array", "sklearn.model_selection._split.KFold", *ranged]
 
 
 

@@ -15,7 +15,8 @@ from components.listings import IDS, TEXT_COLUMNS, exact_ids, read_dates
 
 # Rows read, checked and priced at a time: memory stays bounded whatever the size of the file.
 SCORE_CHUNK = 50_000
-PREDICTION_COLUMNS = [model.ID, model.HOST, "predicted_price", "model_version", "flags"]
+# price_low and price_high: the model's price range (empty for a model saved before ranges).
+PREDICTION_COLUMNS = [model.ID, model.HOST, "predicted_price", "price_low", "price_high", "model_version", "flags"]
 
 
 def score(raw_path: str, model_uri: str, predictions_path: str, csv_path: str, rejected_path: str,
@@ -36,6 +37,7 @@ def score(raw_path: str, model_uri: str, predictions_path: str, csv_path: str, r
         # The city's export may write dates its own way: read them as training did (the model takes ISO).
         date_formats = json.loads(version.tags.get("city_profile") or "{}").get("date_formats", [])
         schema = pa.schema([(model.ID, pa.int64()), (model.HOST, pa.int64()), ("predicted_price", pa.float64()),
+                            ("price_low", pa.float64()), ("price_high", pa.float64()),
                             ("model_version", pa.int64()), ("flags", pa.string())])
         rows, refused, prices, reasons = 0, 0, [], Counter()
         with pq.ParquetWriter(predictions_path, schema) as parquet, open(csv_path, "w") as csv, \
@@ -86,9 +88,12 @@ def price_chunk(chunk: pd.DataFrame, fitted, profile: dict | None, date_formats:
     for p in problems:
         if p.row not in bad:
             flags[p.row] = "; ".join(filter(None, [flags.get(p.row), f"{p.field}: {p.problem}"]))
+    found = model.price_ranges(fitted, typed.iloc[keep]) if keep else None
+    ranges = (found.to_numpy().T if found is not None else
+              [fitted.predict(typed.iloc[keep]) if keep else [], np.nan, np.nan])
     priced = pd.DataFrame({model.ID: ids[model.ID].iloc[keep].astype("int64").to_numpy(),
                            model.HOST: ids[model.HOST].iloc[keep].astype("int64").to_numpy(),
-                           "predicted_price": fitted.predict(typed.iloc[keep]) if keep else [],
+                           "predicted_price": ranges[0], "price_low": ranges[1], "price_high": ranges[2],
                            "model_version": version, "flags": [flags.get(i) for i in keep]},
                           columns=PREDICTION_COLUMNS)
     rejected = pd.DataFrame([{"row": p.row, model.ID: chunk[model.ID].iloc[p.row], "field": p.field,

@@ -9,8 +9,9 @@ The server answers at once and gets the model in the background: from its cache 
 restart needs no MLflow), else from MLflow, retrying while MLflow does not answer. Until the model is loaded every
 route answers 503 saying why. Requests are checked against what the model was trained on (model.check_inputs): a
 row that is broken or unfamiliar gets a 400 naming the row and field; with `?flag=true` unfamiliar rows are priced
-and listed under "flags". At most `--max-queue` requests are admitted at once; the rest get 429 with Retry-After
-at once, and a request whose client has gone is not computed.
+and listed under "flags". Beside the prices ("predictions", as MLflow's protocol has them) come their ranges
+("price_ranges": low and high, holding the price of "coverage" of listings). At most `--max-queue` requests are
+admitted at once; the rest get 429 with Retry-After at once, and a request whose client has gone is not computed.
 
 With `--inference-log FOLDER` (or s3://bucket/prefix/) every priced row is logged off the request path for the
 monitoring pipeline to read (components/inference_log.py): it holds the requests' data. Off unless asked.
@@ -228,11 +229,14 @@ class ServingApp:
             if gone.done():
                 log.info("client left before its turn: %d rows not priced", len(typed))
                 return 0, None
-            prices = self.model.predict(typed).tolist()
+            found = model.price_ranges(self.model, typed)  # None for a model saved before ranges
+            prices = (found["price"] if found is not None else self.model.predict(typed)).tolist()
         if self.inference_log is not None:
             self.inference_log.record(rows, typed, prices, self.version)
         flags = [p.as_dict() for p in problems]
-        return 200, {"predictions": prices, **({"flags": flags} if flags else {})}
+        ranges = {} if found is None else {
+            "price_ranges": found[["low", "high"]].to_dict(orient="records"), "coverage": found.attrs["coverage"]}
+        return 200, {"predictions": prices, **ranges, **({"flags": flags} if flags else {})}
 
     async def read_body(self, receive) -> bytes | None:
         chunks, size, more = [], 0, True

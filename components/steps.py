@@ -109,7 +109,7 @@ def register(
 
     from components import promotion
 
-    scores = {"candidate_mae": evaluation.metadata["test_mae"], "candidate_r2": evaluation.metadata["test_r2"]}
+    scores = {f"candidate_{k}": evaluation.metadata[f"test_{k}"] for k in ("mae", "r2", "coverage", "interval_width")}
     result = promotion.register(model.path, model.metadata, scores, json.loads(comparison), test_data.path, model_name,
                             margin, raw_data.metadata, clean_data.metadata, git_commit, images, json.loads(importance),
                             model_card.path, trigger)

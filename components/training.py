@@ -61,8 +61,13 @@ def train(trainval_path: str, model_path: str, base: dict, val_size: float, tria
             if type(exc).__name__ != "InvalidParameterError":  # scikit-learn's, for a value out of its range
                 raise
             raise StepError("train", f"sweep trial {json.dumps(trial)}" if trial else "parameters", str(exc)) from exc
+        try:  # the price range, on rows the model was not fitted on
+            model.calibrate(fitted, val_df)
+        except ValueError as exc:
+            raise StepError("train", "val_size", f"{exc}: a larger val_size gives more") from exc
         metrics = {f"val_{k}": v for k, v in model.score(fitted, val_df).items()}
-        mlflow.log_metrics({**metrics, "fit_seconds": time.perf_counter() - started})
+        mlflow.log_metrics({**metrics, "fit_seconds": time.perf_counter() - started,
+                            "range_margin": fitted[-1].margin_})
         label = f"{params.learner} {json.dumps(trial)}" if trial else params.learner
         print(f"train: {label}: validation MAE {metrics['val_mae']:.3f}")
         # Saved once, as the step's output; the same files go to MLflow, where register names them.
@@ -78,7 +83,7 @@ def train(trainval_path: str, model_path: str, base: dict, val_size: float, tria
             ids = Path(tmp, TRAINING_IDS_FILE)
             pd.concat([train_df["id"], val_df["id"]]).to_frame().to_csv(ids, index=False)
             mlflow.log_artifact(str(ids), "data")
-        return {**metrics, "trial": json.dumps(trial), "learner": params.learner,
+        return {**metrics, "trial": json.dumps(trial), "learner": params.learner, "coverage": params.coverage,
                 "train_rows": len(train_df), "val_rows": len(val_df),
                 "mlflow_model_uri": f"runs:/{run.info.run_id}/model", "mlflow_run_id": run.info.run_id,
                 "training_ids_uri": f"runs:/{run.info.run_id}/data/{TRAINING_IDS_FILE}",
@@ -113,15 +118,19 @@ def evaluate(model_path: str, test_path: str, model_name: str) -> tuple[dict, di
     with tracking.step_run("evaluate", params={"model_name": model_name}):
         test = read_listings(test_path)
         candidate, _ = saved_model.load_model(model_path, "evaluate")
-        predicted = model.predictions(candidate, test)
+        ranges = model.price_ranges(candidate, test)
+        predicted = ranges["price"]
         scores = {f"candidate_{k}": v for k, v in model.errors(test[model.TARGET], predicted).items()}
+        scores |= {f"candidate_{k}": v for k, v in model.range_scores(test[model.TARGET], ranges).items()}
         importance = model.feature_importances(candidate, test)
         mlflow.log_figure(model.importance_figure(importance), "feature_importance.png")
-        comparison = compare_with_prod(model_name, tracking.prod_version(model_name), predicted, test)
+        comparison = compare_with_prod(model_name, tracking.prod_version(model_name), predicted, test, ranges)
         mlflow.log_metrics(evaluation_metrics(scores, comparison))
         mlflow.log_dict(comparison, "comparison.json")
         c = comparison
-        print(f"evaluate: candidate test MAE {scores['candidate_mae']:.3f}; " + (
+        print(f"evaluate: candidate test MAE {scores['candidate_mae']:.3f}, price range holding "
+              f"{scores['candidate_coverage']:.1%} of test prices (nominal {ranges.attrs['coverage']:.0%}, median "
+              f"width ${scores['candidate_interval_width']:.0f}); " + (
             f"against prod version {c['prod_version']} on {c['rows']} rows new to it: MAE {c['candidate_mae']:.3f} vs "
             f"{c['prod_mae']:.3f}, gain {c['gain']:.3f} ({c['gain_low']:.3f} to {c['gain_high']:.3f})"
             if c["comparable"] else c["why"]))
@@ -131,7 +140,8 @@ def evaluate(model_path: str, test_path: str, model_name: str) -> tuple[dict, di
 def evaluation_metrics(scores: dict, comparison: dict) -> dict[str, float]:
     """The figures the KFP run view and run comparison show: the candidate on every test row, then candidate and
     prod side by side on the rows prod was not trained on (when they could be compared)."""
-    figures = {"test_mae": scores["candidate_mae"], "test_r2": scores["candidate_r2"]}
+    figures = {"test_mae": scores["candidate_mae"], "test_r2": scores["candidate_r2"],
+               "test_coverage": scores["candidate_coverage"], "test_interval_width": scores["candidate_interval_width"]}
     if comparison["comparable"]:
         figures |= {"prod_version": comparison["prod_version"], "compared_rows": comparison["rows"],
                     "compared_candidate_mae": comparison["candidate_mae"], "compared_prod_mae": comparison["prod_mae"],

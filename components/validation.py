@@ -14,7 +14,7 @@ from components.cities import City
 from components.drift import DriftLimits
 from components.errors import InvalidData
 from components.listings import read_listings
-from components.prod import new_rows, predict_with, same_city
+from components.prod import new_rows, ranges_with, same_city
 from components.quality import quality_checks
 
 # prod's error on new data is estimated on at most this many of its rows (a random sample): MAE's standard error on
@@ -101,17 +101,22 @@ def checks_against_prod(model_name: str, current, df, limits: DriftLimits):
     new = len(rows)
     rows = rows.sample(min(new, ERROR_CHECK_ROWS), random_state=0)
     try:
-        predicted = predict_with(model_name, current, rows, "check")
+        prices = ranges_with(model_name, current, rows, "check")
     except Exception as exc:  # a prod that cannot score this data: report it, the candidate may still be fine
         found.append(Check(error, WARN, UNKNOWN, "", f"price: prod version {current.version} cannot score this data "
                            f"({type(exc).__name__}: {str(exc)[:200]})"))
         return found, figures, notes, reference
-    errors = (rows[model.TARGET] - predicted).abs().to_numpy(dtype=float)
+    errors = (rows[model.TARGET] - prices["price"]).abs().to_numpy(dtype=float)
     error_check, error_figures = drift.error_check(errors, float(current.tags["test_mae"]), current.version, limits)
+    found.append(error_check)
+    if "low" in prices:  # prod's price ranges (versions since ranges have them)
+        coverage_check, coverage_figures = drift.coverage_check(rows[model.TARGET], prices, current.version)
+        found.append(coverage_check)
+        error_figures |= coverage_figures
     sampled = f" (a random {len(rows)} of them)" if len(rows) < new else ""
     f = error_figures
     notes.append(f"prod version {current.version}'s error is measured on the {new} rows new to it{sampled}: MAE "
                  f"{f['prod_mae_now']:.2f}, {f['prod_error_ratio']:.2f} x its test MAE at registration "
                  f"({drift.CONFIDENCE:.0%} interval {f['prod_error_ratio_low']:.2f} to {f['prod_error_ratio_high']:.2f}"
                  ", a bootstrap over those rows).")
-    return found + [error_check], figures | error_figures, notes, reference
+    return found, figures | error_figures, notes, reference

@@ -53,6 +53,9 @@ def finish(outputs: dict, run_params: dict) -> tuple[str, dict] | int:
               f"its {summary['prod_mae_registered']:.2f} at registration ({monitoring.CONFIDENCE:.0%} interval "
               f"{summary['prod_error_ratio_low']:.2f} to {summary['prod_error_ratio_high']:.2f} x, "
               f"{summary['prod_error_rows']} rows)")
+        if "prod_coverage" in summary:
+            print(f"prod's price ranges hold {summary['prod_coverage']:.1%} of those prices ({monitoring.CONFIDENCE:.0%} "
+                  f"interval {summary['prod_coverage_low']:.1%} to {summary['prod_coverage_high']:.1%})")
     elif "prod_error_unknown" in summary:
         print(f"prod's error on the new rows is not measured: {summary['prod_error_unknown']}")
     if run_params.get("retrain"):

@@ -178,6 +178,7 @@ def register_small(name: str, listings: pd.DataFrame, versions: int = 1) -> None
 
     fitted = model.fit(listings.head(5000), model.ModelParams(learner="random_forest", n_estimators=10,
                                                               criterion="squared_error", seed=3))
+    model.calibrate(fitted, listings.iloc[5000:6000])
     mlflow.set_experiment("serving")
     for _ in range(versions):
         with mlflow.start_run(), saved_model.feature_code(fitted) as code:

@@ -29,9 +29,10 @@ def held_back(sample) -> pd.DataFrame:
     return sample.iloc[12000:15000]
 
 
-def in_process(name: str, version: str, rows: pd.DataFrame) -> np.ndarray:
+def in_process(name: str, version: str, rows: pd.DataFrame, column: str = "price") -> np.ndarray:
+    """The version's prices (or the `low` or `high` end of their ranges) for `rows`, in this process."""
     fitted, _ = saved_model.load_model(f"models:/{name}/{version}", "test")
-    return model.predictions(fitted, rows.assign(last_review=pd.to_datetime(rows["last_review"]))).to_numpy()
+    return model.price_ranges(fitted, rows.assign(last_review=pd.to_datetime(rows["last_review"])))[column].to_numpy()
 
 
 def test_batch_prices_held_back_rows_exactly_as_the_version_does_in_process(
@@ -55,6 +56,10 @@ def test_batch_prices_held_back_rows_exactly_as_the_version_does_in_process(
     assert (predictions["model_version"] == 1).all()  # prod, resolved once
     priced = held_back.set_index("id").loc[predictions["id"]].reset_index()
     assert np.array_equal(predictions["predicted_price"].to_numpy(), in_process(registered_model, "1", priced))
+    for end in ("low", "high"):  # each price's range beside it, as the version gives it (and the server: test_serve)
+        assert np.array_equal(predictions[f"price_{end}"].to_numpy(), in_process(registered_model, "1", priced, end))
+    assert (predictions["price_low"] <= predictions["predicted_price"]).all()
+    assert (predictions["predicted_price"] <= predictions["price_high"]).all()
     summary = json.loads((out / "score" / "metrics").read_text())
     assert summary["rows"] == len(held_back) and summary["scored"] == len(predictions)
     assert summary["p10_price"] < summary["p50_price"] < summary["p90_price"]

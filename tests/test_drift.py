@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from components import checks, cities, drift, listings
+from components import checks, cities, drift, listings, monitoring
 
 NYC = cities.city()
 
@@ -71,3 +71,21 @@ def test_psi_is_zero_for_equal_distributions_and_large_for_a_missing_category():
     numbers = pd.Series(range(1000), dtype=float)
     assert drift.numeric_psi(numbers, numbers) == pytest.approx(0, abs=1e-12)
     assert drift.numeric_psi(numbers + 500, numbers) > 1
+
+
+@pytest.mark.parametrize("rows, inside, warned", [(1000, 780, False), (1000, 700, True), (1000, 900, True),
+                                                  (200, 140, False)])
+def test_coverage_check_warns_only_when_its_whole_interval_is_more_than_5_points_off(rows, inside, warned):
+    """70 % of 1,000 prices inside 80 % ranges is evidence; 70 % of 200 is not (its interval reaches 75 %)."""
+    prices = pd.Series(np.arange(rows, dtype=float))
+    held = np.arange(rows) < inside
+    ranges = pd.DataFrame({"low": np.where(held, prices - 1, prices + 1), "high": prices + 2})
+    ranges.attrs["coverage"] = 0.8
+    check, figures = drift.coverage_check(prices, ranges, "3")
+    assert figures["prod_coverage"] == inside / rows
+    assert figures["prod_coverage_low"] < inside / rows < figures["prod_coverage_high"]
+    assert (check.status == checks.WARN) == warned
+    if warned:
+        assert check.message.startswith(f"price: prod version 3's ranges hold {inside / rows:.1%} of {rows} new prices")
+        verdict, reason = monitoring.verdict_of([], [check])
+        assert verdict == monitoring.DEGRADED and reason == check.message.removeprefix("price: ")

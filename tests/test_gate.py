@@ -1,9 +1,12 @@
 """The promotion gate (components/gate.py): a paired bootstrap of the MAE difference against a margin."""
 
+from types import SimpleNamespace
+
 import numpy as np
+import pandas as pd
 import pytest
 
-from components import gate
+from components import gate, prod, tracking
 
 rng = np.random.default_rng(7)
 ACTUAL = rng.uniform(20, 300, 4000)
@@ -45,3 +48,29 @@ def test_a_worse_candidate_is_named_worse():
 
 def test_the_interval_is_reproducible():
     assert gate.compare(ACTUAL, PROD * 0.99, PROD) == gate.compare(ACTUAL, PROD * 0.99, PROD)
+
+
+def test_a_candidate_whose_price_range_misses_its_nominal_share_is_refused_even_when_better(monkeypatch):
+    """Its MAE gain is clear, but its ranges hold 66 % of unseen prices where 80 % was promised: prod stays. Within
+    5 points the same candidate is promoted."""
+    prices = pd.Series(ACTUAL)
+    better = ACTUAL + (PROD - ACTUAL) * 0.8
+    for half_width, promoted in ((30.0, False), (40.0, True)):
+        ranges = pd.DataFrame({"price": better, "low": better - half_width, "high": better + half_width})
+        ranges.attrs["coverage"] = 0.8
+        comparison = {"prod_version": 3, "comparable": True, **gate.compare(prices, better, PROD).as_dict(),
+                      **prod.coverage_on(ranges, prices.to_frame("price"))}
+        monkeypatch.setattr(tracking, "prod_version", lambda name: SimpleNamespace(version="3", tags={}))
+        promote, reason, _ = gate.decide_promotion("m", "4", comparison, 0.1, 0.0, None)
+        assert promote == promoted, reason
+        if not promoted:
+            share = comparison["coverage"]
+            assert 0.6 < share < 0.75 and reason == (
+                f"not promoted: its price range holds {share:.1%} of the prices of 4000 test rows it was not trained "
+                "on, against the nominal 80%: more than 5 points off")
+    # The first model too: no prod is no reason to serve ranges that do not hold.
+    monkeypatch.setattr(tracking, "prod_version", lambda name: None)
+    promote, reason, _ = gate.decide_promotion("m", "1", {"prod_version": None, "comparable": False, "why": "no prod",
+                                                          "coverage": 0.6, "coverage_rows": 500,
+                                                          "nominal_coverage": 0.8}, 0.1, 0.0, None)
+    assert not promote and "holds 60.0% of the prices of 500 test rows" in reason

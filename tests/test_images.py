@@ -108,8 +108,10 @@ def test_serving_image_serves_the_prod_model(mlflow_server, registered_model, li
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until(f"{url}/ping")
-        prices, version = predict.predict(url, listings.head(3))
+        answer, version = predict.predict(url, listings.head(3))
+        prices = answer["predictions"]
         assert version == "1" and len(prices) == 3 and all(10 <= p <= 350 for p in prices)
+        assert all(r["low"] <= p <= r["high"] for p, r in zip(prices, answer["price_ranges"]))
     finally:
         logs = subprocess.run(["docker", "logs", container], capture_output=True, text=True)
         subprocess.run(["docker", "stop", container], capture_output=True)

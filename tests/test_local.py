@@ -167,7 +167,7 @@ def test_first_run_leaves_a_data_report_a_model_card_and_named_metrics(first_run
     assert card.startswith(f"Model card: {MODEL} version 1") and "Promoted to prod: no prod model yet" in card
     assert "No comparison with prod: no prod model yet." in card
     evaluation = json.loads((run / "evaluate" / "metrics").read_text())
-    assert list(evaluation) == ["test_mae", "test_r2"]  # nothing to compare with
+    assert list(evaluation) == ["test_mae", "test_r2", "test_coverage", "test_interval_width"]  # nothing to compare with
     (train,) = run.glob("**/train/metrics")
     assert list(json.loads(train.read_text())) == ["val_mae", "val_r2"]
     version = client.get_model_version(MODEL, "1")

@@ -1,5 +1,6 @@
 """Model tests: features, the skops trust list, a model that loads without project code, behaviour."""
 
+import copy
 import hashlib
 import json
 import os
@@ -91,7 +92,9 @@ def test_trial_overrides_are_typed_and_checked():
                          ({"learner": "svm"}, "learner: 'svm' is not one of")]:
         with pytest.raises(ValueError, match=message):
             model.ModelParams().with_overrides(bad)
-    assert set(model.ModelParams().used()) == {"learner", "seed", *model.GBM_FIELDS}
+    assert set(model.ModelParams().used()) == {"learner", "seed", "coverage", *model.GBM_FIELDS}
+    with pytest.raises(ValueError, match="coverage: 1.5 is not a share between 0.5 and 1"):
+        model.ModelParams(coverage=1.5)
 
 
 @pytest.mark.parametrize("learner", ["random_forest", "hist_gbm"])
@@ -101,6 +104,41 @@ def test_model_scores_near_the_reference_and_predicts_one_row_like_a_batch(learn
     assert scores["mae"] < 36 and scores["r2"] > 0.5
     batch = fitted.predict(splits[1][model.FEATURES].head(50))
     assert fitted.predict(splits[1][model.FEATURES].iloc[[7]])[0] == pytest.approx(batch[7])
+
+
+@pytest.fixture(scope="module")
+def ranged(splits):
+    """The default model as train fits it: on train rows, its range calibrated on validation rows it never saw."""
+    train, validation = listings.split_listings(splits[0], 0.2, seed=42)
+    return model.calibrate(model.fit(train, GBM), validation), train, validation
+
+
+def test_price_ranges_hold_the_nominal_share_of_unseen_prices_overall_and_by_group(ranged, splits):
+    fitted, train, _ = ranged
+    test = splits[1]
+    ranges = model.price_ranges(fitted, test)
+    found = model.range_scores(test["price"], ranges)
+    assert abs(found["coverage"] - GBM.coverage) <= 0.025 and 50 < found["interval_width"] < 150
+    assert (ranges["low"] <= ranges["price"]).all() and (ranges["price"] <= ranges["high"]).all()
+    assert (ranges["low"] >= 0).all() and ranges["price"].equals(model.predictions(fitted, test))
+    inside = test["price"].between(ranges["low"], ranges["high"])
+    for column in ("neighbourhood_group", "room_type"):
+        groups = test.assign(inside=inside).groupby(column)["inside"].agg(["mean", "size"])
+        assert (abs(groups["mean"] - GBM.coverage)[groups["size"] >= 200] <= 0.05).all(), groups
+    # One row alone gets the range it gets in a batch (server, batch and evaluate price rows alike).
+    assert model.price_ranges(fitted, test.iloc[[7]]).iloc[0].tolist() == pytest.approx(ranges.iloc[7].tolist())
+
+
+def test_the_range_is_calibrated_on_rows_the_model_did_not_fit(ranged):
+    """On the rows it was fitted on the quantile boosters look better than they are: a margin from those would be
+    too narrow. train calibrates on the validation rows."""
+    fitted, train, validation = ranged
+    assert fitted[-1].calibration_rows_ == len(validation) and not set(train["id"]) & set(validation["id"])
+    out_of_sample = fitted[-1].margin_
+    in_sample = model.calibrate(copy.deepcopy(fitted), train)[-1].margin_
+    assert in_sample < out_of_sample
+    with pytest.raises(ValueError, match="3 calibration rows cannot give a 80% range: at least 4 are needed"):
+        model.calibrate(copy.deepcopy(fitted), validation.head(3))
 
 
 @pytest.mark.parametrize("learner", ["random_forest", "hist_gbm"])

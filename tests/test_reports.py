@@ -12,7 +12,7 @@ import pytest
 from components import checks, cities, drift, listings, model, promotion, report
 
 SECTIONS = {"data": ["checks", "columns", "distributions", "notes"],
-            "card": ["decision", "metrics", "plots", "errors", "importance", "data", "parameters", "lineage"]}
+            "card": ["decision", "metrics", "plots", "errors", "ranges", "importance", "data", "parameters", "lineage"]}
 # What the page holds: its sections, each chart with the number of marks drawn in it, and anything that would
 # fetch (a report is shown in KFP's sandboxed frame with no network).
 DOM = """(() => ({
@@ -114,8 +114,10 @@ def test_a_city_without_area_groups_gets_reports_without_them(browser, tmp_path,
 def card_inputs(halves):
     """A real model (small) and its predictions on real test rows."""
     train, test = halves
-    fitted = model.fit(train, model.ModelParams(max_iter=60))
-    predictions = test.assign(predicted=model.predictions(fitted, test))
+    train, validation = listings.split_listings(train, 0.2, seed=7)
+    fitted = model.calibrate(model.fit(train, model.ModelParams(max_iter=60)), validation)
+    ranges = model.price_ranges(fitted, test)
+    predictions = test.assign(predicted=ranges["price"], low=ranges["low"], high=ranges["high"])
     importance = model.feature_importances(fitted, test, rows=500)
     sweep = [{"trial": {}, "val_mae": 30.1, "val_r2": 0.61, "mlflow_run_id": "a"},
              {"trial": {"learning_rate": 0.1}, "val_mae": 29.8, "val_r2": 0.62, "mlflow_run_id": "b"}]
@@ -123,9 +125,9 @@ def card_inputs(halves):
             "data_uri": "runs:/r/raw/x.csv.gz", "parameters": json.dumps({"learner": "hist_gbm", "max_iter": "60"}),
             "sweep_choice": "trial 2 of 2", "git_commit": "abc", "images": json.dumps({"train": "rental-price-train:1"})}
     meta = {"val_mae": 29.8, "val_r2": 0.62, "train_rows": 6080.0, "val_rows": 1520.0, "learner": "hist_gbm",
-            "sweep": json.dumps(sweep)}
-    scores = model.errors(test["price"], predictions["predicted"])
-    return predictions, importance, meta, tags, {"candidate_mae": scores["mae"], "candidate_r2": scores["r2"]}
+            "sweep": json.dumps(sweep), "coverage": 0.8}
+    scores = model.errors(test["price"], predictions["predicted"]) | model.range_scores(test["price"], ranges)
+    return predictions, importance, meta, tags, {f"candidate_{k}": v for k, v in scores.items()}
 
 
 def test_model_card_shows_data_metrics_plots_errors_importance_and_the_decision(browser, tmp_path, card_inputs):
@@ -140,7 +142,12 @@ def test_model_card_shows_data_metrics_plots_errors_importance_and_the_decision(
     assert page["verdict"].startswith("Promoted to prod: better than prod")
     charts = page["charts"]
     assert list(charts) == ["predicted-vs-actual", "residuals", "residual-vs-predicted", "error-neighbourhood_group",
-                            "error-room_type", "importance"]
+                            "error-room_type", "coverage-neighbourhood_group", "coverage-room_type", "importance"]
+    # The price range: a bar per group against the nominal line, and the figures beside them.
+    groups = predictions["neighbourhood_group"].nunique()
+    assert charts["coverage-neighbourhood_group"]["marks"] == groups
+    assert f"holds {scores['candidate_coverage']:.1%} of the prices" in page["text"]
+    assert "nominal 80%" in " ".join(charts["coverage-room_type"]["labels"])
     assert charts["predicted-vs-actual"]["marks"] >= 1500  # a point per row, up to 1,500
     assert charts["error-neighbourhood_group"]["marks"] == predictions["neighbourhood_group"].nunique()
     # Every input column, by its readable name.

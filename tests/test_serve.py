@@ -6,6 +6,7 @@ import http.server
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import threading
 import uuid
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import requests
@@ -67,6 +69,21 @@ def test_alias_is_resolved_at_start_and_reported(server, listings):
     assert response.headers["x-model-uri"].endswith("/1")
     for route in ("/ping", "/health", "/version"):
         assert requests.get(server + route, timeout=5).status_code == 200
+
+
+def test_each_price_comes_with_its_range_as_the_version_gives_it_alone_or_in_a_batch(server, registered_model,
+                                                                                     listings):
+    rows = listings.iloc[100:140]
+    answer = post(server, json=predict.payload(rows)).json()
+    prices, ranges = answer["predictions"], pd.DataFrame(answer["price_ranges"])
+    assert answer["coverage"] == 0.8 and len(ranges) == len(prices) == 40
+    assert ((ranges["low"] <= prices) & (prices <= ranges["high"])).all()
+    fitted, _ = saved_model.load_model(f"models:/{registered_model}/1", "test")  # batch and evaluate score so
+    expected = model.price_ranges(fitted, rows)
+    assert np.allclose(prices, expected["price"]) and np.allclose(ranges, expected[["low", "high"]])
+    alone = post(server, json=predict.payload(rows.iloc[[5]])).json()
+    assert alone["price_ranges"][0] == pytest.approx(answer["price_ranges"][5])
+    assert alone["predictions"][0] == pytest.approx(prices[5])
 
 
 def good(server, listings):
@@ -368,8 +385,8 @@ def test_predict_prints_prices(server, sample_path):
                              "--rows", "3"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == f"model version 1 at {server}:" and len(lines) == 4
-    assert all(line.strip().startswith("$") and "listed at $" in line for line in lines[1:])
+    assert lines[0] == f"model version 1 at {server}; ranges hold 80% of prices:" and len(lines) == 4
+    assert all(re.match(r"  \$ *[0-9.]+  \$[0-9]+ to \$[0-9]+ ", line) and "listed at $" in line for line in lines[1:])
 
 
 def test_promote_and_rollback(registered_model, mlflow_server):

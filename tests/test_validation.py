@@ -54,8 +54,8 @@ def check(prod, df, monkeypatch) -> tuple[list[checks.Check], str]:
 
 def test_new_listings_of_the_same_city_pass(prod, monkeypatch, capsys):
     found, words = check(prod, prod["new"], monkeypatch)
-    assert {c.status for c in found} == {checks.PASS} and len(found) == 38
-    assert "All 38 checks passed: the data goes on to training" in words
+    assert {c.status for c in found} == {checks.PASS} and len(found) == 39
+    assert "All 39 checks passed: the data goes on to training" in words
     assert "Drift is measured against the data of prod version 1" in words
     assert "prod version 1's error is measured on the " in words
 
@@ -79,12 +79,12 @@ def test_a_realistic_shift_fails_naming_the_column_and_figure(prod, monkeypatch,
         check(prod, shift(prod["new"]), monkeypatch)
     # The report is left all the same, with the failed check and the charts behind it.
     words = report.as_text(Path(prod["report"]).read_text())
-    assert "1 of 38 checks failed" in words and failed in words
+    assert "1 of 39 checks failed" in words and failed in words
     assert Path(prod["report"]).read_text().count("<svg") == 10
 
 
 def test_a_moderate_shift_warns_and_the_run_goes_on(prod, monkeypatch, capsys):
     found, words = check(prod, prod["new"].assign(price=(prod["new"]["price"] * 1.15).clip(upper=350)), monkeypatch)
     assert checks.failed(found) == [] and checks.warned(found)[-1].startswith("price: prod version 1's MAE on")
-    assert re.search(r"All 38 checks passed, [12] with a warning", words)
+    assert re.search(r"All 39 checks passed, [12] with a warning", words)
     assert "check: warning: price: prod version 1's MAE" in capsys.readouterr().out
