@@ -9,7 +9,6 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 
 from components import tracking
-# A candidate whose price range holds a share of test prices further than this from its nominal share is refused.
 from components.drift import MAX_COVERAGE_GAP
 
 CONFIDENCE = 0.95

@@ -175,8 +175,8 @@ def build_forest(params: ModelParams, feats: ModuleType, reference_date: str, co
 
 
 # The price range's quantile boosters learn faster and stop sooner than the price's: calibration corrects their
-# coverage, and at 300 iterations they made the fit 2.4 x as long.
-RANGE_BOOSTER = {"learning_rate": 0.1, "max_iter": 100}
+# coverage. At 300 iterations they made the fit 2.4 x as long; at 50 it is 1.2 x, with the same widths as at 100.
+RANGE_BOOSTER = {"learning_rate": 0.2, "max_iter": 50}
 
 # Columns of features.listing_features that the booster reads as numbers, besides NUMERIC.
 DERIVED = ["days_since_review", "months_reviewed", "name_length", "name_words", "name_capitals",

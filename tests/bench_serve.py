@@ -92,6 +92,7 @@ def main() -> None:
     # The floor: the same model in this process.
     sk_model, _ = saved_model.load_model(uri, "bench-serve")
     learner, estimator = sk_model.steps[-1]
+    estimator = getattr(estimator, "point_", estimator)  # the price model inside its price range
     # A forest's n_jobs as saved, then the alternatives for comparison; the booster has no such setting.
     settings = dict.fromkeys([estimator.n_jobs, -1, 1]) if learner == "random_forest" else [None]
     saved = next(iter(settings))

@@ -134,6 +134,8 @@ def test_prices_up_by_a_third_is_degraded_with_its_interval_which_training_would
     assert set(summary["drifted"]) == {"price", drift.ERROR_CHECK}
     assert summary["prod_error_ratio_low"] > LIMITS.max_error_ratio
     assert summary["reason"].startswith("prod version 1's MAE on ") and "(95% interval " in summary["reason"]
+    # prod's price ranges no longer hold as promised either, with evidence.
+    assert summary["prod_coverage_high"] < 0.75 and "prod version 1's ranges hold " in summary["reason"]
     # So retrain=true would not start training: its check step fails on exactly this.
     assert not summary["trainable"] and summary["not_trainable_because"][0].startswith("price: prod version 1's MAE")
     assert monitoring.retrain_decision(summary, on_shift=False)[0] is False
