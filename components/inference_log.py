@@ -94,8 +94,7 @@ class InferenceLog:
                 item = ()
             try:
                 if item is None:
-                    self._rotate()
-                    return
+                    return self._rotate()
                 if item:
                     self._write(*item)
                 if self.file and (self.file.tell() >= self.part_bytes or time.time() - self.opened >= self.part_seconds):
@@ -105,6 +104,8 @@ class InferenceLog:
                     reported = self.dropped
             except Exception:  # a full disk, an unreachable bucket: the server goes on answering
                 log.exception("inference log: writing failed")
+                if item is None:  # stopping: what could not be uploaded stays in the folder
+                    return
 
     def _write(self, at: float, version: str, rows: pd.DataFrame, typed: pd.DataFrame, prices: list[float]) -> None:
         lines = typed.copy()
@@ -136,9 +137,11 @@ class InferenceLog:
             part.with_suffix(".tmp").rename(part)  # readers see whole parts only
             raw.unlink()
             self.file = None
-        if self.s3:
-            self._upload()
-        self._bound()
+        try:
+            if self.s3:
+                self._upload()
+        finally:  # parts an unreachable bucket left here stay within the bound too
+            self._bound()
 
     def _upload(self) -> None:
         from components import sources

@@ -104,6 +104,13 @@ def test_parts_go_to_s3_and_are_read_back_from_there(tmp_path, sample, s3_endpoi
     assert inference_log.read_log("s3://inference-log/serving/")["predicted_price"].tolist() == [1.0, 2.0, 3.0, 4.0]
     with pytest.raises(ValueError, match="a prefix ending in /"):
         InferenceLog("s3://inference-log/serving")
+    # A bucket that is not there: the parts wait here, and the oldest go past the bound.
+    waiting = InferenceLog("s3://no-such-bucket/serving/", part_bytes=1, keep_bytes=3_000)
+    for _ in range(10):
+        waiting.record(rows, typed(rows), [1.0, 2.0, 3.0, 4.0], "2")
+    waiting.close()
+    kept = parts(waiting.folder)
+    assert 0 < len(kept) < 10 and sum(p.stat().st_size for p in kept) <= 3_000
 
 
 @pytest.mark.server
