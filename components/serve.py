@@ -1,4 +1,5 @@
-"""Serve a registered model over REST: GET /ping, /health, /version; POST /invocations (MLflow's JSON protocol).
+"""Serve a registered model over REST: GET /ping, /health, /version, /openapi.json; POST /invocations (MLflow's JSON
+protocol). The API is described at /openapi.json (components/serve_api.py).
 
     python -m components.serve --model models:/rental-price@prod --port 8080 [--version 3]
 
@@ -11,7 +12,9 @@ route answers 503 saying why. Requests are checked against what the model was tr
 row that is broken or unfamiliar gets a 400 naming the row and field; with `?flag=true` unfamiliar rows are priced
 and listed under "flags". Beside the prices ("predictions", as MLflow's protocol has them) come their ranges
 ("price_ranges": low and high, holding the price of "coverage" of listings). At most `--max-queue` requests are
-admitted at once; the rest get 429 with Retry-After at once, and a request whose client has gone is not computed.
+admitted at once, counted once their body is read; the rest get 429 with Retry-After at once, and a request whose
+client has gone is not computed. A client gets `--read-seconds` to send its headers and body (else 408, or the
+connection is closed), so slow clients hold no slot; /ping (readiness) answers 503 while every slot is taken.
 
 With `--inference-log FOLDER` (or s3://bucket/prefix/) every priced row is logged off the request path for the
 monitoring pipeline to read (components/inference_log.py): it holds the requests' data. Off unless asked.
@@ -19,6 +22,7 @@ monitoring pipeline to read (components/inference_log.py): it holds the requests
 
 import argparse
 import asyncio
+import codecs
 import hashlib
 import json
 import logging
@@ -31,15 +35,18 @@ import uuid
 from pathlib import Path
 from urllib.parse import parse_qs
 
-from components import names
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from components import names, serve_api
 from components.names import parse_model_uri
 
 log = logging.getLogger("serve")
 
-ERROR_CODES = {400: "BAD_REQUEST", 404: "ENDPOINT_NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 413: "REQUEST_TOO_LARGE",
-               415: "UNSUPPORTED_MEDIA_TYPE", 429: "TOO_MANY_REQUESTS", 500: "INTERNAL_ERROR",
+ERROR_CODES = {400: "BAD_REQUEST", 404: "ENDPOINT_NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 408: "REQUEST_TIMEOUT",
+               413: "REQUEST_TOO_LARGE", 415: "UNSUPPORTED_MEDIA_TYPE", 429: "TOO_MANY_REQUESTS", 500: "INTERNAL_ERROR",
                503: "MODEL_NOT_READY"}
-ROUTES = {"/ping": "GET", "/health": "GET", "/version": "GET", "/invocations": "POST"}
+ROUTES = serve_api.ROUTES
+READ_SECONDS = 10.0  # for a request's headers, and again for its body: 5 MB in 10 s is 4 Mbit/s
 MAX_PROBLEMS_SHOWN = 100
 STAMP = ".model-version"  # in a cached model: the run and creation time of the version it holds
 
@@ -106,9 +113,14 @@ class ServingApp:
 
     def __init__(self, model_uri: str, version: str = "", cache: str = "", max_body_bytes: int = 5_000_000,
                  max_queue: int = 8, retry_seconds: float = 10.0, inference_log: str = "",
-                 inference_log_keep_mb: float = 1000.0):
-        self.model_uri, self.version, self.max_body_bytes, self.max_queue = model_uri, version, max_body_bytes, max_queue
-        self.log_location, self.log_keep_bytes, self.inference_log = inference_log, int(inference_log_keep_mb * 1e6), None
+                 inference_log_keep_mb: float = 1000.0, read_seconds: float = READ_SECONDS):
+        self.model_uri, self.version, self.read_seconds = model_uri, version, read_seconds
+        self.max_body_bytes, self.max_queue = max_body_bytes, max_queue
+        # Bodies being read are bounded apart from admitted work: slow senders wait for their own deadline, never
+        # take a computing slot, and cannot hold more memory than this many bodies.
+        self.max_reading, self.reading = 8 * max_queue, 0
+        self.log_location, self.inference_log = inference_log, None
+        self.log_keep_bytes = int(inference_log_keep_mb * 1e6)
         self.cache = Path(cache or Path(tempfile.gettempdir(), f"{names.PREFIX}-models"))
         self.retry_seconds = retry_seconds
         self.model = self.profile = None
@@ -179,49 +191,71 @@ class ServingApp:
         path, method = scope["path"], scope["method"]
         if path not in ROUTES:
             return await self.reply(send, 404, f"no route {path}: the routes are {sorted(ROUTES)}")
+        if method == "HEAD" and ROUTES[path] == "GET":
+            method, send = "GET", without_body(send)
         if method != ROUTES[path]:
-            return await self.reply(send, 405, f"{path} takes {ROUTES[path]}, not {method}",
-                                    [(b"allow", ROUTES[path].encode())])
+            allowed = "GET, HEAD" if ROUTES[path] == "GET" else ROUTES[path]
+            return await self.reply(send, 405, f"{path} takes {allowed}, not {method}", [(b"allow", allowed.encode())])
+        if path == "/openapi.json":
+            return await self.reply(send, 200, serve_api.document(self.profile))
         if self.model is None:
             return await self.reply(send, 503, self.problem, [(b"retry-after", b"5")])
         if path == "/version":
             return await self.reply(send, 200, {"model_uri": self.model_uri, "version": self.version,
                                                 "served": dict(self.headers)[b"x-model-uri"].decode()})
+        if path == "/ping" and self.admitted >= self.max_queue:  # readiness: route new work to another pod
+            return await self.reply(send, 503, {"error_code": "SATURATED", "message": f"all {self.max_queue} slots "
+                                                "are computing: take this pod out of rotation until one frees"},
+                                    [(b"retry-after", b"1")])
         if path != "/invocations":
             return await self.reply(send, 200, {"status": "ready", "version": self.version})
-        content_type = dict(scope["headers"]).get(b"content-type", b"").split(b";")[0].strip().lower()
-        if content_type != b"application/json":
-            return await self.reply(send, 415, f"content type {content_type.decode(errors='replace') or '(none)'!r}"
-                                               " is not served: send application/json")
+        content_type, charset = media_type(scope)
+        if content_type != "application/json":
+            return await self.reply(send, 415, f"content type {content_type or '(none)'!r} is not served: send "
+                                               "application/json")
+        try:
+            charset = codecs.lookup(charset).name
+        except LookupError:
+            return await self.reply(send, 415, f"charset {charset!r} is not known: send UTF-8 (or name a charset "
+                                               "Python reads, such as latin-1 or utf-16)")
+        if self.reading >= self.max_reading:
+            return await self.reply(send, 429, f"{self.reading} requests are sending their body, the most this server "
+                                               "reads at once: retry shortly", [(b"retry-after", b"1")])
+        self.reading += 1
+        try:
+            body = await asyncio.wait_for(self.read_body(receive), self.read_seconds)
+        except TimeoutError:
+            return await self.reply(send, 408, f"the request body did not arrive within {self.read_seconds:g} s")
+        finally:
+            self.reading -= 1
+        if body is None:
+            return await self.reply(send, 413, f"request body over {self.max_body_bytes} bytes: send smaller batches")
         if self.admitted >= self.max_queue:
             return await self.reply(send, 429, f"{self.admitted} requests are queued, the most this server takes: "
                                                "retry shortly", [(b"retry-after", b"1")])
         self.admitted += 1
-        gone = None
+        gone = asyncio.ensure_future(receive())  # resolves with http.disconnect if the client leaves
         try:
-            body = await self.read_body(receive)
-            if body is None:
-                return await self.reply(send, 413, f"request body over {self.max_body_bytes} bytes: send smaller "
-                                                   "batches")
-            gone = asyncio.ensure_future(receive())  # resolves with http.disconnect if the client leaves
             flag = parse_qs(scope.get("query_string", b"").decode()).get("flag", ["false"])[0].lower() == "true"
-            status, answer = await asyncio.to_thread(self.answer, body, flag, gone)
+            status, answer = await asyncio.to_thread(self.answer, body, flag, gone, charset)
             if status:
                 await self.reply(send, status, answer)
         finally:
             self.admitted -= 1
-            if gone is not None:
-                gone.cancel()
+            gone.cancel()
 
-    def answer(self, body: bytes, flag: bool, gone) -> tuple[int, object]:
+    def answer(self, body: bytes, flag: bool, gone, charset: str = "utf-8") -> tuple[int, object]:
         """(status, payload) for one /invocations body; (0, None) when its client left before its turn."""
         from components import model
+        from components.listings import SCHEMA
 
         try:
-            rows = parse_rows(body)
+            rows = parse_rows(body, charset)
         except ValueError as exc:
             return 400, str(exc)
         typed, problems = model.check_inputs(rows, self.profile)
+        features = (self.profile or {}).get("features", model.FEATURES)
+        unknown = [c for c in rows.columns if c not in features and c not in SCHEMA]  # a listing's own are known
         refused = model.refused(problems, flag)
         if refused:
             return 400, {"message": describe(refused, flag), "problems": [p.as_dict() for p in refused[:MAX_PROBLEMS_SHOWN]]}
@@ -236,7 +270,10 @@ class ServingApp:
         flags = [p.as_dict() for p in problems]
         ranges = {} if found is None else {
             "price_ranges": found[["low", "high"]].to_dict(orient="records"), "coverage": found.attrs["coverage"]}
-        return 200, {"predictions": prices, **ranges, **({"flags": flags} if flags else {})}
+        warnings = [f"unknown fields, ignored: {', '.join(map(repr, unknown[:20]))}"
+                    f"{f' and {len(unknown) - 20} more' if len(unknown) > 20 else ''}"] if unknown else []
+        return 200, {"predictions": prices, **ranges, **({"flags": flags} if flags else {}),
+                     **({"warnings": warnings} if warnings else {})}
 
     async def read_body(self, receive) -> bytes | None:
         chunks, size, more = [], 0, True
@@ -252,7 +289,7 @@ class ServingApp:
 
     async def reply(self, send, status: int, payload, extra: list | None = None) -> None:
         """A JSON answer; an error carries the code of its status and a message (a str, or a dict with one)."""
-        if status >= 400:
+        if status >= 400:  # a dict payload may name its own error_code
             payload = {"error_code": ERROR_CODES[status], **(payload if isinstance(payload, dict) else
                                                               {"message": payload})}
         body = json.dumps(payload).encode()
@@ -262,16 +299,39 @@ class ServingApp:
         await send({"type": "http.response.body", "body": body})
 
 
-def parse_rows(body: bytes):
+def without_body(send):
+    """`send` for a HEAD request: the GET answer's headers (its content-length too), no body."""
+    async def send_head(message):
+        await send({**message, "body": b""} if message["type"] == "http.response.body" else message)
+    return send_head
+
+
+def media_type(scope) -> tuple[str, str]:
+    """The request's media type and charset (UTF-8 unless it names one), both lower case."""
+    value = dict(scope["headers"]).get(b"content-type", b"").decode("latin-1")
+    media, *params = [part.strip() for part in value.split(";")]
+    named = dict(p.split("=", 1) for p in params if "=" in p)
+    return media.lower(), named.get("charset", "utf-8").strip('"').lower()
+
+
+def refuse_constant(name: str):
+    raise ValueError(f"{name} is not standard JSON: send null for a missing value")
+
+
+def parse_rows(body: bytes, charset: str = "utf-8"):
     """The rows of an MLflow scoring request: {"dataframe_split": {"columns", "data"[, "index"]}} or
     {"dataframe_records": [{...}, ...]}. A ValueError says what is wrong with the request's shape."""
     import pandas as pd
 
     try:
-        payload = json.loads(body)
+        text = body.decode(charset)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"the body is not valid {charset} ({exc}): name its charset in Content-Type") from None
+    try:
+        payload = json.loads(text, parse_constant=refuse_constant)
     except RecursionError:
         raise ValueError("the JSON is nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:
+    except ValueError as exc:
         raise ValueError(f"the body is not valid JSON ({exc})") from None
     formats = ("dataframe_split", "dataframe_records")
     if not isinstance(payload, dict) or len([f for f in formats if f in payload]) != 1:
@@ -310,13 +370,45 @@ def describe(problems, flag: bool) -> str:
     return f"{len(rows)} row(s) cannot be priced: {shown}{more}.{hint}"
 
 
+class HeaderDeadline(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline for each request's headers (SERVE_READ_SECONDS): a connection
+    that opens, or starts its next request, and does not finish the headers in time is closed. uvicorn has none: a
+    client sending a header a minute would hold its connection for good."""
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.arm_deadline()
+
+    def arm_deadline(self) -> None:
+        self.awaiting_headers = self.loop.call_later(float(os.environ.get("SERVE_READ_SECONDS", READ_SECONDS)),
+                                                     self.headers_late, self.cycle)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.awaiting_headers.cancel()  # a request's headers are in: its body has the app's deadline
+
+    def on_response_complete(self) -> None:
+        self.arm_deadline()  # before uvicorn handles a pipelined request, which cancels it
+        super().on_response_complete()
+
+    def headers_late(self, cycle) -> None:
+        if self.cycle is cycle and not self.transport.is_closing():
+            self.transport.close()
+
+    def connection_lost(self, exc) -> None:
+        self.awaiting_headers.cancel()
+        super().connection_lost(exc)
+
+
 def build_app() -> ServingApp:
     """App factory for uvicorn (one per worker), configured by the environment that main() sets."""
     env = os.environ
     return ServingApp(env["SERVE_MODEL_URI"], env.get("SERVE_MODEL_VERSION", ""), env.get("SERVE_MODEL_CACHE", ""),
                       int(env.get("SERVE_MAX_BODY_BYTES", 5_000_000)), int(env.get("SERVE_MAX_QUEUE", 8)),
                       inference_log=env.get("SERVE_INFERENCE_LOG", ""),
-                      inference_log_keep_mb=float(env.get("SERVE_INFERENCE_LOG_KEEP_MB", 1000)))
+                      inference_log_keep_mb=float(env.get("SERVE_INFERENCE_LOG_KEEP_MB", 1000)),
+                      read_seconds=float(env.get("SERVE_READ_SECONDS", READ_SECONDS)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -335,6 +427,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="requests admitted at once per worker; more get 429 (make bench-serve)")
     parser.add_argument("--max-body-mb", type=float, default=5.0,
                         help="larger requests get 413 (5 MB is about 15,000 listings)")
+    parser.add_argument("--read-seconds", type=float,
+                        default=float(os.environ.get("SERVE_READ_SECONDS", READ_SECONDS)),
+                        help="a client's time to send a request's headers, and again its body; later: closed, or 408")
     parser.add_argument("--inference-log", default=os.environ.get("SERVE_INFERENCE_LOG", ""),
                         help="log every priced row (it holds request data) to this folder or s3://bucket/prefix/ "
                              "for monitoring; empty: off. Parts kept locally past SERVE_INFERENCE_LOG_KEEP_MB "
@@ -351,8 +446,8 @@ def main(argv: list[str] | None = None) -> None:
         refuse_missing_alias(name, alias)
     os.environ.update(SERVE_MODEL_URI=args.model, SERVE_MODEL_VERSION=version, SERVE_MODEL_CACHE=args.cache,
                       SERVE_MAX_QUEUE=str(args.max_queue), SERVE_MAX_BODY_BYTES=str(int(args.max_body_mb * 1e6)),
-                      SERVE_INFERENCE_LOG=args.inference_log)
-    uvicorn.run("components.serve:build_app", factory=True, host=args.host, port=args.port,
+                      SERVE_INFERENCE_LOG=args.inference_log, SERVE_READ_SECONDS=str(args.read_seconds))
+    uvicorn.run("components.serve:build_app", factory=True, host=args.host, port=args.port, http=HeaderDeadline,
                 workers=args.workers, log_level="info")
 
 

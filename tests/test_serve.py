@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -138,6 +139,12 @@ BAD_REQUESTS = {
                    ROW_1 + "last_review: 'last spring' is not a date (YYYY-MM-DD)"),
     "very large batch": (lambda l: {"json": predict.payload(pd.concat([l] * 6).head(100_000))}, 413,
                          "send smaller batches"),
+    "NaN, not null": (lambda l: raw(json.dumps(with_column(l, "reviews_per_month", float("nan"), 1))), 400,
+                      "the body is not valid JSON (NaN is not standard JSON: send null for a missing value"),
+    "latin-1 sent as UTF-8": (lambda l: raw(json.dumps(with_column(l, "name", "Café", 1), ensure_ascii=False)
+                                            .encode("latin-1")), 400, "the body is not valid utf-8 ("),
+    "an unknown charset": (lambda l: raw(json.dumps(predict.payload(l.head(1))), "application/json; charset=klingon"),
+                           415, "charset 'klingon' is not known: send UTF-8"),
 }
 
 
@@ -169,7 +176,74 @@ def test_unknown_paths_and_wrong_methods_get_404_and_405(server, method, path, s
     response = requests.request(method, server + path, timeout=10)
     assert response.status_code == status and response.json()["error_code"] == code
     if status == 405:
-        assert response.headers["allow"] in ("GET", "POST")
+        assert response.headers["allow"] in ("GET, HEAD", "POST")
+
+
+def test_http_as_a_client_expects_it(server, listings):
+    """HEAD where GET is allowed, the declared charset read, and fields the model ignores named."""
+    for route in ("/ping", "/version", "/openapi.json"):
+        got, head = requests.get(server + route, timeout=10), requests.head(server + route, timeout=10)
+        assert head.status_code == 200 and head.content == b""
+        assert head.headers["content-length"] == got.headers["content-length"] != "0"
+    assert requests.head(f"{server}/invocations", timeout=10).status_code == 405
+    body = with_column(listings, "name", "Café près du parc", 1)
+    text = json.dumps(body, ensure_ascii=False)
+    utf8 = post(server, data=text.encode(), headers={"content-type": "application/json"})
+    for charset in ("latin-1", "utf-16", "ISO-8859-1"):
+        other = post(server, data=text.encode(charset),
+                     headers={"content-type": f"application/json; charset={charset}"})
+        assert other.status_code == 200 and other.json() == utf8.json(), (charset, other.text[:300])
+    extra = predict.payload(listings.head(2))
+    extra["dataframe_split"]["columns"] += ["price", "wifi", "pool"]  # a listing's price is known, and not read
+    for row in extra["dataframe_split"]["data"]:
+        row += [100, True, False]
+    warned = post(server, json=extra).json()
+    assert warned["warnings"] == ["unknown fields, ignored: 'wifi', 'pool'"]
+    assert warned["predictions"] == post(server, json=predict.payload(listings.head(2))).json()["predictions"]
+    assert "warnings" not in utf8.json()
+
+
+def test_the_openapi_document_describes_real_requests_and_answers(server, listings):
+    """GET /openapi.json is a valid OpenAPI 3.1 document; the requests below are valid by it exactly when the
+    server takes them, and every answer (each route, each status) matches its schema."""
+    from jsonschema import Draft202012Validator
+    from openapi_spec_validator import validate
+
+    document = requests.get(f"{server}/openapi.json", timeout=10).json()
+    validate(document)
+    assert set(document["paths"]) == set(serve.ROUTES)
+    assert document["components"]["schemas"]["Listing"]["required"] == model.FEATURES
+
+    def schema(pointer: str):
+        return Draft202012Validator({**document, "$ref": "#/" + pointer})
+
+    def conforms(method: str, path: str, response: requests.Response) -> None:
+        pointer = (f"paths/{path.replace('/', '~1')}/{method}/responses/{response.status_code}/content/"
+                   "application~1json/schema")
+        errors = [e.message for e in schema(pointer).iter_errors(response.json())]
+        assert not errors, (method, path, response.status_code, errors[:3])
+
+    request_schema = schema("components/schemas/Request")
+    records = json.loads(listings.head(2)[model.FEATURES].to_json(orient="records", date_format="iso"))
+    bodies = [predict.payload(listings.head(3)), {"dataframe_records": records}, with_column(listings, "minimum_nights",
+              "two", 1), {"rows": [1]}, {"dataframe_records": []}, {"dataframe_records": [{**records[0], "wifi": 1}]},
+              {"dataframe_records": [{k: v for k, v in records[0].items() if k != "room_type"}]},
+              {"dataframe_records": [{**records[0], "latitude": None}]}]
+    for body in bodies:
+        response = post(server, json=body)
+        conforms("post", "/invocations", response)
+        if "dataframe_records" in body:  # a split's cells are checked by the server, not by the schema
+            assert request_schema.is_valid(body) == (response.status_code == 200), (body, response.text[:300])
+    for path in ("/ping", "/health", "/version", "/openapi.json", "/nowhere"):
+        response = requests.get(server + path, timeout=10)
+        if path != "/nowhere":
+            conforms("get", path, response)
+        else:
+            assert response.status_code == 404 and schema("components/schemas/Error").is_valid(response.json())
+    conforms("post", "/invocations", post(server, **raw(b"x", "text/plain")))
+    flagged = requests.post(f"{server}/invocations?flag=true", json=with_column(listings, "room_type", "Castle", 1),
+                            timeout=60)
+    conforms("post", "/invocations", flagged)
 
 
 def test_unfamiliar_rows_are_priced_and_flagged_only_when_asked(server, listings):
@@ -226,13 +300,55 @@ def test_an_overloaded_server_refuses_at_once(mlflow_server, registered_model, l
                 assert all(r.status_code == 429 and r.headers["retry-after"] == "1"
                            and r.json()["error_code"] == "TOO_MANY_REQUESTS" for r in refused)
                 assert sum(not a.done() for a in answers) == 2  # still admitted, unanswered
+                # Readiness says the pod is full, so Kubernetes routes new work elsewhere; liveness is unmoved.
+                saturated = requests.get(f"{url}/ping", timeout=10)
+                assert saturated.status_code == 503 and saturated.json()["error_code"] == "SATURATED"
+                assert requests.get(f"{url}/health", timeout=10).status_code == 200
             finally:
                 app.predicting.release()
             assert sorted(a.result(timeout=120).status_code for a in answers) == [200, 200, 429, 429, 429, 429]
         good(url, listings)
+        assert requests.get(f"{url}/ping", timeout=10).status_code == 200
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def test_slow_clients_hold_no_slot(mlflow_server, registered_model, listings):
+    """Eight clients that send headers and one byte of their body, and one that never finishes its headers: a
+    normal request is still priced while they hang (the slots are taken only by read bodies), and the server's own
+    deadline ends them: 408 for a body, a closed connection for headers."""
+    process, url = start(mlflow_server, f"models:/{registered_model}@prod", "--max-queue", "2", "--read-seconds", "3")
+    port = int(url.rsplit(":", 1)[1])
+    slow = []
+    try:
+        ready(url, process)
+        for _ in range(8):
+            client = socket.create_connection(("127.0.0.1", port), timeout=60)
+            client.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 1000\r\n\r\n{")
+            slow.append(client)
+        headers_only = socket.create_connection(("127.0.0.1", port), timeout=60)
+        headers_only.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\n")
+        for _ in range(3):
+            good(url, listings)
+        assert requests.get(f"{url}/ping", timeout=10).status_code == 200
+        for client in slow:
+            answer = read_all(client)
+            assert answer.startswith(b"HTTP/1.1 408 ") and b"did not arrive within 3 s" in answer, answer[:300]
+        assert read_all(headers_only) == b""  # closed without an answer: no request was made
+        good(url, listings)
+    finally:
+        for client in slow:
+            client.close()
+        stop(process)
+
+
+def read_all(client: socket.socket) -> bytes:
+    chunks = []
+    while chunk := client.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 @pytest.mark.parametrize("leaves", [True, False])
