@@ -22,6 +22,8 @@ MLFLOW_PORT ?= 5000
 MLFLOW_TRACKING_URI ?= http://127.0.0.1:$(MLFLOW_PORT)
 #: where the local MLflow server keeps its database, artifacts and log
 MLFLOW_DIR ?= .mlflow
+# A step whose artifacts MLflow refuses quotes the cause from the log of the server make started (tracking.py).
+export MLFLOW_SERVER_LOG ?= $(abspath $(MLFLOW_DIR))/server.log
 export MLFLOW_TRACKING_URI
 # MLflow's usage telemetry would call a public endpoint from every step and server: off everywhere.
 export MLFLOW_DISABLE_TELEMETRY = true

@@ -71,7 +71,7 @@ class InferenceLog:
 
     # ------------------------------------------------------------ the request path: queue only
 
-    def record(self, rows: pd.DataFrame, typed: pd.DataFrame, prices: list[float], version: str) -> None:
+    def record(self, rows: pd.DataFrame, typed, prices: list[float], version: str) -> None:
         """Queue one answered request: the rows as sent (`rows`), as the model read them (`typed`), their prices."""
         try:
             self.queue.put_nowait((time.time(), version, rows, typed, prices))
@@ -107,8 +107,8 @@ class InferenceLog:
                 if item is None:  # stopping: what could not be uploaded stays in the folder
                     return
 
-    def _write(self, at: float, version: str, rows: pd.DataFrame, typed: pd.DataFrame, prices: list[float]) -> None:
-        lines = typed.copy()
+    def _write(self, at: float, version: str, rows: pd.DataFrame, typed, prices: list[float]) -> None:
+        lines = pd.DataFrame(typed).copy()  # typed: a frame, or its columns as arrays
         for column in lines.columns:
             if pd.api.types.is_datetime64_any_dtype(lines[column]):
                 lines[column] = lines[column].dt.strftime("%Y-%m-%d")

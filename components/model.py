@@ -355,14 +355,21 @@ def input_profile(train: pd.DataFrame, features: list[str] | None = None) -> dic
 
 
 def check_inputs(rows: pd.DataFrame, profile: dict | None) -> tuple[pd.DataFrame, list[Problem]]:
-    """The rows as the model takes them (its features, typed), and every problem found, row by row (0-based).
+    """The rows as the model takes them (its features, typed), and every problem found, row by row (0-based)."""
+    typed, problems = typed_inputs(rows, profile)
+    return (pd.DataFrame(typed) if typed else rows), problems
+
+
+def typed_inputs(rows: pd.DataFrame, profile: dict | None) -> tuple[dict[str, np.ndarray], list[Problem]]:
+    """check_inputs' columns as arrays, in the model's order ({} when a column is missing): building the frame
+    costs a one-row request more than the checks, and the model server's fast path reads arrays.
 
     Cell by cell in plain Python: a request of one row is checked in well under a millisecond."""
     profile = profile or {}
     features = profile.get("features", FEATURES)
     missing = [c for c in features if c not in rows.columns]
     if missing:
-        return rows, [Problem(-1, c, "missing from the input", True) for c in missing]
+        return {}, [Problem(-1, c, "missing from the input", True) for c in missing]
     required, categories, ranges = (set(profile.get("required", [])), profile.get("categories", {}),
                                     profile.get("ranges", {}))
     problems: list[Problem] = []
@@ -405,7 +412,7 @@ def check_inputs(rows: pd.DataFrame, profile: dict | None) -> tuple[pd.DataFrame
                 problems.append(Problem(row, column, f"{shown_value} is outside the range the model was trained on "
                                                      f"({shown_low} to {shown_high})", False))
     order = {c: i for i, c in enumerate(features)}
-    return pd.DataFrame(typed, columns=features), sorted(problems, key=lambda p: (p.row, order[p.field]))
+    return typed, sorted(problems, key=lambda p: (p.row, order[p.field]))
 
 
 def _apart(value: float, low: float, high: float) -> tuple[str, str, str]:

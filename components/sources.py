@@ -124,9 +124,13 @@ def _s3_location(uri: str) -> tuple[str, str]:
 
 def _s3_client():
     import boto3
+    from botocore.config import Config
 
     endpoint = os.environ.get("S3_ENDPOINT_URL") or os.environ.get("MLFLOW_S3_ENDPOINT_URL")
-    return boto3.client("s3", endpoint_url=endpoint or None)
+    # botocore's defaults (60 s to connect, 5 attempts) kept a step a minute or more on an object store that does not
+    # answer: 3 attempts of 5 s to connect cover a restart, and a read that stalls 30 s will not pass by waiting.
+    limits = Config(connect_timeout=5, read_timeout=30, retries={"mode": "standard", "max_attempts": 3})
+    return boto3.client("s3", endpoint_url=endpoint or None, config=limits)
 
 
 def upload_s3(raw: bytes, uri: str, step: str = "upload", field: str = "destination") -> None:

@@ -6,11 +6,17 @@ every runner point the same code at their own server.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
+import socket
+import threading
 import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
+from unittest import mock
+from urllib.parse import urlsplit
 
 import mlflow
 import requests
@@ -35,6 +41,10 @@ RAW_DATA_TAG = "raw_data_sha256"
 # Who runs a local pipeline run: "host:pid" of `pipeline.py run`, so that a later run can close what it left.
 OWNER_ENV = "PIPELINE_OWNER"
 OWNER_TAG = "pipeline_owner"
+# The owner renews this tag (unix seconds) on its RUNNING runs while it lives (heartbeat()); a run whose heartbeat
+# is older than the lease had an owner that died, on whatever host: any later run closes it FAILED.
+HEARTBEAT_TAG = "heartbeat"
+LEASE_ENV, LEASE_SECONDS = "PIPELINE_LEASE_SECONDS", 60.0
 # MLflow's own defaults (7 retries, 120 s timeouts) kept a step waiting ~17 minutes for a server that went away:
 # with these a call gives up within about 90 s (4 tries of at most 20 s), at once when the port is closed.
 CLIENT_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -103,6 +113,63 @@ def server_gone(step: str, uri: str, exc: Exception) -> StepError:
                      f"{str(exc)[:200]}); nothing was registered and prod did not move: start it again and re-run")
 
 
+@contextmanager
+def artifact_errors_named(step: str) -> Iterator[None]:
+    """Artifact transfers whose server error ends the step at once, saying so.
+
+    MLflow's client retries a 500 as if it were a restart (its list of retried statuses cannot be set): against a
+    read-only or full artifact store a step waited a minute and then named only "too many 500 error responses".
+    Here MLflow's artifact client retries what can pass (a closed port, 502 to 504 from a proxy, timeouts) and a
+    500 comes back with its response, to be named. The server's body says only "Internal Server Error": the cause
+    is in its log (in the cluster, behind it, MinIO's)."""
+    from mlflow.store.artifact import http_artifact_repo
+    from mlflow.utils.request_utils import _TRANSIENT_FAILURE_RESPONSE_CODES
+
+    retried = frozenset(_TRANSIENT_FAILURE_RESPONSE_CODES) - {500}
+    plain = http_artifact_repo.http_request
+    with mock.patch.object(http_artifact_repo, "http_request", functools.partial(plain, retry_codes=retried)):
+        try:
+            yield
+        except requests.HTTPError as exc:
+            if exc.response is None or exc.response.status_code < 500:
+                raise
+            raise artifact_error(step, exc.response) from exc
+
+
+def artifact_error(step: str, response: requests.Response) -> StepError:
+    url = urlsplit(response.url)
+    found = re.search(r"/mlflow-artifacts/artifacts/(?:[^/]+/[^/]+/artifacts/)?(.+)$", url.path)
+    what = found.group(1) if found else url.path
+    verb = "read" if response.request is not None and response.request.method == "GET" else "store"
+    body = (response.text or "").strip()
+    said = "" if body in ("", response.reason, "Internal Server Error") else f" ({body[:300]})"
+    cause = server_log_cause()
+    where = (f"the MLflow server's log says: {cause}" if cause else "the cause (a read-only or full disk, the object "
+             "store refusing) is in the MLflow server's log (in the cluster: MinIO's too)")
+    return StepError(step, "MLflow artifact store", f"MLflow could not {verb} {what}: HTTP {response.status_code} "
+                                                    f"from {url.scheme}://{url.netloc}{said}; {where}")
+
+
+def server_log_cause(wait: float = 2.0) -> str:
+    """The last OS error in the local MLflow server's log (MLFLOW_SERVER_LOG, which `make` sets for the server it
+    starts), when the log was written in the last minute; else ''. The server may log it just after answering."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            log = Path(os.environ["MLFLOW_SERVER_LOG"])
+            size, written = log.stat().st_size, log.stat().st_mtime
+            with log.open("rb") as f:
+                f.seek(max(0, size - 65536))
+                tail = f.read().decode(errors="replace")
+        except (KeyError, OSError):
+            return ""
+        found = re.findall(r"^\w*Error: \[Errno \d+\] .*$", tail, re.M) if time.time() - written < 60 else []
+        if found or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    return found[-1][:300] if found else ""
+
+
 def process_seconds() -> float | None:
     """Seconds since this process started (Linux: its start in clock ticks since boot), or None elsewhere."""
     try:
@@ -140,7 +207,7 @@ def step_run(step: str, params: dict | None = None, last: bool = False, tags: di
     client = MlflowClient()
     tags = {**(tags or {}), STEP_TAG: step, RUN_ID_TAG: os.environ.get("KFP_RUN_ID", "")}
     if os.environ.get(OWNER_ENV):
-        tags[OWNER_TAG] = os.environ[OWNER_ENV]
+        tags |= {OWNER_TAG: os.environ[OWNER_ENV], HEARTBEAT_TAG: str(int(time.time()))}
     given = os.environ.get("MLFLOW_RUN_ID")
     try:
         if given:
@@ -154,9 +221,10 @@ def step_run(step: str, params: dict | None = None, last: bool = False, tags: di
         raise (server_gone(step, uri, exc) if not answers(uri) else exc)
     started = time.perf_counter()
     try:
-        if params:
-            mlflow.log_params(params)
-        yield run
+        with artifact_errors_named(step):
+            if params:
+                mlflow.log_params(params)
+            yield run
         mlflow.log_metrics(cost_figures(started, entered))
         mlflow.end_run()
         if last and parent and owned:
@@ -238,22 +306,73 @@ def close_runs(pipeline_run: str, status: str) -> int:
     return 0
 
 
-def close_abandoned_runs(host: str) -> list[str]:
-    """End the RUNNING runs of pipeline runs on `host` whose process has ended (killed, machine restarted), so no
-    run stays RUNNING for ever. Returns the pipeline run ids closed."""
-    closed = set()
+def lease_seconds() -> float:
+    return float(os.environ.get(LEASE_ENV, LEASE_SECONDS))
+
+
+@contextmanager
+def heartbeat(pipeline_run: str) -> Iterator[None]:
+    """While the block runs, a thread renews the heartbeat of this pipeline run's RUNNING runs, six times a lease.
+
+    The owner is the process that runs the whole pipeline (pipeline.py run), not a step: it outlives the steps and
+    the gaps between them. Plain REST calls with a timeout and no retries: MLflow's client takes its limits from the
+    environment, which the steps started meanwhile inherit."""
+    stop = threading.Event()
+    uri = mlflow.get_tracking_uri().rstrip("/")
+    auth = (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ.get("MLFLOW_TRACKING_PASSWORD", "")) \
+        if os.environ.get("MLFLOW_TRACKING_USERNAME") else None
+
+    def renew() -> None:
+        with requests.Session() as session, suppress(requests.RequestException, KeyError, ValueError):
+            session.auth = auth
+            experiment = session.get(f"{uri}/api/2.0/mlflow/experiments/get-by-name",
+                                     params={"experiment_name": experiment_name()}, timeout=5).json()
+            found = session.post(f"{uri}/api/2.0/mlflow/runs/search", timeout=5, json={
+                "experiment_ids": [experiment["experiment"]["experiment_id"]], "max_results": 1000,
+                "filter": f"tags.{RUN_ID_TAG} = '{pipeline_run}' and attributes.status = 'RUNNING'"}).json()
+            for run in found.get("runs", []):
+                session.post(f"{uri}/api/2.0/mlflow/runs/set-tag", timeout=5, json={
+                    "run_id": run["info"]["run_id"], "key": HEARTBEAT_TAG, "value": str(int(time.time()))})
+
+    def beat() -> None:
+        while not stop.wait(lease_seconds() / 6):
+            renew()
+
+    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+def close_abandoned_runs(host: str | None = None) -> list[str]:
+    """End FAILED the RUNNING runs whose owner has died, so that none looks alive for ever: on this host, when the
+    owner's process has ended; on any host, when its heartbeat is older than the lease (the owner was killed, its
+    machine stopped, or MLflow was away when it ended). Each gets the reason as its `error` tag. Returns the
+    pipeline run ids closed. Hosts' clocks are assumed to agree within a fraction of the lease."""
+    host, closed, lease = host or socket.gethostname(), set(), lease_seconds()
     with quick_calls(), suppress(MlflowException, requests.RequestException):
         experiment = mlflow.get_experiment_by_name(experiment_name())
         if experiment is None:
             return []
         client = MlflowClient()
         for run in client.search_runs([experiment.experiment_id], max_results=1000,
-                                      filter_string=f"attributes.status = 'RUNNING' and tags.{OWNER_TAG} LIKE "
-                                                    f"'{host}:%'"):
-            pid = int(run.data.tags[OWNER_TAG].rsplit(":", 1)[1])
-            if _alive(pid):
+                                      filter_string=f"attributes.status = 'RUNNING' and tags.{OWNER_TAG} LIKE '%:%'"):
+            owner = run.data.tags[OWNER_TAG]
+            owner_host, _, pid = owner.rpartition(":")
+            beat = float(run.data.tags.get(HEARTBEAT_TAG) or run.info.start_time / 1000)
+            if owner_host == host and pid.isdigit():  # here, the process itself says
+                if _alive(int(pid)):
+                    continue
+                why = f"its pipeline process {pid} had ended"
+            elif time.time() - beat > lease:
+                why = (f"its owner {owner} stopped renewing its heartbeat {time.time() - beat:.0f} s before "
+                       f"(lease {lease:.0f} s)")
+            else:
                 continue
-            client.set_tag(run.info.run_id, "error", f"closed by a later run: its pipeline process {pid} had ended")
+            client.set_tag(run.info.run_id, "error", f"closed by a later run on {host}: {why}")
             client.set_terminated(run.info.run_id, "FAILED")
             closed.add(run.data.tags.get(RUN_ID_TAG, ""))
     return sorted(closed)

@@ -45,6 +45,14 @@ def run(pipeline: str, params: dict, pipeline_root: str, cache: bool, runner: st
         pipeline, params = found
 
 
+def close_abandoned() -> None:
+    """Close the runs whose owner died (tracking.close_abandoned_runs), saying so."""
+    with contextlib.redirect_stdout(io.StringIO()):  # MLflow prints a link for each run it ends
+        closed = tracking.close_abandoned_runs(socket.gethostname())
+    for pipeline_run in closed:
+        print(f"closed the MLflow runs that pipeline run {pipeline_run} left RUNNING when its owner died")
+
+
 def run_once(pipeline, params: dict, pipeline_root: str, cache: bool, runner: str, verbose: bool):
     """One run of a whole DAG: its exit status, or the next pipeline to run and its parameters."""
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
@@ -70,10 +78,7 @@ def run_once(pipeline, params: dict, pipeline_root: str, cache: bool, runner: st
            tracking.OWNER_ENV: f"{socket.gethostname()}:{os.getpid()}",
            # MLflow's usage telemetry would call a public endpoint from every step.
            "MLFLOW_DISABLE_TELEMETRY": os.environ.get("MLFLOW_DISABLE_TELEMETRY", "true")}
-    with contextlib.redirect_stdout(io.StringIO()):  # MLflow prints a link for each run it ends
-        closed = tracking.close_abandoned_runs(socket.gethostname())
-    for pipeline_run in closed:
-        print(f"closed the MLflow runs that pipeline run {pipeline_run} left RUNNING when its process ended")
+    close_abandoned()
     params = {**params, "source_sha256": source_sha256(params)}
     # Cached outputs name MLflow runs: one cache per server and experiment; a reset server makes a new experiment.
     logging.getLogger("mlflow.tracking.fluent").setLevel(logging.WARNING)  # not "Creating a new experiment"
@@ -106,14 +111,15 @@ def run_once(pipeline, params: dict, pipeline_root: str, cache: bool, runner: st
         print(f"steps (full log: {log_path}):")
     failed = None
     try:
-        with progress, mock.patch.object(executor_input_utils, "get_local_pipeline_resource_name",
-                                         lambda pipeline_name: kfp_run):
+        with progress, tracking.heartbeat(kfp_run), mock.patch.object(
+                executor_input_utils, "get_local_pipeline_resource_name", lambda pipeline_name: kfp_run):
             outputs = pipeline.build(cluster=False)(**params).outputs
     except RuntimeError as exc:
         failed = ANSI.sub("", str(exc))  # kfp.local colours task names
     finally:
         with contextlib.redirect_stdout(io.StringIO()):  # MLflow prints a link for each run it ends
             tracking.close_runs(kfp_run, "FAILED")  # whatever a killed step left RUNNING
+        close_abandoned()  # and what others left meanwhile, so that a run leaves none RUNNING
     if failed is not None:
         show_outputs(run_dir, tracking.report_links(kfp_run))  # a failed check's report says why
         if verbose:

@@ -19,7 +19,7 @@ SAMPLE = ROOT.parent / "shared" / "data" / "nyc_airbnb_sample1.csv"
 
 
 # A test that needs any of these is marked `server`; `make test-fast` runs the rest.
-SERVERS = {"mlflow_server", "own_server", "browser"}
+SERVERS = {"mlflow_server", "own_server", "browser", "read_only_store"}
 # Modules by how long they take, longest first (README, "Where the time goes"): a free worker takes the next module
 # (or test) in this order, so starting the long ones first ends both workers together.
 SLOWEST_FIRST = ["test_rerun", "test_serve", "test_monitor", "test_local", "test_promotion", "test_batch",

@@ -21,6 +21,8 @@ import pytest
 from conftest import ROOT
 from mlflow.tracking import MlflowClient
 
+from components import tracking
+
 SMALL = ["learner=random_forest", "n_estimators=10", "max_depth=10"]
 WEAK = ["learner=random_forest", "n_estimators=2", "max_depth=2"]
 # These runs test what happens around a run, not the model: 6,000 listings of the sample are enough for every
@@ -35,17 +37,21 @@ def source(sample_path, tmp_path_factory) -> str:
     return f"source={path}"
 
 
-def start(uri: str, tmp_path, model: str, *params: str, experiment: str = "rerun") -> subprocess.Popen:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": experiment}
-    command = [sys.executable, "pipeline.py", "run", "--pipeline-root", str(tmp_path / "outputs"),
-               "--param", f"model_name={model}"]
+def start(uri: str, tmp_path, model: str, *params: str, experiment: str = "rerun", host: str = "",
+          env: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": experiment, **(env or {})}
+    # Another host: the same machine under another hostname (its own UTS namespace; root only).
+    other = ["unshare", "--uts", "sh", "-c", f'hostname {host} && exec "$@"', "sh"] if host else []
+    command = other + [sys.executable, "pipeline.py", "run", "--pipeline-root", str(tmp_path / "outputs"),
+                       "--param", f"model_name={model}"]
     for param in params:
         command += ["--param", param]
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def run(uri: str, tmp_path, model: str, *params: str, experiment: str = "rerun") -> tuple[int, str]:
-    process = start(uri, tmp_path, model, *params, experiment=experiment)
+def run(uri: str, tmp_path, model: str, *params: str, experiment: str = "rerun", host: str = "",
+        env: dict | None = None) -> tuple[int, str]:
+    process = start(uri, tmp_path, model, *params, experiment=experiment, host=host, env=env)
     out, _ = process.communicate(timeout=900)
     return process.returncode, out
 
@@ -158,9 +164,18 @@ def test_mlflow_gone_mid_train_fails_fast_and_the_next_run_cleans_up_and_reuses(
     own_server["up"]()
     assert versions(model) == []
     assert running(experiment) == ["pipeline", "train"]  # left RUNNING while the server was gone
-    code, out = run(own_server["uri"], tmp_path, model, source, "learner=random_forest", experiment=experiment)
+    # The next run comes from another host, which cannot see whether the owner lives: the heartbeat says it.
+    lease = {tracking.LEASE_ENV: "5"}
+    found = MlflowClient().search_runs([mlflow.get_experiment_by_name(experiment).experiment_id],
+                                       filter_string="attributes.status = 'RUNNING'")
+    last_beat = max(float(r.data.tags[tracking.HEARTBEAT_TAG]) for r in found)
+    time.sleep(max(0.0, last_beat + 5.5 - time.time()))  # the owner is dead: nothing renews them
+    code, out = run(own_server["uri"], tmp_path, model, source, "learner=random_forest", experiment=experiment,
+                    host="another-host", env=lease)
     assert code == 0, out[-3000:]
-    assert "closed the MLflow runs that pipeline run local-" in out
+    assert "closed the MLflow runs that pipeline run local-" in out and "when its owner died" in out
+    closed = MlflowClient().get_run(found[0].info.run_id).data.tags["error"]
+    assert closed.startswith("closed by a later run on another-host: its owner ") and "(lease 5 s)" in closed
     assert "reused from the cache: clean, download, split (same data sha256" in out, out
     assert running(experiment) == [] and versions(model) == ["1"]
     # The server reset (an empty database): cached outputs name runs that no longer exist, so none is reused.

@@ -9,7 +9,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from components import sources, training
+from components import sources, tracking, training
 from components.errors import StepError
 from components.listings import write_listings
 
@@ -89,3 +89,110 @@ def test_a_presigned_source_is_logged_without_its_query(tracking, sample_path, t
     experiment = mlflow.get_experiment_by_name(tracking["experiment"]).experiment_id
     for run in MlflowClient().search_runs([experiment]):
         assert "s3cret" not in str(run.data.params) + str(run.data.tags)
+
+
+@pytest.fixture
+def read_only_store(tmp_path):
+    """A real MLflow server whose artifact folder is mounted read-only (root only: chmod does not stop root), and
+    the server's log, as `make` starts one."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import free_port, wait_until
+
+    if os.geteuid() != 0:
+        pytest.fail("needs root, for a read-only bind mount (CI and this project's machines run as root)")
+    port, store, log = free_port(), tmp_path / "artifacts", tmp_path / "server.log"
+    store.mkdir()
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{tmp_path}/mlflow.db", "--artifacts-destination", str(store)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    mounted = False
+    try:
+        uri = f"http://127.0.0.1:{port}"
+        wait_until(f"{uri}/health", process=server)
+        subprocess.run(["mount", "--bind", str(store), str(store)], check=True)
+        mounted = True
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(store)], check=True)
+        yield {"uri": uri, "log": str(log)}
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(store)], check=False)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+
+
+def test_a_store_that_refuses_is_named_at_once_with_its_cause(read_only_store, monkeypatch, tmp_path):
+    """MLflow's client retries a 500 as if it would pass: the step instead ends at the first refusal, naming the
+    file, the status and (from the local server's log) the cause, and its run ends FAILED."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", read_only_store["uri"])
+    monkeypatch.setenv("MLFLOW_SERVER_LOG", read_only_store["log"])
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "store")
+    monkeypatch.setenv("KFP_RUN_ID", "store-run")
+    mlflow.set_tracking_uri(read_only_store["uri"])
+    (tmp_path / "model.skops").write_bytes(b"x" * 200_000)
+    with pytest.raises(StepError) as caught:
+        with tracking.step_run("train") as run:
+            mlflow.log_artifact(str(tmp_path / "model.skops"), "model")
+    message = str(caught.value)
+    assert message.startswith("train: MLflow artifact store: MLflow could not store model/model.skops: HTTP 500 from "
+                              f"{read_only_store['uri']}; the MLflow server's log says: "), message
+    assert "Read-only file system" in message
+    assert MlflowClient().get_run(run.info.run_id).info.status == "FAILED"
+    # Without the server's log, the message still says where to look.
+    monkeypatch.delenv("MLFLOW_SERVER_LOG")
+    with pytest.raises(StepError, match="the cause .* is in the MLflow server's log"):
+        with tracking.step_run("evaluate"):
+            mlflow.log_artifact(str(tmp_path / "model.skops"), "model")
+
+
+def test_runs_whose_owner_died_are_closed_from_any_host_once_their_lease_ends(tracking):
+    """An owner on another host is known dead only by its heartbeat: past the lease, its runs are closed FAILED with
+    the reason; a live owner's runs (fresh heartbeat, or a live process on this host) stay RUNNING."""
+    import os
+    import time
+
+    from components import tracking as runs
+
+    client = MlflowClient()
+    experiment_id = mlflow.set_experiment(tracking["experiment"]).experiment_id
+    now, lease = time.time(), runs.lease_seconds()
+
+    def run(pipeline_run: str, owner: str, beat: float | None) -> str:
+        tags = {runs.RUN_ID_TAG: pipeline_run, runs.OWNER_TAG: owner}
+        if beat is not None:
+            tags[runs.HEARTBEAT_TAG] = str(int(beat))
+        return client.create_run(experiment_id, tags=tags).info.run_id
+
+    stale = run("far-dead", "other-host:4242", now - lease - 5)
+    alive_far = run("far-alive", "other-host:4243", now)
+    dead_here = run("here-dead", "this-host:999999999", now)  # no such process
+    alive_here = run("here-alive", f"this-host:{os.getpid()}", now - lease - 5)  # its process lives
+    assert runs.close_abandoned_runs("this-host") == ["far-dead", "here-dead"]
+    status = {r: client.get_run(r).info.status for r in (stale, alive_far, dead_here, alive_here)}
+    assert status == {stale: "FAILED", alive_far: "RUNNING", dead_here: "FAILED", alive_here: "RUNNING"}
+    assert client.get_run(stale).data.tags["error"].startswith(
+        "closed by a later run on this-host: its owner other-host:4242 stopped renewing its heartbeat ")
+    assert "its pipeline process 999999999 had ended" in client.get_run(dead_here).data.tags["error"]
+    # The owner's heartbeat keeps its runs alive past the lease; once it stops, the lease runs out.
+    for left in (alive_far, alive_here):
+        client.set_terminated(left)
+    os.environ[runs.LEASE_ENV] = "3"
+    try:
+        beating = run("beating", "other-host:4244", time.time() - 10)
+        with runs.heartbeat("beating"):
+            for _ in range(2):  # renewed twice (every 0.5 s), so well inside the lease
+                beat = client.get_run(beating).data.tags[runs.HEARTBEAT_TAG]
+                while client.get_run(beating).data.tags[runs.HEARTBEAT_TAG] == beat:
+                    time.sleep(0.1)
+            assert runs.close_abandoned_runs("this-host") == []
+        last = float(client.get_run(beating).data.tags[runs.HEARTBEAT_TAG])
+        time.sleep(max(0.0, last + 3.5 - time.time()))  # nothing renews it now
+        assert runs.close_abandoned_runs("this-host") == ["beating"]
+    finally:
+        os.environ.pop(runs.LEASE_ENV)
+    assert client.get_run(beating).info.status == "FAILED"
