@@ -9,7 +9,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from components import model, names, saved_model, tracking
+from components import fast_path, model, names, saved_model, tracking
 from components.errors import StepError
 from components.listings import IDS, TEXT_COLUMNS, exact_ids, read_dates
 
@@ -39,13 +39,13 @@ def score(raw_path: str, model_uri: str, predictions_path: str, csv_path: str, r
         schema = pa.schema([(model.ID, pa.int64()), (model.HOST, pa.int64()), ("predicted_price", pa.float64()),
                             ("price_low", pa.float64()), ("price_high", pa.float64()),
                             ("model_version", pa.int64()), ("flags", pa.string())])
-        rows, refused, prices, reasons = 0, 0, [], Counter()
+        rows, refused, prices, reasons, scorer = 0, 0, [], Counter(), None
         with pq.ParquetWriter(predictions_path, schema) as parquet, open(csv_path, "w") as csv, \
                 open(rejected_path, "w") as rejected_file:
             # Text stays text: a city whose neighbourhoods are zip codes.
             for chunk in pd.read_csv(raw_path, chunksize=SCORE_CHUNK, dtype={c: "str" for c in TEXT_COLUMNS + IDS}):
-                priced, rejected = price_chunk(chunk.reset_index(drop=True), fitted, profile, date_formats,
-                                               price_unfamiliar, int(version.version))
+                priced, rejected, scorer = price_chunk(chunk.reset_index(drop=True), fitted, profile, date_formats,
+                                                       price_unfamiliar, int(version.version), scorer)
                 parquet.write_table(pa.Table.from_pandas(priced, schema=schema, preserve_index=False))
                 priced.to_csv(csv, header=rows == 0, index=False)
                 reasons.update(rejected.pop("reason"))  # each problem; a row may have several
@@ -67,8 +67,11 @@ def score(raw_path: str, model_uri: str, predictions_path: str, csv_path: str, r
 
 
 def price_chunk(chunk: pd.DataFrame, fitted, profile: dict | None, date_formats: list[str], price_unfamiliar: bool,
-                version: int) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Rows of a file as read (all text): (their predictions, each with its flags; the rows refused, with why)."""
+                version: int, scorer: fast_path.FastModel | bool | None = None
+                ) -> tuple[pd.DataFrame, pd.DataFrame, fast_path.FastModel | bool | None]:
+    """Rows of a file as read (all text): (their predictions, each with its flags; the rows refused, with why; the
+    scorer). `scorer`: the model's fast path, False for the model itself, None until the first rows priced decide
+    (fast_path.checked on them)."""
     # Ids stay exact (19 digits today: past a float's); one not written as a whole number is refused.
     ids = {c: exact_ids(chunk[c]) for c in IDS if c in chunk.columns}
     chunk = model.numbers_from_text(chunk)
@@ -88,9 +91,16 @@ def price_chunk(chunk: pd.DataFrame, fitted, profile: dict | None, date_formats:
     for p in problems:
         if p.row not in bad:
             flags[p.row] = "; ".join(filter(None, [flags.get(p.row), f"{p.field}: {p.problem}"]))
-    found = model.price_ranges(fitted, typed.iloc[keep]) if keep else None
-    ranges = (found.to_numpy().T if found is not None else
-              [fitted.predict(typed.iloc[keep]) if keep else [], np.nan, np.nan])
+    if keep and scorer is None:
+        fast, said = fast_path.checked(fitted, typed.iloc[keep[:200]].reset_index(drop=True))
+        print(f"score: {said}")
+        scorer = fast or False
+    if keep and scorer:
+        ranges = scorer.price_ranges(typed.iloc[keep])
+    else:
+        found = model.price_ranges(fitted, typed.iloc[keep]) if keep else None
+        ranges = (found.to_numpy().T if found is not None else
+                  [fitted.predict(typed.iloc[keep]) if keep else [], np.nan, np.nan])
     priced = pd.DataFrame({model.ID: ids[model.ID].iloc[keep].astype("int64").to_numpy(),
                            model.HOST: ids[model.HOST].iloc[keep].astype("int64").to_numpy(),
                            "predicted_price": ranges[0], "price_low": ranges[1], "price_high": ranges[2],
@@ -99,7 +109,7 @@ def price_chunk(chunk: pd.DataFrame, fitted, profile: dict | None, date_formats:
     rejected = pd.DataFrame([{"row": p.row, model.ID: chunk[model.ID].iloc[p.row], "field": p.field,
                               "problem": p.problem, "reason": f"{p.field}: {'broken' if p.broken else 'unfamiliar'}"}
                              for p in refused], columns=["row", model.ID, "field", "problem", "reason"])
-    return priced, rejected
+    return priced, rejected, scorer
 
 
 def summarize(model_uri: str, version, rows: int, rejected: int, reasons: dict[str, int], prices) -> dict:

@@ -108,6 +108,24 @@ def fetch_model(uri: str, version: str, cache: Path) -> str:
     return str(target)
 
 
+def fast_path_of(model, path: str):
+    """The model compiled to plain arrays (components/fast_path.py), used only if it gives the model's own prices and
+    ranges on probe rows: its input example and edge cases made of it. Else None: the model itself scores."""
+    import mlflow
+
+    from components import fast_path
+    from components.model import check_inputs
+
+    try:
+        example, _ = check_inputs(mlflow.models.Model.load(path).load_input_example(path), None)
+    except Exception as exc:  # a model saved without an input example: nothing to verify against
+        log.warning("no fast path: the model's input example cannot be read (%s)", str(exc)[:200])
+        return None
+    fast, said = fast_path.checked(model, example)
+    log.info("%s", said)
+    return fast
+
+
 class ServingApp:
     """The ASGI app: 503 until the model is loaded, then predictions behind a bounded queue."""
 
@@ -123,7 +141,7 @@ class ServingApp:
         self.log_keep_bytes = int(inference_log_keep_mb * 1e6)
         self.cache = Path(cache or Path(tempfile.gettempdir(), f"{names.PREFIX}-models"))
         self.retry_seconds = retry_seconds
-        self.model = self.profile = None
+        self.model = self.profile = self.fast = None
         self.problem = f"model {model_uri} is loading"
         self.admitted = 0  # requests between admission and answer
         # One prediction at a time: predictions hold the GIL, so threads would only make each one slower.
@@ -143,7 +161,9 @@ class ServingApp:
             attempt += 1
             try:
                 path = fetch_model(self.model_uri, self.version, self.cache)
-                self.model, self.profile = saved_model.read_model(path, "serve")
+                model, self.profile = saved_model.read_model(path, "serve")
+                self.fast = fast_path_of(model, path)
+                self.model = model  # last: a loaded model means ready
                 break
             except Unready as exc:
                 if exc.final:
@@ -202,7 +222,8 @@ class ServingApp:
             return await self.reply(send, 503, self.problem, [(b"retry-after", b"5")])
         if path == "/version":
             return await self.reply(send, 200, {"model_uri": self.model_uri, "version": self.version,
-                                                "served": dict(self.headers)[b"x-model-uri"].decode()})
+                                                "served": dict(self.headers)[b"x-model-uri"].decode(),
+                                                "fast_path": self.fast is not None})
         if path == "/ping" and self.admitted >= self.max_queue:  # readiness: route new work to another pod
             return await self.reply(send, 503, {"error_code": "SATURATED", "message": f"all {self.max_queue} slots "
                                                 "are computing: take this pod out of rotation until one frees"},
@@ -253,7 +274,7 @@ class ServingApp:
             rows = parse_rows(body, charset)
         except ValueError as exc:
             return 400, str(exc)
-        typed, problems = model.check_inputs(rows, self.profile)
+        columns, problems = model.typed_inputs(rows, self.profile)
         features = (self.profile or {}).get("features", model.FEATURES)
         unknown = [c for c in rows.columns if c not in features and c not in SCHEMA]  # a listing's own are known
         refused = model.refused(problems, flag)
@@ -261,19 +282,34 @@ class ServingApp:
             return 400, {"message": describe(refused, flag), "problems": [p.as_dict() for p in refused[:MAX_PROBLEMS_SHOWN]]}
         with self.predicting:
             if gone.done():
-                log.info("client left before its turn: %d rows not priced", len(typed))
+                log.info("client left before its turn: %d rows not priced", len(rows))
                 return 0, None
-            found = model.price_ranges(self.model, typed)  # None for a model saved before ranges
-            prices = (found["price"] if found is not None else self.model.predict(typed)).tolist()
+            prices, low, high, coverage = self.price(columns)
         if self.inference_log is not None:
-            self.inference_log.record(rows, typed, prices, self.version)
+            self.inference_log.record(rows, columns, prices, self.version)
         flags = [p.as_dict() for p in problems]
-        ranges = {} if found is None else {
-            "price_ranges": found[["low", "high"]].to_dict(orient="records"), "coverage": found.attrs["coverage"]}
+        ranges = {} if low is None else {"price_ranges": [{"low": a, "high": b} for a, b in zip(low, high)],
+                                         "coverage": coverage}
         warnings = [f"unknown fields, ignored: {', '.join(map(repr, unknown[:20]))}"
                     f"{f' and {len(unknown) - 20} more' if len(unknown) > 20 else ''}"] if unknown else []
         return 200, {"predictions": prices, **ranges, **({"flags": flags} if flags else {}),
                      **({"warnings": warnings} if warnings else {})}
+
+    def price(self, columns: dict) -> tuple[list, list | None, list | None, float | None]:
+        """Prices, their ranges' ends and the ranges' coverage, for the checked columns: by the fast path when the
+        model has one, else by the model itself (no ranges from a model saved before them)."""
+        import pandas as pd
+
+        from components import model
+
+        if self.fast is not None:
+            price, low, high = self.fast.price_ranges(columns)
+            return price.tolist(), low.tolist(), high.tolist(), self.fast.coverage
+        typed = pd.DataFrame(columns)
+        found = model.price_ranges(self.model, typed)
+        if found is None:
+            return self.model.predict(typed).tolist(), None, None, None
+        return found["price"].tolist(), found["low"].tolist(), found["high"].tolist(), found.attrs["coverage"]
 
     async def read_body(self, receive) -> bytes | None:
         chunks, size, more = [], 0, True

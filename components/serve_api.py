@@ -92,8 +92,10 @@ def document(profile: dict | None) -> dict:
                 "warnings": {"type": "array", "items": {"type": "string"}}}},
             "Ready": {"type": "object", "required": ["status", "version"],
                       "properties": {"status": {"const": "ready"}, "version": {"type": "string"}}},
-            "Version": {"type": "object", "required": ["model_uri", "version", "served"], "properties": {
-                "model_uri": {"type": "string"}, "version": {"type": "string"}, "served": {"type": "string"}}},
+            "Version": {"type": "object", "required": ["model_uri", "version", "served", "fast_path"], "properties": {
+                "model_uri": {"type": "string"}, "version": {"type": "string"}, "served": {"type": "string"},
+                "fast_path": {"type": "boolean", "description": "scored by the model compiled to arrays, verified "
+                                                                "at load against the model itself"}}},
             "Error": {"type": "object", "required": ["error_code", "message"], "properties": {
                 "error_code": {"type": "string"}, "message": {"type": "string"},
                 "problems": {"type": "array", "items": problem}}},

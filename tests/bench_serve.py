@@ -1,15 +1,18 @@
 """Serving benchmark (`make bench-serve`): prints figures, asserts nothing.
 
-Starts `python -m components.serve` on the production model, then measures on 127.0.0.1 only:
-single-row latency p50/p99, requests per second and the share refused (429) with 1, 8 and 32 concurrent clients;
-how fast refusals come; what 30 clients that give up after 1 s cost the next request; rows per second for
-1,000-row batches; and beside them the same model's in-process `predict` (the floor), as ratios; then the
-same requests with the inference log on, against it off.
+First the floor: the production model in this process, through scikit-learn and through its fast path
+(components/fast_path.py), for 1 row and 10,000 rows, and the input checks of 1 row. Then it starts
+`python -m components.serve` (with --workers, then with 2) and measures on 127.0.0.1 only: single-row latency
+p50/p99, requests per second and the share refused (429) with 1, 8 and 32 concurrent clients, beside the floor; a
+request's time while 8 slow clients hold connections; what 30 clients that give up after 1 s cost the next
+request; rows per second for 1,000- and 10,000-row batches; then the same requests with the inference log on,
+against it off. The clients share the machine's two cores with the server.
 """
 
 import argparse
 import concurrent.futures
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -17,9 +20,10 @@ import tempfile
 import time
 
 import mlflow
+import pandas as pd
 import requests
 
-from components import cities, inference_log, listings, model, names, predict, saved_model, sources
+from components import cities, fast_path, inference_log, listings, model, names, predict, saved_model, sources
 from conftest import free_port, wait_until  # tests/ is this script's folder
 
 
@@ -79,7 +83,7 @@ def main() -> None:
     parser.add_argument("--model", default="models:/rental-price@prod")
     parser.add_argument("--data", default=sources.DEFAULT_SOURCE, help="listings CSV to take requests from")
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--requests", type=int, default=200, help="single-row requests per client")
+    parser.add_argument("--requests", type=int, default=400, help="single-row requests per client")
     args = parser.parse_args()
 
     name, alias, version = names.parse_model_uri(args.model)
@@ -87,48 +91,56 @@ def main() -> None:
         version = mlflow.tracking.MlflowClient().get_model_version_by_alias(name, alias).version
     uri = f"models:/{name}/{version}" if name else args.model
     rows, _ = listings.clean_listings(listings.parse_csv(sources.fetch(args.data)), cities.city())
-    one, batch = predict.payload(rows.head(1)), predict.payload(rows.head(1000))
+    many = pd.concat([rows] * (10_000 // len(rows) + 1)).head(10_000)
+    one, batch, big = predict.payload(rows.head(1)), predict.payload(rows.head(1000)), predict.payload(many)
 
-    # The floor: the same model in this process.
-    sk_model, _ = saved_model.load_model(uri, "bench-serve")
-    learner, estimator = sk_model.steps[-1]
-    estimator = getattr(estimator, "point_", estimator)  # the price model inside its price range
-    # A forest's n_jobs as saved, then the alternatives for comparison; the booster has no such setting.
-    settings = dict.fromkeys([estimator.n_jobs, -1, 1]) if learner == "random_forest" else [None]
-    saved = next(iter(settings))
-    print(f"model {uri} (version {version}, {learner})" + (f"; n_jobs as saved: {saved}" if saved else ""))
-    floor = {}
-    for n_jobs in settings:
-        if n_jobs is not None:
-            estimator.n_jobs = n_jobs
-        floor[n_jobs] = (statistics.median(timed(lambda: sk_model.predict(rows.head(1)[model.features_of(sk_model)]), 50)),
-                         statistics.median(timed(lambda: sk_model.predict(rows.head(1000)[model.features_of(sk_model)]), 5)))
-        print(f"in-process predict{f', n_jobs={n_jobs}' if n_jobs is not None else ''}: 1 row "
-              f"{floor[n_jobs][0] * 1000:.1f} ms; 1,000 rows {floor[n_jobs][1] * 1000:.0f} ms "
-              f"({1000 / floor[n_jobs][1]:,.0f} rows/s)")
+    # The floor: the same model in this process, through scikit-learn and through its fast path.
+    sk_model, profile = saved_model.load_model(uri, "bench-serve")
+    learner = sk_model.steps[-1][0]
+    fast = fast_path.compile_model(sk_model)
+    print(f"model {uri} (version {version}, {learner}); fast path: {'yes' if fast else fast_path.why_not(sk_model)}")
+    single, typed_many = model.check_inputs(rows.head(1), profile)[0], model.check_inputs(many, profile)[0]
+    columns = model.typed_inputs(rows.head(1), profile)[0]
+    figures = {"checks": statistics.median(timed(lambda: model.typed_inputs(rows.head(1), profile), 200))}
+    for label, score, source in [("scikit-learn", lambda x: model.price_ranges(sk_model, x), single),
+                                 ("fast path", lambda x: fast.price_ranges(x), columns)]:
+        if label == "fast path" and fast is None:
+            continue
+        score(source)
+        one_row = statistics.median(timed(lambda: score(source), 200 if fast else 50))
+        ten_k = statistics.median(timed(lambda: score(typed_many), 5))
+        figures[label] = one_row
+        print(f"in-process, {label}: 1 row p50 {one_row * 1000:.2f} ms; 10,000 rows {ten_k * 1000:.0f} ms "
+              f"({10_000 / ten_k:,.0f} rows/s)")
+    print(f"in-process input checks of 1 row: {figures['checks'] * 1000:.2f} ms")
+    floor = figures.get("fast path", figures["scikit-learn"]) + figures["checks"]
 
-    server, url = start(uri, args.workers)
-    try:
-        clients(url, one, 1, 10)  # warm-up
-        floor_single, floor_batch = floor[saved]  # what the server runs
-        print(f"server: {args.workers} worker(s)")
-        for concurrency in (1, 8, 32):
-            latencies, refused, rps = clients(url, one, concurrency, max(10, args.requests // concurrency))
-            share = len(refused) / (len(refused) + len(latencies))
-            print(f"  1 row, {concurrency} client(s): p50 {pct(latencies, 50):.1f} ms, p99 {pct(latencies, 99):.1f} ms, "
-                  f"{rps:.0f} req/s, {share:.0%} refused (429)"
-                  + (f" in p50 {pct(refused, 50):.1f} ms, p99 {pct(refused, 99):.1f} ms" if refused else "")
-                  + f"; p50 / in-process = {pct(latencies, 50) / 1000 / floor_single:.1f}x")
-        print(f"  after 30 clients sent 1,000 rows each and gave up after 1 s, the next 1-row request took "
-              f"{abandoned(url, batch, 30, one) * 1000:.0f} ms (one batch takes {floor[saved][1] * 1000:.0f} ms)")
-        latencies, _, _ = clients(url, batch, 1, 10)
-        median = statistics.median(latencies)
-        print(f"  1,000-row batches: {1000 / median:,.0f} rows/s (median {median * 1000:.0f} ms); "
-              f"server / in-process time = {median / floor_batch:.2f}x")
-        without = (pct(clients(url, one, 1, args.requests)[0], 50), statistics.median(clients(url, batch, 1, 10)[0]))
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+    for workers in dict.fromkeys([args.workers, 2]):
+        server, url = start(uri, workers)
+        try:
+            clients(url, one, 1, 20)  # warm-up
+            print(f"server: {workers} worker(s)")
+            for concurrency in (1, 8, 32):
+                latencies, refused, rps = clients(url, one, concurrency, max(20, args.requests // concurrency))
+                share = len(refused) / (len(refused) + len(latencies))
+                print(f"  1 row, {concurrency} client(s): p50 {pct(latencies, 50):.1f} ms, p99 {pct(latencies, 99):.1f} "
+                      f"ms, {rps:.0f} req/s, {share:.0%} refused (429)"
+                      + (f" in p50 {pct(refused, 50):.1f} ms, p99 {pct(refused, 99):.1f} ms" if refused else "")
+                      + f"; p50 / in-process checks and scoring = {pct(latencies, 50) / 1000 / floor:.1f}x")
+            if workers != args.workers:
+                continue
+            print(f"  with 8 slow clients holding connections (headers and 1 byte of the body), a 1-row request "
+                  f"took {slow_clients(url, one, 8) * 1000:.0f} ms")
+            print(f"  after 30 clients sent 1,000 rows each and gave up after 1 s, the next 1-row request took "
+                  f"{abandoned(url, batch, 30, one) * 1000:.0f} ms")
+            for label, body, n in [("1,000-row", batch, 1000), ("10,000-row", big, 10_000)]:
+                median = statistics.median(clients(url, body, 1, 5)[0])
+                print(f"  {label} batches: {n / median:,.0f} rows/s (median {median * 1000:.0f} ms)")
+            without = (pct(clients(url, one, 1, args.requests)[0], 50),
+                       statistics.median(clients(url, batch, 1, 10)[0]))
+        finally:
+            os.killpg(server.pid, 15)
+            server.wait(timeout=30)
     with tempfile.TemporaryDirectory() as folder:  # the same, with every priced row logged
         server, url = start(uri, args.workers, "--inference-log", folder)
         try:
@@ -137,10 +149,28 @@ def main() -> None:
         finally:
             os.killpg(server.pid, 15)
             server.wait(timeout=30)
-        rows = len(inference_log.read_log(folder))
-    print(f"with the inference log on ({rows:,} rows logged): 1 row p50 {logged[0]:.1f} ms against {without[0]:.1f} ms "
-          f"({logged[0] / without[0]:.2f}x); 1,000-row batch median {logged[1] * 1000:.0f} ms against "
-          f"{without[1] * 1000:.0f} ms ({logged[1] / without[1]:.2f}x)")
+        logged_rows = len(inference_log.read_log(folder))
+    print(f"with the inference log on ({logged_rows:,} rows logged): 1 row p50 {logged[0]:.1f} ms against "
+          f"{without[0]:.1f} ms ({logged[0] / without[0]:.2f}x); 1,000-row batch median {logged[1] * 1000:.0f} ms "
+          f"against {without[1] * 1000:.0f} ms ({logged[1] / without[1]:.2f}x)")
+
+
+def slow_clients(url: str, one: dict, count: int) -> float:
+    """Seconds a 1-row request takes while `count` connections hold a request whose body never comes."""
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    held = []
+    try:
+        for _ in range(count):
+            client = socket.create_connection((host, int(port)), timeout=60)
+            client.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 1000\r\n\r\n{")
+            held.append(client)
+        started = time.perf_counter()
+        requests.post(url, json=one, timeout=60).raise_for_status()
+        return time.perf_counter() - started
+    finally:
+        for client in held:
+            client.close()
 
 
 def start(uri: str, workers: int, *extra: str) -> tuple[subprocess.Popen, str]:

@@ -107,8 +107,10 @@ def test_a_batch_that_cannot_be_priced_fails_at_score_saying_why(registered_mode
     assert last.startswith(message), result.stderr[-2000:]
 
 
-def test_scoring_in_chunks_gives_what_one_chunk_gives(registered_model, tracking, held_back, tmp_path, monkeypatch):
-    """Memory stays bounded: the file is read, checked and priced a chunk at a time, with the same result."""
+def test_scoring_in_chunks_gives_what_one_chunk_gives(registered_model, tracking, held_back, tmp_path, monkeypatch,
+                                                     capsys):
+    """Memory stays bounded: the file is read, checked and priced a chunk at a time, with the same result; by the
+    model's fast path, checked once on the first rows (the exact figures: the test above)."""
     source = tmp_path / "new.csv"
     pd.concat([held_back, pd.DataFrame([listing(id=1, room_type="Castle")])]).to_csv(source, index=False)
     found = {}
@@ -117,6 +119,7 @@ def test_scoring_in_chunks_gives_what_one_chunk_gives(registered_model, tracking
         paths = [str(tmp_path / f"{name}-{chunk}") for name in ("p", "c", "r")]
         summary = scoring.score(str(source), f"models:/{registered_model}/1", *paths, True, 1.0)
         found[chunk] = pd.read_parquet(paths[0]), pd.read_csv(paths[2]), summary
+    assert capsys.readouterr().out.count("score: fast path: the model's own figures on ") == 2  # once a file
     (small, small_rejected, small_summary), (whole, whole_rejected, whole_summary) = found[1000], found[100_000]
     assert small.equals(whole) and small_rejected.equals(whole_rejected) and small_summary == whole_summary
     # An unfamiliar room type, priced as asked and flagged.
