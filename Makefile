@@ -83,7 +83,7 @@ include manifests/cluster.mk
 
 .PHONY: help venv mlflow mlflow-stop run run-docker compile submit predict-batch submit-batch monitor schedule \
         unschedule test test-tools test-fast test-core serve-local predict promote rollback bench bench-serve \
-        base-image images test-images clean
+        soak base-image images test-images clean
 
 help:  ## List the targets and the settings a run takes
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -241,6 +241,13 @@ bench: venv  ## Pipeline benchmark: per-step wall/compute/start-up/memory, cache
 
 bench-serve: venv mlflow  ## Serving benchmark on the prod model: latency, throughput, in-process floor (prints figures)
 	$(PY) tests/bench_serve.py --model $(MODEL_URI) --workers $(SERVE_WORKERS) $(DATA_ARG)
+
+#: soak: how many pipeline runs
+RUNS ?= 30
+#: soak: the seed that draws each run's kind, fault and moment
+SEED ?= 1
+soak: venv  ## Chaos soak (not in make test; root, for its mounts): RUNS runs with faults at random moments, invariants checked after each (about 15 min)
+	$(PY) tests/soak.py --runs $(RUNS) --seed $(SEED)
 
 base-image:  ## Build $(OFFLINE_BASE_IMAGE) with no registry: debootstrap, docker import, apt python3, CA_CERTS_DIR
 	images/base-image.sh $(OFFLINE_BASE_IMAGE) $(CA_CERTS_DIR)

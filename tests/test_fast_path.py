@@ -12,6 +12,8 @@ from sklearn.preprocessing import StandardScaler
 
 from components import cities, fast_path, listings, model
 
+pytestmark = pytest.mark.slow  # three models fitted (about 15 s): `make test`, not test-fast
+
 LEARNERS = {
     "hist_gbm": model.ModelParams(),  # the default, as the pipeline trains it (fitted on fewer rows here)
     "random_forest": model.ModelParams(learner="random_forest", n_estimators=20, criterion="squared_error", seed=1),
