@@ -51,6 +51,11 @@ def register(
         # A retry of this step finds the version its first attempt registered; an identical re-run finds its twin.
         earlier = tracking.version_tagged(model_name, tracking.RUN_ID_TAG, pipeline_run) if pipeline_run else None
         twin = tracking.version_tagged(model_name, FINGERPRINT_TAG, tags[FINGERPRINT_TAG])
+        if earlier is None and twin is not None and "comparison" not in twin.tags:
+            # Its register step died before deciding (MLflow killed, the step killed): the same model, so this run
+            # finishes it instead of leaving a version with no decision and no card.
+            print(f"register: version {twin.version} is this model and its register did not finish: finishing it")
+            earlier = twin
         if earlier is None and twin is not None:
             reason = (f"identical to version {twin.version} (same training rows, parameters and code; data sha256 "
                       f"{tags['data_sha256'][:12]}): nothing registered, prod unchanged")
@@ -71,15 +76,21 @@ def register(
             return compare_with_prod(model_name, prod, predicted, test, ranges)
 
         holder = f"pipeline run {pipeline_run}"
-        with tracking.promotion_lock(model_name, holder, "register"):
-            promote, reason, final = gate.decide_promotion(model_name, version, comparison, margin,
-                                                      tracking.pipeline_started(run.info.run_id), compare_again)
-            if promote:
-                tracking.set_prod(model_name, version, by=holder)
         client = mlflow.tracking.MlflowClient()
-        client.set_model_version_tag(model_name, version, "promotion", reason)
-        client.set_model_version_tag(model_name, version, "comparison", json.dumps(final, sort_keys=True))
-        client.update_model_version(model_name, version, description=card(version, promote, reason, final))
+        try:
+            with tracking.promotion_lock(model_name, holder, "register"):
+                promote, reason, final = gate.decide_promotion(model_name, version, comparison, margin,
+                                                          tracking.pipeline_started(run.info.run_id), compare_again)
+                # The version is complete (decision and card) before prod may point at it.
+                client.set_model_version_tag(model_name, version, "promotion", reason)
+                client.update_model_version(model_name, version, description=card(version, promote, reason, final))
+                client.set_model_version_tag(model_name, version, "comparison", json.dumps(final, sort_keys=True))
+                if promote:
+                    tracking.set_prod(model_name, version, by=holder)
+        except Exception:
+            if earlier is None:  # no half-registered version: the one this run made goes (prod never named it)
+                tracking.delete_unfinished_version(model_name, version)
+            raise
         mlflow.set_tag("promotion", reason)
         if promote:
             print(rollout.roll_serving(version))

@@ -423,6 +423,17 @@ def version_tagged(name: str, tag: str, value: str) -> ModelVersion | None:
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
+def delete_unfinished_version(name: str, version: str) -> None:
+    """Delete a version whose register step failed before deciding on it (no `comparison` tag), unless prod names
+    it; quick calls, nothing raised. When MLflow is away, the next identical run finishes it instead."""
+    with quick_calls(), suppress(MlflowException, requests.RequestException):
+        client = MlflowClient()
+        found = client.get_model_version(name, str(version))
+        prod = prod_version(name)
+        if "comparison" not in found.tags and (prod is None or prod.version != str(version)):
+            client.delete_model_version(name, str(version))
+
+
 def pipeline_started(run_id: str) -> float:
     """When the pipeline run of a step's run started (epoch seconds): its parent's start, else its own."""
     client = MlflowClient()

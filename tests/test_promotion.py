@@ -100,6 +100,36 @@ def test_a_retry_reuses_its_version_and_an_identical_run_adds_none(tracking, mon
     assert other["version"] == 2 and versions(name) == ["1", "2"]
 
 
+def test_a_register_that_dies_before_deciding_leaves_no_half_registered_version(tracking, monkeypatch, tmp_path,
+                                                                               splits):
+    """Register dies between making the version and deciding on it (the soak found it: MLflow killed then). With
+    MLflow still answering, the version goes; with MLflow away it cannot, and the next identical run finishes it."""
+    from components import gate
+
+    name = tracking["model"]
+    monkeypatch.setenv("KFP_RUN_ID", "run-1")
+    path, meta = trained(splits["a"], WEAK, tmp_path)
+    scores, comparison, _ = training.evaluate(path, splits["a"]["test"], name)
+
+    def killed(*args, **kwargs):
+        raise ConnectionError("MLflow killed")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(gate, "decide_promotion", killed)
+        with pytest.raises(ConnectionError):
+            register(tracking, path, meta, scores, comparison, splits["a"]["test"])
+        assert versions(name) == []  # made, then deleted
+        patched.setattr(registry, "delete_unfinished_version", lambda *args: None)  # MLflow away: it stays
+        with pytest.raises(ConnectionError):
+            register(tracking, path, meta, scores, comparison, splits["a"]["test"])
+    (left,) = versions(name)
+    assert "comparison" not in MlflowClient().get_model_version(name, left).tags
+    again = pipeline_run(tracking, monkeypatch, tmp_path, splits["a"], WEAK, "run-2")
+    assert (str(again["version"]), again["promoted"]) == (left, True) and versions(name) == [left]
+    finished = MlflowClient().get_model_version(name, left)
+    assert "comparison" in finished.tags and finished.description and prod(name) == left
+
+
 def test_a_clearly_better_candidate_takes_prod_on_fair_rows(tracking, monkeypatch, tmp_path, splits):
     """prod trained on split a; the candidate's test split (b) shares rows with a's training rows: those are left
     out of the comparison."""
