@@ -102,7 +102,10 @@ def main() -> None:
     single, typed_many = model.check_inputs(rows.head(1), profile)[0], model.check_inputs(many, profile)[0]
     columns = model.typed_inputs(rows.head(1), profile)[0]
     figures = {"checks": statistics.median(timed(lambda: model.typed_inputs(rows.head(1), profile), 200))}
-    for label, score, source in [("scikit-learn", lambda x: model.price_ranges(sk_model, x), single),
+    def through_sklearn(x):  # a model saved before ranges has none: its price alone
+        return model.price_ranges(sk_model, x) if hasattr(sk_model[-1], "predict_range") else sk_model.predict(x)
+
+    for label, score, source in [("scikit-learn", through_sklearn, single),
                                  ("fast path", lambda x: fast.price_ranges(x), columns)]:
         if label == "fast path" and fast is None:
             continue
@@ -180,7 +183,8 @@ def start(uri: str, workers: int, *extra: str) -> tuple[subprocess.Popen, str]:
                                "--workers", str(workers), *extra], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        wait_until(f"http://127.0.0.1:{port}/ping", process=server, timeout=180)
+        for _ in range(20):  # each worker loads its own model: ready when 20 answers in a row say so
+            wait_until(f"http://127.0.0.1:{port}/ping", process=server, timeout=180)
     except Exception:
         os.killpg(server.pid, 15)
         raise
