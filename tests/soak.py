@@ -353,7 +353,7 @@ class LoadGenerator(threading.Thread):
 
 class RegistryWatcher(threading.Thread):
     """Polls the registry twice a second (plain REST, short timeouts, nothing while MLflow is down): where prod is,
-    and when each version first appeared and first had its card (description)."""
+    and when each version first appeared, first had its card (description), and was gone (deleted)."""
 
     def __init__(self, uri: str, name: str):
         super().__init__(name="watcher", daemon=True)
@@ -361,6 +361,7 @@ class RegistryWatcher(threading.Thread):
         self.prod: list[tuple[float, str | None]] = []  # (time, version) at each change seen
         self.seen: dict[str, float] = {}
         self.carded: dict[str, float] = {}
+        self.deleted: dict[str, float] = {}
         self.stopping = threading.Event()
 
     def run(self) -> None:
@@ -381,10 +382,13 @@ class RegistryWatcher(threading.Thread):
         found = requests.get(f"{self.uri}/api/2.0/mlflow/model-versions/search",
                              params={"filter": f"name = '{self.name}'", "max_results": 1000}, timeout=3)
         found.raise_for_status()
-        for version in found.json().get("model_versions", []):
+        versions = found.json().get("model_versions", [])
+        for version in versions:
             self.seen.setdefault(version["version"], now)
             if version.get("description"):
                 self.carded.setdefault(version["version"], now)
+        for gone in set(self.seen) - {version["version"] for version in versions}:
+            self.deleted.setdefault(gone, now)
 
     def prod_during(self, start: float, end: float) -> list[str | None]:
         return [version for t, version in self.prod if start <= t <= end]
@@ -546,9 +550,10 @@ def run_once(soak: Soak, plan: Plan) -> Result:
     injector = threading.Thread(target=inject, args=(soak, live), name="fault", daemon=True)
     injector.start()
     code = wait(live.process, started + RUN_TIMEOUT)
+    ended = time.time()
     injector.join()  # the fault undone (the store writable, MLflow started again)
     partner_code = wait(live.partner, started + RUN_TIMEOUT + 10) if live.partner else ""
-    seconds = time.time() - started
+    seconds = (time.time() if live.partner else ended) - started
     soak.mlflow.wait_up()
     time.sleep(1.0)  # the watcher's last look at the registry before the checks
     after = prod(soak)
@@ -822,7 +827,7 @@ def summary(results: list[Result], soak: Soak, plans: list[Plan], started: float
     counts: dict[str, int] = {}
     for r in records:
         counts[r.outcome] = counts.get(r.outcome, 0) + 1
-    out.append(f"load generator: {len(records)} requests, " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+    out.append(f"load generator: {len(records)} requests" + "".join(f", {k}: {v}" for k, v in sorted(counts.items()))
                + (f"; server generations: {soak.serve.generation}" if soak.serve else "; no model server started"))
     if soak.serve:
         out.append("model server (re)starts, from the start to its first 200: " + "; ".join(
@@ -830,9 +835,11 @@ def summary(results: list[Result], soak: Soak, plans: list[Plan], started: float
     windows = {v: soak.watcher.carded.get(v, float("inf")) - t for v, t in soak.watcher.seen.items()}
     uncarded = sorted((v for v, w in windows.items() if w == float("inf")), key=int)
     later = sorted(((w, v) for v, w in windows.items() if 0 < w < float("inf")), reverse=True)
-    out.append(f"versions: {len(windows)} registered; seen by the watcher (every 0.5 s) without their card, then "
-               f"carded: {len(later)} (longest " + (", ".join(f"v{v} {w:.1f} s" for w, v in later[:3]) or "-") + ")"
-               + f"; never carded: {', '.join('v' + v for v in uncarded) or 'none'}")
+    gone = soak.watcher.deleted
+    out.append(f"versions: {len(windows)} registered, {len(gone)} deleted since; seen by the watcher (every 0.5 s, "
+               "not while MLflow is down) without their card, then carded: "
+               f"{len(later)} (longest " + (", ".join(f"v{v} {w:.1f} s" for w, v in later[:3]) or "-") + "); never "
+               f"carded: {', '.join('v' + v + (' (deleted)' if v in gone else '') for v in uncarded) or 'none'}")
     out.append(f"wall time {(time.time() - started) / 60:.1f} min for {len(results)} runs")
     return out
 
@@ -864,8 +871,8 @@ def main() -> int:
     home = Path(tempfile.mkdtemp(prefix=f"soak-{args.seed}-"))
     say(f"soak: seed {args.seed}, {args.runs} runs, no new run after {args.minutes:g} min; command: {command}",
         f"folder: {home}", "plan:", *(f"  {p.describe()}" for p in plans))
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    soak, results, started = Soak(home, args.seed), [], time.time()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # as Ctrl-C: clean up, report what ran
+    soak, results, started, interrupted = Soak(home, args.seed), [], time.time(), False
     try:
         soak.setup()
         say(f"MLflow at {soak.mlflow.uri}, artifacts on a {STORE_MB} MiB tmpfs at {soak.store.path}", "")
@@ -883,16 +890,20 @@ def main() -> int:
             if soak.serve is None and result.prod_after is not None:
                 soak.start_serving()
                 say(f"      model server on {soak.serve.url} serving models:/{soak.name}@prod, under load")
+    except KeyboardInterrupt:
+        interrupted = True
+        say(f"\ninterrupted during run {len(results) + 1}: its processes, the servers and the store cleaned up")
     finally:
         soak.cleanup()
     violated = any(r.violations for r in results)
     say(*summary(results, soak, plans, started), f"seed {args.seed}; command: {command}")
-    if violated or args.keep:
+    if violated or interrupted or args.keep:
         say(f"kept: {home} (logs/ has each run's output; server.log, serve.log)")
     else:
         shutil.rmtree(home, ignore_errors=True)
-    say("RESULT: " + ("invariants violated" if violated else "no invariant violated"))
-    return 1 if violated else 0
+    say("RESULT: " + ("invariants violated" if violated else "no invariant violated")
+        + (f" in the {len(results)} runs that ended before the interruption" if interrupted else ""))
+    return 1 if violated else 130 if interrupted else 0
 
 
 if __name__ == "__main__":
