@@ -51,11 +51,16 @@ def register(
         # A retry of this step finds the version its first attempt registered; an identical re-run finds its twin.
         earlier = tracking.version_tagged(model_name, tracking.RUN_ID_TAG, pipeline_run) if pipeline_run else None
         twin = tracking.version_tagged(model_name, FINGERPRINT_TAG, tags[FINGERPRINT_TAG])
-        if earlier is None and twin is not None and "comparison" not in twin.tags:
-            # Its register step died before deciding (MLflow killed, the step killed): the same model, so this run
-            # finishes it instead of leaving a version with no decision and no card.
-            print(f"register: version {twin.version} is this model and its register did not finish: finishing it")
-            earlier = twin
+        for unfinished in unfinished_versions(model_name):
+            # Its register step died before deciding (MLflow killed, the step killed). The same model: this run
+            # finishes it. Another: it goes (prod never named it), so that no version lacks its decision and card.
+            if twin is not None and unfinished.version == twin.version and earlier is None:
+                print(f"register: version {twin.version} is this model and its register did not finish: finishing it")
+                earlier = twin
+            elif earlier is None or unfinished.version != earlier.version:
+                tracking.delete_unfinished_version(model_name, unfinished.version)
+                print(f"register: removed version {unfinished.version}: its register (pipeline run "
+                      f"{unfinished.tags.get(tracking.RUN_ID_TAG, '?')}) died before deciding on it")
         if earlier is None and twin is not None:
             reason = (f"identical to version {twin.version} (same training rows, parameters and code; data sha256 "
                       f"{tags['data_sha256'][:12]}): nothing registered, prod unchanged")
@@ -69,6 +74,8 @@ def register(
                      "test_r2": f"{scores['candidate_r2']:.4f}", "test_coverage": f"{scores['candidate_coverage']:.4f}",
                      "coverage": str(ranges.attrs["coverage"]), **({"trigger": trigger[:5000]} if trigger else {})}
             version = mlflow.register_model(model_meta["mlflow_model_uri"], model_name, tags=tags).version
+            tracking.changed["registered"] = (f"version {version} of {model_name!r} was registered but not decided on "
+                                              "(the next run of this model finishes or removes it)")
         else:
             version = earlier.version
 
@@ -85,6 +92,7 @@ def register(
                 client.set_model_version_tag(model_name, version, "promotion", reason)
                 client.update_model_version(model_name, version, description=card(version, promote, reason, final))
                 client.set_model_version_tag(model_name, version, "comparison", json.dumps(final, sort_keys=True))
+                tracking.changed["registered"] = f"version {version} of {model_name!r} was registered, decided on"
                 if promote:
                     tracking.set_prod(model_name, version, by=holder)
         except Exception:
@@ -97,6 +105,23 @@ def register(
         mlflow.log_metrics({"version": int(version), "promoted": int(promote)})
         print(f"register: version {version}, {'now prod' if promote else 'prod unchanged'}")
         return {"version": int(version), "promoted": promote, "test_mae": test_mae, "reason": reason}
+
+
+def unfinished_versions(name: str) -> list:
+    """Versions of `name` whose register step died before finishing them (SIGKILLed, or MLflow away so that it
+    could not delete them): made by this code (a fingerprint) for a pipeline run that has no RUNNING run left (one
+    that has may still be deciding), with no decision (`comparison`) or no card (the description)."""
+    client, found = mlflow.tracking.MlflowClient(), []
+    experiment = mlflow.get_experiment_by_name(tracking.experiment_name())
+    for version in client.search_model_versions(f"name = '{name}'"):
+        if ("comparison" in version.tags and version.description) or FINGERPRINT_TAG not in version.tags:
+            continue
+        running = experiment is not None and client.search_runs(
+            [experiment.experiment_id], max_results=1, filter_string=f"tags.{tracking.RUN_ID_TAG} = "
+            f"'{version.tags.get(tracking.RUN_ID_TAG, '')}' and attributes.status = 'RUNNING'")
+        if not running:
+            found.append(version)
+    return found
 
 
 def model_card_facts(name: str, version, promoted: bool, reason: str, comparison: dict, margin: float, scores: dict,

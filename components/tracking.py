@@ -46,8 +46,9 @@ OWNER_TAG = "pipeline_owner"
 HEARTBEAT_TAG = "heartbeat"
 LEASE_ENV, LEASE_SECONDS = "PIPELINE_LEASE_SECONDS", 60.0
 # MLflow's own defaults (7 retries, 120 s timeouts) kept a step waiting ~17 minutes for a server that went away:
-# with these a call gives up within about 90 s (4 tries of at most 20 s), at once when the port is closed.
-CLIENT_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+# with these a call gives up within about 110 s (5 tries of at most 20 s), in about 15 s on a closed port: long
+# enough to ride out a restart of MLflow (8-9 s here; with 4 tries, 7 s, every restart failed the running step).
+CLIENT_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
 
 
@@ -107,10 +108,15 @@ def answers(uri: str) -> bool:
         return False
 
 
+# What this step's process changed in the registry (register, set_prod), for the message of a failure after it.
+changed: dict[str, str] = {}
+
+
 def server_gone(step: str, uri: str, exc: Exception) -> StepError:
+    done = "; ".join(changed.values()) or "nothing was registered and prod did not move"
     return StepError(step, "MLFLOW_TRACKING_URI",
                      f"the MLflow server at {uri} stopped answering during this step ({type(exc).__name__}: "
-                     f"{str(exc)[:200]}); nothing was registered and prod did not move: start it again and re-run")
+                     f"{str(exc)[:200]}); before it did: {done}. Start it again and re-run")
 
 
 @contextmanager
@@ -198,7 +204,7 @@ def step_run(step: str, params: dict | None = None, last: bool = False, tags: di
     In a cluster with KFP's MLflow plugin, KFP creates the parent run and a nested run per task and hands it to the
     step as MLFLOW_RUN_ID: the step logs into that one, and KFP ends both. Otherwise the step makes its own child
     run under one parent per KFP_RUN_ID; a failure marks the parent FAILED and the last step marks it FINISHED.
-    A server that stops answering ends the step within about 90 s (CLIENT_LIMITS), with a StepError.
+    A server that stops answering ends the step within about 110 s (CLIENT_LIMITS), with a StepError.
     """
     entered = process_seconds()
     for key, value in CLIENT_LIMITS.items():
@@ -424,14 +430,16 @@ def version_tagged(name: str, tag: str, value: str) -> ModelVersion | None:
 
 
 def delete_unfinished_version(name: str, version: str) -> None:
-    """Delete a version whose register step failed before deciding on it (no `comparison` tag), unless prod names
-    it; quick calls, nothing raised. When MLflow is away, the next identical run finishes it instead."""
+    """Delete a version whose register step failed before finishing it (no `comparison` tag or no card), unless prod
+    names it; quick calls, nothing raised. When MLflow is away, the next run of the model finishes or deletes it."""
     with quick_calls(), suppress(MlflowException, requests.RequestException):
         client = MlflowClient()
         found = client.get_model_version(name, str(version))
         prod = prod_version(name)
-        if "comparison" not in found.tags and (prod is None or prod.version != str(version)):
+        unfinished = "comparison" not in found.tags or not found.description
+        if unfinished and (prod is None or prod.version != str(version)):
             client.delete_model_version(name, str(version))
+            changed.pop("registered", None)
 
 
 def pipeline_started(run_id: str) -> float:
@@ -498,6 +506,7 @@ def set_prod(name: str, version: str, by: str) -> None:
     client.set_model_version_tag(name, str(version), PROMOTED_BY_TAG, by)
     client.set_model_version_tag(name, str(version), PROMOTED_AT_TAG, f"{time.time():.3f}")
     client.set_registered_model_alias(name, PROD_ALIAS, str(version))
+    changed["prod"] = f"prod of {name!r} moved to version {version}, which beat it (its decision and card are on it)"
 
 
 def promote(name: str, version: str) -> str:

@@ -101,7 +101,7 @@ def test_a_retry_reuses_its_version_and_an_identical_run_adds_none(tracking, mon
 
 
 def test_a_register_that_dies_before_deciding_leaves_no_half_registered_version(tracking, monkeypatch, tmp_path,
-                                                                               splits):
+                                                                               splits, capsys):
     """Register dies between making the version and deciding on it (the soak found it: MLflow killed then). With
     MLflow still answering, the version goes; with MLflow away it cannot, and the next identical run finishes it."""
     from components import gate
@@ -122,10 +122,20 @@ def test_a_register_that_dies_before_deciding_leaves_no_half_registered_version(
         patched.setattr(registry, "delete_unfinished_version", lambda *args: None)  # MLflow away: it stays
         with pytest.raises(ConnectionError):
             register(tracking, path, meta, scores, comparison, splits["a"]["test"])
-    (left,) = versions(name)
+        # Another model's run dies the same way (or is SIGKILLed there).
+        monkeypatch.setenv("KFP_RUN_ID", "run-other")
+        other_path, other_meta = trained(splits["b"], WEAK, tmp_path)
+        other_scores, other_comparison, _ = training.evaluate(other_path, splits["b"]["test"], name)
+        with pytest.raises(ConnectionError):
+            register(tracking, other_path, other_meta, other_scores, other_comparison, splits["b"]["test"], "h3")
+    left, other = versions(name)
     assert "comparison" not in MlflowClient().get_model_version(name, left).tags
+    # The next run of the model finishes its own and removes the other (prod never named it).
     again = pipeline_run(tracking, monkeypatch, tmp_path, splits["a"], WEAK, "run-2")
     assert (str(again["version"]), again["promoted"]) == (left, True) and versions(name) == [left]
+    said = capsys.readouterr().out
+    assert f"register: version {left} is this model and its register did not finish: finishing it" in said
+    assert f"register: removed version {other}: its register (pipeline run run-other) died before deciding" in said
     finished = MlflowClient().get_model_version(name, left)
     assert "comparison" in finished.tags and finished.description and prod(name) == left
 
