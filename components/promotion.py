@@ -114,7 +114,7 @@ def unfinished_versions(name: str) -> list:
     client, found = mlflow.tracking.MlflowClient(), []
     experiment = mlflow.get_experiment_by_name(tracking.experiment_name())
     for version in client.search_model_versions(f"name = '{name}'"):
-        if ("comparison" in version.tags and version.description) or FINGERPRINT_TAG not in version.tags:
+        if tracking.finished(version) or FINGERPRINT_TAG not in version.tags:
             continue
         running = experiment is not None and client.search_runs(
             [experiment.experiment_id], max_results=1, filter_string=f"tags.{tracking.RUN_ID_TAG} = "

@@ -429,6 +429,11 @@ def version_tagged(name: str, tag: str, value: str) -> ModelVersion | None:
     return min(found, key=lambda v: int(v.version)) if found else None
 
 
+def finished(version: ModelVersion) -> bool:
+    """Whether register finished the version: its decision (`comparison`) and its card (the description)."""
+    return "comparison" in version.tags and bool(version.description)
+
+
 def delete_unfinished_version(name: str, version: str) -> None:
     """Delete a version whose register step failed before finishing it (no `comparison` tag or no card), unless prod
     names it; quick calls, nothing raised. When MLflow is away, the next run of the model finishes or deletes it."""
@@ -436,8 +441,7 @@ def delete_unfinished_version(name: str, version: str) -> None:
         client = MlflowClient()
         found = client.get_model_version(name, str(version))
         prod = prod_version(name)
-        unfinished = "comparison" not in found.tags or not found.description
-        if unfinished and (prod is None or prod.version != str(version)):
+        if not finished(found) and (prod is None or prod.version != str(version)):
             client.delete_model_version(name, str(version))
             changed.pop("registered", None)
 
