@@ -71,8 +71,9 @@ class InferenceLog:
 
     # ------------------------------------------------------------ the request path: queue only
 
-    def record(self, rows: pd.DataFrame, typed, prices: list[float], version: str) -> None:
-        """Queue one answered request: the rows as sent (`rows`), as the model read them (`typed`), their prices."""
+    def record(self, rows: pd.DataFrame | dict[str, list], typed, prices: list[float], version: str) -> None:
+        """Queue one answered request: the rows as sent (`rows`: a frame or its columns), as the model read them
+        (`typed`), their prices."""
         try:
             self.queue.put_nowait((time.time(), version, rows, typed, prices))
         except queue.Full:
@@ -107,13 +108,13 @@ class InferenceLog:
                 if item is None:  # stopping: what could not be uploaded stays in the folder
                     return
 
-    def _write(self, at: float, version: str, rows: pd.DataFrame, typed, prices: list[float]) -> None:
+    def _write(self, at: float, version: str, rows: pd.DataFrame | dict[str, list], typed, prices: list[float]) -> None:
         lines = pd.DataFrame(typed).copy()  # typed: a frame, or its columns as arrays
         for column in lines.columns:
             if pd.api.types.is_datetime64_any_dtype(lines[column]):
                 lines[column] = lines[column].dt.strftime("%Y-%m-%d")
-            elif column in rows.columns and column in ("id", "host_id"):
-                lines[column] = rows[column].to_numpy()  # as sent: an 18-digit id is not exact as a float
+            elif column in rows and column in ("id", "host_id"):  # as sent: an 18-digit id is not exact as a float
+                lines[column] = pd.Series(rows[column], dtype=object).to_numpy()
         stamp = datetime.datetime.fromtimestamp(at, datetime.timezone.utc)
         lines[PREDICTED], lines[VERSION] = prices, version
         lines[REQUEST], lines[TIME] = uuid.uuid4().hex[:16], stamp.isoformat(timespec="milliseconds")

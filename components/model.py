@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
@@ -20,6 +21,8 @@ import pandas as pd
 from components.params import INTERNAL, replaced
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from sklearn.pipeline import Pipeline
 
 TARGET = "price"
@@ -360,14 +363,16 @@ def check_inputs(rows: pd.DataFrame, profile: dict | None) -> tuple[pd.DataFrame
     return (pd.DataFrame(typed) if typed else rows), problems
 
 
-def typed_inputs(rows: pd.DataFrame, profile: dict | None) -> tuple[dict[str, np.ndarray], list[Problem]]:
+def typed_inputs(rows: pd.DataFrame | Mapping[str, list], profile: dict | None
+                 ) -> tuple[dict[str, np.ndarray], list[Problem]]:
     """check_inputs' columns as arrays, in the model's order ({} when a column is missing): building the frame
-    costs a one-row request more than the checks, and the model server's fast path reads arrays.
+    costs a one-row request more than the checks, and the model server's fast path reads arrays. `rows` is a
+    frame or its columns as lists (the model server's request, which so never becomes a frame).
 
-    Cell by cell in plain Python: a request of one row is checked in well under a millisecond."""
+    Cell by cell in plain Python: a request of one row is checked in a few tenths of a millisecond."""
     profile = profile or {}
     features = profile.get("features", FEATURES)
-    missing = [c for c in features if c not in rows.columns]
+    missing = [c for c in features if c not in rows]
     if missing:
         return {}, [Problem(-1, c, "missing from the input", True) for c in missing]
     required, categories, ranges = (set(profile.get("required", [])), profile.get("categories", {}),
@@ -375,7 +380,7 @@ def typed_inputs(rows: pd.DataFrame, profile: dict | None) -> tuple[dict[str, np
     problems: list[Problem] = []
     typed = {}
     for column in features:
-        values = rows[column].tolist()
+        values = rows[column].tolist() if isinstance(rows, pd.DataFrame) else list(rows[column])
         null = [v is None or (isinstance(v, float) and v != v) or v is pd.NaT for v in values]
         if column in NUMBER_FIELDS:
             good = [not n and isinstance(v, (int, float, np.number)) and not isinstance(v, (bool, np.bool_))
@@ -384,10 +389,9 @@ def typed_inputs(rows: pd.DataFrame, profile: dict | None) -> tuple[dict[str, np
             kind = "a finite number"
         elif column == DATE:
             good = [not n and isinstance(v, (str, datetime.date)) for v, n in zip(values, null)]
-            dates = pd.to_datetime(pd.Series([v if g else None for v, g in zip(values, good)], dtype=object),
-                                   format="ISO8601", errors="coerce")
-            good = [g and d is not pd.NaT for g, d in zip(good, dates)]
-            typed[column], kind = dates.to_numpy(), "a date (YYYY-MM-DD)"
+            dates = _dates([v if g else None for v, g in zip(values, good)])
+            good = [g and not nat for g, nat in zip(good, np.isnat(dates).tolist())]
+            typed[column], kind = dates, "a date (YYYY-MM-DD)"
         else:
             good = [not n and isinstance(v, str) for v, n in zip(values, null)]
             typed[column] = np.array([v if g else None for v, g in zip(values, good)], dtype=object)
@@ -413,6 +417,23 @@ def typed_inputs(rows: pd.DataFrame, profile: dict | None) -> tuple[dict[str, np
                                                      f"({shown_low} to {shown_high})", False))
     order = {c: i for i, c in enumerate(features)}
     return typed, sorted(problems, key=lambda p: (p.row, order[p.field]))
+
+
+_ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def _dates(values: list) -> np.ndarray:
+    """pd.to_datetime(values, format="ISO8601", errors="coerce") as numpy datetimes. Plain YYYY-MM-DD strings (the
+    usual request) skip pandas, which cost a one-row request a third of its checks; numpy then gives what pandas
+    gives them (microseconds, midnight). Anything else, or a day that does not exist, goes through pandas."""
+    try:
+        if any(v is not None for v in values) and all(
+                v is None or (type(v) is str and _ISO_DATE.fullmatch(v) and datetime.date.fromisoformat(v))
+                for v in values):
+            return np.array(values, dtype="datetime64[us]")
+    except ValueError:  # e.g. 2019-02-30: pandas makes it NaT
+        pass
+    return pd.to_datetime(pd.Series(values, dtype=object), format="ISO8601", errors="coerce").to_numpy()
 
 
 def _apart(value: float, low: float, high: float) -> tuple[str, str, str]:

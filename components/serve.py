@@ -277,13 +277,13 @@ class ServingApp:
             return 400, str(exc)
         columns, problems = model.typed_inputs(rows, self.profile)
         features = (self.profile or {}).get("features", model.FEATURES)
-        unknown = [c for c in rows.columns if c not in features and c not in SCHEMA]  # a listing's own are known
+        unknown = [c for c in rows if c not in features and c not in SCHEMA]  # a listing's own are known
         refused = model.refused(problems, flag)
         if refused:
             return 400, {"message": describe(refused, flag), "problems": [p.as_dict() for p in refused[:MAX_PROBLEMS_SHOWN]]}
         with self.predicting:
             if gone.done():
-                log.info("client left before its turn: %d rows not priced", len(rows))
+                log.info("client left before its turn: %d rows not priced", len(next(iter(rows.values()))))
                 return 0, None
             prices, low, high, coverage = self.price(columns)
         if self.inference_log is not None:
@@ -355,11 +355,11 @@ def refuse_constant(name: str):
     raise ValueError(f"{name} is not standard JSON: send null for a missing value")
 
 
-def parse_rows(body: bytes, charset: str = "utf-8"):
-    """The rows of an MLflow scoring request: {"dataframe_split": {"columns", "data"[, "index"]}} or
-    {"dataframe_records": [{...}, ...]}. A ValueError says what is wrong with the request's shape."""
-    import pandas as pd
-
+def parse_rows(body: bytes, charset: str = "utf-8") -> dict[str, list]:
+    """The rows of an MLflow scoring request ({"dataframe_split": {"columns", "data"[, "index"]}} or
+    {"dataframe_records": [{...}, ...]}), as their columns: name -> the values as sent (a field a record lacks is
+    None). No frame is made: for a one-row request that cost more than the model. A ValueError says what is wrong
+    with the request's shape."""
     try:
         text = body.decode(charset)
     except UnicodeDecodeError as exc:
@@ -377,7 +377,8 @@ def parse_rows(body: bytes, charset: str = "utf-8"):
         records = payload["dataframe_records"]
         if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
             raise ValueError("dataframe_records must be a list of objects, one per row")
-        rows = pd.DataFrame.from_records(records) if records else pd.DataFrame()
+        names = dict.fromkeys(name for record in records for name in record)
+        rows = {name: [record.get(name) for record in records] for name in names}
     else:
         split = payload["dataframe_split"]
         if not isinstance(split, dict) or not isinstance(split.get("columns"), list) \
@@ -391,8 +392,8 @@ def parse_rows(body: bytes, charset: str = "utf-8"):
                 raise ValueError(f"dataframe_split.data row {i} must be a list of {len(columns)} values, one per column")
         if "index" in split and (not isinstance(split["index"], list) or len(split["index"]) != len(data)):
             raise ValueError(f"dataframe_split.index must have one label per data row ({len(data)})")
-        rows = pd.DataFrame(data, columns=columns, dtype=object)
-    if rows.empty:
+        rows = {name: [row[i] for row in data] for i, name in enumerate(columns)}
+    if not rows or not len(next(iter(rows.values()))):
         raise ValueError("the request has no rows")
     return rows
 

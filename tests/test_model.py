@@ -1,6 +1,7 @@
 """Model tests: features, the skops trust list, a model that loads without project code, behaviour."""
 
 import copy
+import datetime
 import hashlib
 import json
 import os
@@ -259,6 +260,16 @@ def test_inputs_are_checked_against_what_the_model_was_trained_on(splits):
     (problem,) = model.check_inputs(rows, profile)[1]
     shown, bound = re.match(r"(\S+) is outside the range the model was trained on \((\S+) to ", problem.problem).groups()
     assert shown != bound and float(shown) == pytest.approx(low - 4e-5, abs=1e-6) and float(bound) == pytest.approx(low)
+
+
+@pytest.mark.parametrize("dates", [["2019-05-21"], ["2019-05-21", None], ["0001-01-01", "9999-12-31", "1500-06-30"],
+                                   ["2020-02-29"], ["2019-02-29"], ["2019-5-1"], [None], ["2019-05-21T10:00"],
+                                   ["\uff11\uff19\uff19\uff19-01-01"], ["2019-05-21", datetime.date(2019, 5, 1)]])
+def test_dates_are_read_as_pandas_reads_them(dates):
+    """Plain YYYY-MM-DD dates skip pandas (the server's one-row requests): the same values and unit either way."""
+    found = model._dates(dates)
+    expected = pd.to_datetime(pd.Series(dates, dtype=object), format="ISO8601", errors="coerce").to_numpy()
+    assert found.dtype == expected.dtype and np.array_equal(found, expected, equal_nan=True)
 
 
 def test_checked_rows_price_as_the_raw_frame_does(boosted, splits):
