@@ -296,11 +296,30 @@ def errors(actual, predicted) -> dict[str, float]:
 def feature_importances(model: Pipeline, df: pd.DataFrame, rows: int = 2000, repeats: int = 1,
                         seed: int = 0) -> pd.Series:
     """Permutation importance of each input column on held-out rows (up to `rows` of them): how much the MAE grows
-    when that column is shuffled. The same for both learners, and named by the raw columns a person knows."""
+    when that column is shuffled. The same for both learners, and named by the raw columns a person knows.
+
+    Its predictions (one per column) go through the model's fast path when it has one that gives the model's own
+    prices on these rows (components/fast_path.py): the same figures in about a third of the time."""
+    from sklearn.base import BaseEstimator, RegressorMixin
     from sklearn.inspection import permutation_importance
 
+    from components import fast_path
+
+    class FastPath(RegressorMixin, BaseEstimator):  # permutation_importance calls predict (and wants a fit)
+        def fit(self, X, y):
+            raise NotImplementedError("fitted already: the model's fast path")
+
+        def predict(self, X):
+            return fast.predict(X)
+
     rows, features = df.sample(min(rows, len(df)), random_state=seed), features_of(model)
-    found = permutation_importance(model, rows[features], rows[TARGET], scoring="neg_mean_absolute_error",
+    X, estimator = rows[features], model
+    typed, problems = check_inputs(X, None)
+    if not problems:
+        fast, _ = fast_path.checked(model, typed.head(200))
+        if fast is not None:
+            X, estimator = typed, FastPath()
+    found = permutation_importance(estimator, X, rows[TARGET].to_numpy(), scoring="neg_mean_absolute_error",
                                    n_repeats=repeats, random_state=seed)
     return pd.Series(found.importances_mean, index=features).sort_values()
 

@@ -150,6 +150,16 @@ def test_feature_importances_are_per_input_column(learner, request, splits):
     assert importances.idxmax() == "room_type" and importances["room_type"] > 10  # dollars of MAE
 
 
+def test_importances_through_the_fast_path_are_the_models_own(ranged, splits, monkeypatch):
+    from components import fast_path
+
+    fitted = ranged[0]
+    assert fast_path.compile_model(fitted) is not None  # else this test compares the model with itself
+    fast = model.feature_importances(fitted, splits[1], rows=500)
+    monkeypatch.setattr(fast_path, "checked", lambda *_: (None, "no fast path"))
+    assert fast.to_dict() == model.feature_importances(fitted, splits[1], rows=500).to_dict()
+
+
 def place(df: pd.DataFrame, group: str) -> dict:
     """The busiest neighbourhood of `group` in `df`: its name, group and median coordinates."""
     rows = df[df["neighbourhood_group"] == group]
