@@ -27,6 +27,9 @@ export MLFLOW_SERVER_LOG ?= $(abspath $(MLFLOW_DIR))/server.log
 export MLFLOW_TRACKING_URI
 # MLflow's usage telemetry would call a public endpoint from every step and server: off everywhere.
 export MLFLOW_DISABLE_TELEMETRY = true
+# MLflow 3's job runner (GenAI scorers, trace rollups, none used here) starts 8 more processes with each server: about
+# 20 s of CPU at every start and 1.3 GB more memory (measured: 2.6 GB against 0.8 GB with two workers). Off.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION = false
 
 #: the listings to run on: a path, file://, http(s)://, s3:// or sample:// (default: the shipped sample)
 DATA_URL ?=

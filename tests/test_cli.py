@@ -224,6 +224,11 @@ def test_make_mlflow_returns_when_the_api_answers_and_mlflow_stop_when_its_proce
     assert started.returncode == 0, started.stderr
     assert MlflowClient(uri).search_experiments()[0].name == "Default"  # at once, no retry
     group = int((tmp_path / "mlflow" / "server.pid").read_text())
+    # The server alone: MLflow's job runner and its 7 huey consumers are not started (Makefile).
+    members = [line.split(None, 1) for line in subprocess.run(["ps", "-eo", "pgid=,args="], capture_output=True,
+                                                              text=True).stdout.splitlines()]
+    server = [args for pgid, args in members if int(pgid) == group]
+    assert server and not [args for args in server if "mlflow.server.jobs" in args], server
     again = make("mlflow", MLFLOW_TRACKING_URI=uri, MLFLOW_DIR=folder)
     assert f"MLflow answers at {uri}: reusing it" in again.stdout
     stopped = make("mlflow-stop", MLFLOW_DIR=folder)

@@ -451,6 +451,12 @@ def test_mlflow_server_configuration(objects):
     config.read_string(find(objects, "ConfigMap", "mlflow-auth")["data"]["basic_auth.ini"])
     assert config["mlflow"]["database_uri"] == args["--backend-store-uri"]
     assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"] == "/etc/mlflow-auth/basic_auth.ini"
+    # No job runner: with a SQL backend MLflow 3 starts one and 7 huey consumers, about 2 GB with the two workers,
+    # over the container's memory limit. The variable is MLflow's own, read by this MLflow.
+    from mlflow.environment_variables import MLFLOW_SERVER_ENABLE_JOB_EXECUTION
+
+    assert env[MLFLOW_SERVER_ENABLE_JOB_EXECUTION.name]["value"] == "false"
+    assert c["resources"]["limits"]["memory"] == "1536Mi" and args["--workers"] == "2"
 
 
 def test_model_server_deployment(objects):
