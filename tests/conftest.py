@@ -32,6 +32,8 @@ ONE_BY_ONE = {"test_rerun", "test_serve"}
 def pytest_configure(config):
     # MLflow's usage telemetry would call a public endpoint from the tests and every server they start.
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    # Nor its job runner: 8 processes more with every server the tests start (Makefile).
+    os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -53,6 +55,26 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker("server")
     rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))
+
+
+@pytest.fixture(autouse=True)
+def mlflow_state_restored():
+    """Each test leaves MLflow's tracking URI and active experiment, and the MLFLOW_* variables MLflow sets with them
+    (which pipeline runs inherit), as it found them. A test that points MLflow at a server of its own would otherwise
+    leave the next test in its worker talking to a server that is gone (seen with four workers: test_batch after an
+    own_server test), or to an experiment id of another server. The globals are the private ones MLflow's own
+    _use_tracking_uri keeps."""
+    from mlflow.tracking import fluent
+    from mlflow.tracking._tracking_service import utils
+
+    uri, experiment = utils._tracking_uri, fluent._active_experiment_id
+    env = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    yield
+    mlflow.set_tracking_uri(uri)
+    fluent._active_experiment_id = experiment
+    for key in [k for k in os.environ if k.startswith("MLFLOW_") and k not in env]:
+        del os.environ[key]
+    os.environ.update(env)
 
 
 def free_port() -> int:

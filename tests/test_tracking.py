@@ -196,3 +196,25 @@ def test_runs_whose_owner_died_are_closed_from_any_host_once_their_lease_ends(tr
     finally:
         os.environ.pop(runs.LEASE_ENV)
     assert client.get_run(beating).info.status == "FAILED"
+
+
+# The next two run in this order (a module runs whole in one worker): the first points MLflow at a server that is
+# gone, as a test with a server of its own leaves it; the second must not inherit that (conftest's autouse fixture).
+GONE = "http://127.0.0.1:9"
+LEFT = {}
+
+
+def test_a_test_may_point_mlflow_at_a_server_of_its_own(tracking):
+    # set_experiment sets MLFLOW_EXPERIMENT_ID too, which pipeline runs would inherit
+    LEFT["experiment"] = mlflow.set_experiment(tracking["experiment"]).experiment_id
+    mlflow.set_tracking_uri(GONE)
+    assert mlflow.get_tracking_uri() == GONE
+
+
+def test_the_next_test_finds_mlflow_where_the_session_left_it():
+    import os
+
+    from mlflow.tracking import fluent
+
+    assert GONE not in (mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI"))
+    assert LEFT["experiment"] not in (fluent._active_experiment_id, os.environ.get("MLFLOW_EXPERIMENT_ID"))
