@@ -283,7 +283,7 @@ class ServingApp:
             return 400, {"message": describe(refused, flag), "problems": [p.as_dict() for p in refused[:MAX_PROBLEMS_SHOWN]]}
         with self.predicting:
             if gone.done():
-                log.info("client left before its turn: %d rows not priced", len(next(iter(rows.values()))))
+                log.info("client left before its turn: %d rows not priced", row_count(rows))
                 return 0, None
             prices, low, high, coverage = self.price(columns)
         if self.inference_log is not None:
@@ -393,9 +393,14 @@ def parse_rows(body: bytes, charset: str = "utf-8") -> dict[str, list]:
         if "index" in split and (not isinstance(split["index"], list) or len(split["index"]) != len(data)):
             raise ValueError(f"dataframe_split.index must have one label per data row ({len(data)})")
         rows = {name: [row[i] for row in data] for i, name in enumerate(columns)}
-    if not rows or not len(next(iter(rows.values()))):
+    if not row_count(rows):
         raise ValueError("the request has no rows")
     return rows
+
+
+def row_count(rows: dict[str, list]) -> int:
+    """The rows of parse_rows' columns (every column has one value per row)."""
+    return len(next(iter(rows.values()), ()))
 
 
 def describe(problems, flag: bool) -> str:
