@@ -425,6 +425,7 @@ class HeaderDeadline(H11Protocol):
         connection = transport.get_extra_info("socket")
         if connection is not None and connection.family in (socket.AF_INET, socket.AF_INET6):
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.stopping = False
         self.arm_deadline()
 
     def arm_deadline(self) -> None:
@@ -435,6 +436,19 @@ class HeaderDeadline(H11Protocol):
         super().handle_events()
         if self.cycle is not None and not self.cycle.response_complete:
             self.awaiting_headers.cancel()  # a request's headers are in: its body has the app's deadline
+            if self.stopping:
+                self.cycle.keep_alive = False  # answered, then closed: the server is stopping
+
+    def shutdown(self) -> None:
+        """When the server stops, uvicorn closes at once every connection with no request in progress. One accepted a
+        moment before, whose first request was still on its way, lost that request: its client saw the connection
+        closed with no answer (found by the soak, SIGTERM under load). Such a connection is answered first, then
+        closed; the header deadline bounds the wait for one that sends nothing. An idle keep-alive connection is
+        closed at once, as uvicorn does."""
+        if self.cycle is None and not self.transport.is_closing():
+            self.stopping = True
+        else:
+            super().shutdown()
 
     def on_response_complete(self) -> None:
         self.arm_deadline()  # before uvicorn handles a pipelined request, which cancels it

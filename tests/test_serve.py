@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import uuid
 
 import mlflow
@@ -344,6 +345,35 @@ def test_slow_clients_hold_no_slot(mlflow_server, registered_model, listings):
         for client in slow:
             client.close()
         stop(process)
+
+
+def test_a_request_on_its_way_when_the_server_stops_is_answered(mlflow_server, registered_model, listings):
+    """SIGTERM while a client's connection is accepted but its request not yet read: the request is answered (then
+    the connection closed and the server gone), not dropped with the connection (the soak found that)."""
+    process, url = start(mlflow_server, f"models:/{registered_model}@prod", "--read-seconds", "60")
+    port = int(url.rsplit(":", 1)[1])
+    body = json.dumps(predict.payload(listings.head(1))).encode()
+    try:
+        ready(url, process)
+        client = socket.create_connection(("127.0.0.1", port), timeout=60)
+        client.sendall(b"POST /invocations HTTP/1.1\r\nHost: x\r\n")  # on its way: the headers not complete
+        assert requests.get(f"{url}/ping", timeout=10).status_code == 200  # accepted: the one before this one
+        os.killpg(process.pid, signal.SIGTERM)
+        # Once nothing more is accepted, uvicorn has asked every open connection to close (in the same step).
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+                time.sleep(0.05)
+            except ConnectionRefusedError:
+                break
+        client.sendall(b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        answer = read_all(client)  # to the end: the server closes the connection after the answer
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["predictions"]
+        assert process.wait(timeout=30) is not None
+    finally:
+        if process.poll() is None:
+            stop(process)
 
 
 def read_all(client: socket.socket) -> bytes:
