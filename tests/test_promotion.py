@@ -273,32 +273,28 @@ def test_a_lock_released_while_the_server_reads_it_back_is_contention_not_an_err
     create answers RESOURCE_DOES_NOT_EXIST. The lock treats that as contention and takes the lock next time."""
     from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
 
-    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/registry.db")
-    try:
-        name, client, answers = "race", MlflowClient(), []
-        client.create_registered_model(name + registry.LOCK_SUFFIX, tags={"holder": "first",
-                                                                          "expires": str(time.time() + 60)})
-        read_back = SqlAlchemyStore.get_registered_model
+    name, client, answers = "race", MlflowClient(), []
+    client.create_registered_model(name + registry.LOCK_SUFFIX, tags={"holder": "first",
+                                                                      "expires": str(time.time() + 60)})
+    read_back = SqlAlchemyStore.get_registered_model
 
-        def released_first(self, model_name):
-            if not answers:  # the holder lets go between the failed insert and this read
-                answers.append("released")
-                self.delete_registered_model(model_name)
-            return read_back(self, model_name)
+    def released_first(self, model_name):
+        if not answers:  # the holder lets go between the failed insert and this read
+            answers.append("released")
+            self.delete_registered_model(model_name)
+        return read_back(self, model_name)
 
-        monkeypatch.setattr(SqlAlchemyStore, "get_registered_model", released_first)
-        with pytest.raises(mlflow.exceptions.MlflowException) as raced:  # the race, as the server meets it
-            client.create_registered_model(name + registry.LOCK_SUFFIX, tags={"holder": "probe"})
-        assert raced.value.error_code == "RESOURCE_DOES_NOT_EXIST"
-        client.create_registered_model(name + registry.LOCK_SUFFIX, tags={"holder": "first",
-                                                                          "expires": str(time.time() + 60)})
-        answers.clear()
-        with registry.promotion_lock(name, "second", "register", wait=30):
-            assert client.get_registered_model(name + registry.LOCK_SUFFIX).tags["holder"] == "second"
-        assert answers == ["released"]
-    finally:
-        mlflow.set_tracking_uri(previous)
+    monkeypatch.setattr(SqlAlchemyStore, "get_registered_model", released_first)
+    with pytest.raises(mlflow.exceptions.MlflowException) as raced:  # the race, as the server meets it
+        client.create_registered_model(name + registry.LOCK_SUFFIX, tags={"holder": "probe"})
+    assert raced.value.error_code == "RESOURCE_DOES_NOT_EXIST"
+    client.create_registered_model(name + registry.LOCK_SUFFIX, tags={"holder": "first",
+                                                                      "expires": str(time.time() + 60)})
+    answers.clear()
+    with registry.promotion_lock(name, "second", "register", wait=30):
+        assert client.get_registered_model(name + registry.LOCK_SUFFIX).tags["holder"] == "second"
+    assert answers == ["released"]
 
 
 def test_a_stale_lock_is_taken_over_and_a_live_one_waited_for(tracking, monkeypatch):

@@ -5,6 +5,8 @@ MLFLOW_RUN_ID (with MLFLOW_TRACKING_URI and MLFLOW_EXPERIMENT_ID): the step must
 its own, and leave the parent to KFP, which ends it when the KFP run ends. Here the test plays the plugin's part.
 """
 
+import os
+
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
@@ -95,7 +97,6 @@ def test_a_presigned_source_is_logged_without_its_query(tracking, sample_path, t
 def read_only_store(tmp_path):
     """A real MLflow server whose artifact folder is mounted read-only (root only: chmod does not stop root), and
     the server's log, as `make` starts one."""
-    import os
     import signal
     import subprocess
     import sys
@@ -153,7 +154,6 @@ def test_a_store_that_refuses_is_named_at_once_with_its_cause(read_only_store, m
 def test_runs_whose_owner_died_are_closed_from_any_host_once_their_lease_ends(tracking):
     """An owner on another host is known dead only by its heartbeat: past the lease, its runs are closed FAILED with
     the reason; a live owner's runs (fresh heartbeat, or a live process on this host) stay RUNNING."""
-    import os
     import time
 
     from components import tracking as runs
@@ -212,8 +212,6 @@ def test_a_test_may_point_mlflow_at_a_server_of_its_own(tracking):
 
 
 def test_the_next_test_finds_mlflow_where_the_session_left_it():
-    import os
-
     from mlflow.tracking import fluent
 
     assert GONE not in (mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI"))
