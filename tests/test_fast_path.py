@@ -19,7 +19,8 @@ LEARNERS = {
     "random_forest": model.ModelParams(learner="random_forest", n_estimators=20, criterion="squared_error", seed=1),
 }
 # Rows per call, one for each strategy: one row (leaves summed by cumsum, the forest walked in numpy), a few (summed
-# tree by tree), one block of tree rows, and many (rows split over threads, blocks, Tree.apply for the forest).
+# tree by tree, every group's table rows in one gather), one block of tree rows (gathered group by group), and many
+# (rows split over threads, blocks, Tree.apply for the forest).
 SIZES = [1, 7, 20, 300, None]
 
 
@@ -169,8 +170,8 @@ def test_titles_are_split_on_the_whitespace_pandas_splits_on():
     chars = [chr(c) for c in range(0x10000) if not 0xD800 <= c <= 0xDFFF]
     titles = [f"a{c}b" for c in chars]
     words = pd.Series(titles, dtype="str").str.split().str.len().to_numpy()
-    assert np.array_equal(fast_path._title_counts(titles)[1], words)
-    assert np.array_equal(fast_path._title_counts(titles[:128])[1], words[:128])  # all ASCII: the byte buffer
+    assert np.array_equal(fast_path._title_counts({}, titles)[1], words)
+    assert np.array_equal(fast_path._title_counts({}, titles[:128])[1], words[:128])  # all ASCII: the byte buffer
 
 
 def listing_features(listings, reference_date):  # shipped under the same names, with other code
