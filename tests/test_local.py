@@ -82,6 +82,19 @@ def test_first_run_registers_a_prod_model_with_lineage(first_run, client):
     assert "Executing task" not in first_run.stdout and len(first_run.stdout.splitlines()) < 28, first_run.stdout
 
 
+def test_the_readme_check_lets_a_model_figure_round_differently_and_nothing_else(monkeypatch):
+    """Another CPU's kernels give a slightly different model: its MAE and prices, within 10 %; the rest exactly."""
+    shown = "train: hist_gbm: validation MAE 29.918\nregister: version 1, now prod\n  $  69.99  $45 to $78    Queens"
+    monkeypatch.setattr(readme, "block", lambda name: shown)
+    readme.assert_shows("x", "train: hist_gbm: validation MAE 29.892\nregister: version 1, now prod\n"
+                             "  $  70.41  $46 to $77    Queens\n")
+    for wrong in [shown.replace("29.918", "33.918"), shown.replace("$45", "$52"),  # beyond 10 %
+                  shown.replace("version 1", "version 2"), shown.replace("hist_gbm", "random_forest"),
+                  shown.replace("Queens", "Bronx"), shown.replace("MAE 29.918", "MAE 29.918 (29.5 to 30.1)")]:
+        with pytest.raises(AssertionError, match="is stale|is not"):
+            readme.assert_shows("x", wrong)
+
+
 def test_the_readme_shows_the_first_run_and_an_identical_rerun_as_they_are(first_run, client, mlflow_server):
     readme.assert_shows("first run", first_run.stdout[first_run.stdout.index("steps ("):], MODEL)
     again = run_pipeline(mlflow_server, first_run.outputs.parent)  # the same pipeline root: its cache
