@@ -161,7 +161,8 @@ def _compile(pipeline) -> FastModel:
     final = steps[-1]
     if getattr(final, "margin_", None) is None:
         raise NotCompiled("the price range is not calibrated")
-    shared: dict = {}  # encoders of one column with equal categories share one lookup (and its result per call)
+    shared: dict = {}  # encoders of one column with equal categories share one lookup (and its result per call);
+    # "words": the TF-IDFs' words
     if len(steps) == 2:
         frame, columns = _Frame(None), _Columns(steps[0], shared)
     elif len(steps) == 3:
@@ -169,6 +170,8 @@ def _compile(pipeline) -> FastModel:
         columns = _Columns(steps[1], shared)
     else:
         raise NotCompiled(f"{len(steps) - 1} transform steps before the PriceRange")
+    if "words" in shared:  # the TF-IDFs have added theirs
+        shared["words"].compile()
     point = final.point_
     if _kind(point) == "HistGradientBoostingRegressor":
         boosters, forest = _Boosters([point, final.low_, final.high_], columns.width), None
@@ -290,6 +293,10 @@ _CAPITALS = bytes(range(ord("A"), ord("Z") + 1))
 # ASCII characters str.split() (and pyarrow's utf8_split_whitespace: same set, checked over all code points) and
 # Python's \s take for whitespace: \x1c-\x1f among them.
 _SPACE = np.array([chr(c).isspace() if c < 128 else False for c in range(256)])
+# Each ASCII byte's counts in 16-bit fields of one number: capital A-Z, "!", digit, and (added later) word start. A
+# title's fields add up without carrying while it is shorter than 65,536 characters; longer ones are counted apart.
+_COUNTS = np.array([(65 <= c <= 90) | (c == 33) << 16 | (48 <= c <= 57) << 32 for c in range(256)], np.uint64)
+_FIELD = np.uint64(0xFFFF)
 
 
 def _translation(keep: Callable[[str], bool]) -> bytes:
@@ -317,18 +324,23 @@ def _ascii(frame: dict, texts: list[str]) -> tuple[np.ndarray, np.ndarray, bytes
     return frame[key][1:]
 
 
-def _tokens(frame: dict, texts: list[str], table: bytes) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
-    """Which texts are ASCII, and their tokens (lowered, as bytes) with each token's row. Kept in the call's frame:
-    both TF-IDFs of the GBM tokenize the same titles."""
+def _tokens(frame: dict, texts: list[str], table: bytes) -> tuple[np.ndarray, np.ndarray, bytes, np.ndarray,
+                                                                  np.ndarray]:
+    """Which texts are ASCII, and their tokens (lowered): each token's row, the buffer they are in (followed by 16
+    spaces), and where each starts in it and its length. Kept in the call's frame: both TF-IDFs of the GBM
+    tokenize the same titles."""
     key = ("tokens", id(texts), id(table))
     if key not in frame:
         is_ascii, fast, buffer, starts = _ascii(frame, texts)
-        translated = buffer.translate(table)  # the newlines are separators too
+        translated = buffer.translate(table) + b" " * 16  # the newlines are separators too
         chars = np.frombuffer(translated, np.uint8) != 32
-        first = chars.copy()
+        first, last = chars.copy(), chars.copy()
         first[1:] &= ~chars[:-1]
+        last[:-1] &= ~chars[1:]
         counts = np.add.reduceat(first.view(np.uint8), starts, dtype=np.int64) if len(fast) else starts
-        frame[key] = (is_ascii, np.repeat(fast, counts), translated.split())
+        token_starts = np.flatnonzero(first)
+        frame[key] = (is_ascii, np.repeat(fast, counts), translated, token_starts,
+                      np.flatnonzero(last) + 1 - token_starts)
     return frame[key]
 
 
@@ -352,16 +364,15 @@ def _title_counts(frame: dict, names: list[str]) -> tuple[np.ndarray, ...]:
     is_ascii, fast, buffer, starts = _ascii(frame, names)
     if len(fast):
         buffer = np.frombuffer(buffer, np.uint8)
-
-        def per_title(mask: np.ndarray) -> np.ndarray:
-            return np.add.reduceat(mask.view(np.uint8), starts, dtype=np.int64)
-
         space = _SPACE[buffer]
         word_start = ~space
         word_start[1:] &= space[:-1]
-        words[fast], capitals[fast] = per_title(word_start), per_title((buffer >= 65) & (buffer <= 90))
-        bangs[fast], digits[fast] = per_title(buffer == 33), per_title((buffer >= 48) & (buffer <= 57)) > 0
-    for i in np.flatnonzero(~is_ascii):
+        counts = _COUNTS[buffer]
+        counts |= word_start.astype(np.uint64) << np.uint64(48)
+        counts = np.add.reduceat(counts, starts)
+        capitals[fast], bangs[fast] = counts & _FIELD, (counts >> np.uint64(16)) & _FIELD
+        digits[fast], words[fast] = (counts >> np.uint64(32)) & _FIELD > 0, counts >> np.uint64(48)
+    for i in np.flatnonzero(~is_ascii | (length >= 1 << 16)):
         s = names[i]
         raw = s.encode()
         words[i], capitals[i], bangs[i] = len(s.split()), len(raw) - len(raw.translate(None, _CAPITALS)), s.count("!")
@@ -388,7 +399,9 @@ class _ByRoom:
 def _listing_features(frame: dict, reference_date: str) -> dict:
     """features.listing_features on lists and arrays (see the module's docstring on why this is exact)."""
     X = dict(frame)
-    names = [v if type(v) is str else "" if _missing(v) else str(v) for v in frame["name"]]
+    names = frame["name"]
+    if set(map(type, names)) != {str}:
+        names = [v if type(v) is str else "" if _missing(v) else str(v) for v in names]
     n = len(names)
     X["name"] = names
     X["days_since_review"] = _days(frame["last_review"], reference_date)
@@ -399,23 +412,33 @@ def _listing_features(frame: dict, reference_date: str) -> dict:
     length, words, capitals, bangs, digits = _title_counts(X, names)
     X["name_length"], X["name_words"], X["name_exclamations"] = length, words, bangs
     X["name_capitals"] = capitals / (length + 1)
-    cued = np.flatnonzero(digits)
-    lower = _arrow_lower([names[i] for i in cued])
-    cues = (("bedrooms", _BEDROOMS, lambda s: "b" in s), ("baths", _BATHS, lambda s: "ba" in s),
-            ("sleeps", _SLEEPS, lambda s: "for" in s or "fits" in s or "sleeps" in s or "up to" in s))
-    for column, pattern, may in cues:
-        found = np.full(n, np.nan)
-        for i, s in zip(cued, lower):
-            match = pattern.search(s) if may(s) else None  # a match holds the text `may` looks for
-            if match:
-                found[i] = float(match.group(1))
-        X[column] = found
+    cued = np.flatnonzero(digits).tolist()
+    beds: list[tuple[int, float]] = []
+    baths: list[tuple[int, float]] = []
+    sleeps: list[tuple[int, float]] = []
+    # Each pattern is tried only on titles holding a text any of its matches holds.
+    for i, s in zip(cued, _arrow_lower([names[i] for i in cued])):
+        if "b" in s:
+            if match := _BEDROOMS.search(s):
+                beds.append((i, float(match.group(1))))
+            if "ba" in s and (match := _BATHS.search(s)):
+                baths.append((i, float(match.group(1))))
+        if ("for" in s or "fits" in s or "sleeps" in s or "up to" in s) and (match := _SLEEPS.search(s)):
+            sleeps.append((i, float(match.group(1))))
+    for column, found in (("bedrooms", beds), ("baths", baths), ("sleeps", sleeps)):
+        X[column] = np.full(n, np.nan)
+        if found:
+            at, values = zip(*found)
+            X[column][list(at)] = values
     for column in ("id", "host_id"):
         X[column] = _numbers(frame[column])
     rooms = frame["room_type"]
     rooms = rooms.tolist() if isinstance(rooms, np.ndarray) else rooms
-    X["name_by_room"] = _ByRoom([r[:3] if type(r) is str else "nan" if _missing(r) else str(r)[:3] for r in rooms],
-                                names)
+    if set(map(type, rooms)) == {str}:  # a few kinds of room: each cut once
+        tags = list(map({r: r[:3] for r in set(rooms)}.__getitem__, rooms))
+    else:
+        tags = [r[:3] if type(r) is str else "nan" if _missing(r) else str(r)[:3] for r in rooms]
+    X["name_by_room"] = _ByRoom(tags, names)
     return X
 
 
@@ -464,11 +487,12 @@ class _Lookup:
             at = np.minimum(np.searchsorted(self.sorted, x), len(self.sorted) - 1)
             return np.where(np.isnan(x), self.nan_index, np.where(self.sorted[at] == x, at, -1))
         values = values.tolist() if isinstance(values, np.ndarray) else values
-        if self.missing < 0:  # None and NaN are no key: unknown
-            return np.fromiter(map(self.index.get, values, repeat(-1)), np.intp, len(values))
-        index, none, nan = self.index, self.none_index, self.nan_index
-        return np.fromiter((none if v is None else nan if _nan(v) else index.get(v, -1) for v in values), np.intp,
-                           len(values))
+        found = np.fromiter(map(self.index.get, values, repeat(-1)), np.intp, len(values))
+        if self.missing >= 0:  # None and NaN are no key: each finds its own missing category, if any
+            for i in np.flatnonzero(found < 0).tolist():
+                v = values[i]
+                found[i] = self.none_index if v is None else self.nan_index if _nan(v) else -1
+        return found
 
 
 def _lookups(encoder, shared: dict) -> list[_Lookup]:
@@ -575,7 +599,7 @@ class _Tfidf:
     """TfidfVectorizer.transform of one text column: counts, 1 + log (sublinear_tf), x idf, then scikit-learn's
     own in-place l2 normalization (its summation order)."""
 
-    def __init__(self, vectorizer, column: str, as_text: bool = False):
+    def __init__(self, vectorizer, column: str, shared: dict, as_text: bool = False):
         settings = {"input": "content", "analyzer": "word", "ngram_range": (1, 1), "lowercase": True,
                     "preprocessor": None, "tokenizer": None, "strip_accents": None, "binary": False, "norm": "l2",
                     "use_idf": True}
@@ -592,8 +616,13 @@ class _Tfidf:
         # Stop words were left out of the vocabulary when it was fitted: looking tokens up drops them as well.
         self.vocabulary, self.idf, self.sublinear = vectorizer.vocabulary_, vectorizer.idf_, vectorizer.sublinear_tf
         self.table = _PATTERNS.get(vectorizer.token_pattern)
-        self.ascii_vocabulary = {k.encode(): v for k, v in self.vocabulary.items() if k.isascii()}
-        self.tagged: dict[tuple, tuple] = {}  # room tags -> (word -> k, ids[k, tag]) for name_by_room
+        self.words = shared.setdefault("words", _Words())
+        ascii_keys = [k for k in self.vocabulary if k.isascii()]
+        # name_by_room's words are what follows a tag and its "_": every such end of a key is a word too
+        self.words.add(k[i + 1:] for k in ascii_keys for i, c in enumerate(k) if c == "_")
+        self.words.add(ascii_keys)
+        self.ids: np.ndarray | None = None  # word number -> this vocabulary's index (-1: none), once compiled
+        self.tagged: dict[str | None, np.ndarray] = {}  # room tag -> vocabulary index by word number
 
     def __call__(self, frame: dict) -> _Sparse:
         docs = frame[self.column]
@@ -628,8 +657,16 @@ class _Tfidf:
         if self.table is None:
             is_ascii, found = np.zeros(len(docs), bool), (np.empty(0, np.int64), np.empty(0, np.int64))
         else:
-            is_ascii, token_rows, tokens = _tokens(frame, docs, self.table)
-            found = _looked_up(self.ascii_vocabulary, tokens, token_rows)
+            is_ascii, token_rows = _tokens(frame, docs, self.table)[:2]
+            if self.ids is None:
+                ids = np.full(len(self.words.index) + 1, -1, np.int64)
+                for k, v in self.vocabulary.items():
+                    if k.isascii():
+                        ids[self.words.index[k.encode()]] = v
+                self.ids = ids
+            ids = self.ids[self.words.numbers(frame, docs, self.table)]
+            keep = ids >= 0
+            found = token_rows[keep], ids[keep]
         slow = np.flatnonzero(~is_ascii)
         tokens = [self.findall(docs[i].lower()) for i in slow]
         ids = np.fromiter((self.vocabulary.get(t, -1) for ts in tokens for t in ts), np.int64)
@@ -642,14 +679,13 @@ class _Tfidf:
         (so the runs are the words TF-IDF's, shared); other titles, and tags holding spaces, as strings."""
         if self.table is not _NON_SPACE:
             return self._ids(frame, docs.strings())
-        is_ascii, token_rows, tokens = _tokens(frame, docs.names, _RUNS)
+        is_ascii, token_rows = _tokens(frame, docs.names, _RUNS)[:2]
         tags = {room: j for j, room in enumerate(dict.fromkeys(docs.rooms))}
         tag_of_row = np.fromiter(map(tags.__getitem__, docs.rooms), np.intp, len(docs))
         plain = np.array([r.isascii() and not any(c.isspace() for c in r) for r in tags], bool)
-        words, ids_by_tag = self._tag_vocabulary(tuple(r.lower() if p else None for r, p in zip(tags, plain)))
-        k = np.fromiter(map(words.get, tokens, repeat(-1)), np.int64, len(tokens))
+        ids_by_tag = self._tag_vocabulary(tuple(r.lower() if p else None for r, p in zip(tags, plain)))
         tag_of_token = tag_of_row[token_rows]
-        ids = ids_by_tag[k, tag_of_token]  # k = -1 reads the row of -1s
+        ids = ids_by_tag[self.words.numbers(frame, docs.names, _RUNS), tag_of_token]
         keep = (ids >= 0) & plain[tag_of_token]
         rows, ids = [token_rows[keep]], [ids[keep]]
         rest = np.flatnonzero(~(is_ascii & plain[tag_of_row]))
@@ -659,29 +695,82 @@ class _Tfidf:
             ids.append(found[1])
         return np.concatenate(rows), np.concatenate(ids)
 
-    def _tag_vocabulary(self, tags: tuple[str | None, ...]) -> tuple[dict, np.ndarray]:
-        """For the room tags of a batch (None for one the buffer cannot serve): each word (bytes) any of them tags
-        in the vocabulary -> k, and the vocabulary index of tag j's word k at [k, j] (-1: none; last row: all -1)."""
-        if tags not in self.tagged:
-            words: dict[bytes, int] = {}
-            found = []
-            for j, tag in enumerate(tags):
+    def _tag_vocabulary(self, tags: tuple[str | None, ...]) -> np.ndarray:
+        """For the room tags of a batch (None for one the buffer cannot serve): the vocabulary index of tag j's
+        word at [word number, j] (-1: none; the last row, for words of no vocabulary: all -1)."""
+        columns = []
+        for tag in tags:
+            column = self.tagged.get(tag)
+            if column is None:
+                column = np.full(len(self.words.index) + 1, -1, np.int32)
                 for key, index in self.vocabulary.items():
                     if tag is not None and key.startswith(tag + "_") and key.isascii():
-                        found.append((words.setdefault(key[len(tag) + 1:].encode(), len(words)), j, index))
-            table = np.full((len(words) + 1, max(len(tags), 1)), -1, np.int64)
-            for k, j, index in found:
-                table[k, j] = index
-            if len(self.tagged) > 100:
-                self.tagged.clear()
-            self.tagged[tags] = (words, table)
-        return self.tagged[tags]
+                        column[self.words.index[key[len(tag) + 1:].encode()]] = index
+                if len(self.tagged) > 100:  # tags come from the requests' room types: keep a few
+                    self.tagged.clear()
+                self.tagged[tag] = column
+            columns.append(column)
+        return np.column_stack(columns) if columns else np.full((len(self.words.index) + 1, 1), -1, np.int32)
 
 
-def _looked_up(vocabulary: dict, tokens: list, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.fromiter(map(vocabulary.get, tokens, repeat(-1)), np.int64, len(tokens))
-    keep = ids >= 0
-    return rows[keep], ids[keep]
+class _Words:
+    """The ASCII words any TF-IDF of the model looks up, each with a number: a call looks each token up once, and
+    each TF-IDF maps the numbers to its columns with an array. A word of up to 16 bytes is found by its bytes as two
+    numbers, hashed into pandas' hash table and then compared, without making the token a Python object; a longer
+    one through a dict."""
+
+    def __init__(self):
+        self.index: dict[bytes, int] = {}
+        self.table: tuple = ()  # (hash -> position, first 8 bytes, next 8, length, number), by compile()
+
+    def add(self, words) -> None:
+        for word in words:
+            self.index.setdefault(word.encode(), len(self.index))
+
+    def numbers(self, frame: dict, texts: list[str], table: bytes) -> np.ndarray:
+        """The number of each token _tokens finds (len(index) if none), kept in the call's frame."""
+        key = ("words", id(texts), id(table))
+        if key not in frame:
+            buffer, starts, lengths = _tokens(frame, texts, table)[2:]
+            if len(starts) <= FEW:  # a few tokens (a row or two): the dict, without the numpy calls' fixed cost
+                frame[key] = np.fromiter((self.index.get(buffer[s:s + n], len(self.index))
+                                          for s, n in zip(starts.tolist(), lengths.tolist())), np.intp, len(starts))
+                return frame[key]
+            hashes, first, second, known_lengths, numbers = self.table
+            a, b = _halves(buffer, starts, lengths)
+            at = hashes.get_indexer(_hash(a, b, lengths))  # -1 where none: the last entries, which match no token
+            found = np.where((first[at] == a) & (second[at] == b) & (known_lengths[at] == lengths), numbers[at],
+                             len(self.index))
+            for i in np.flatnonzero(lengths > 16):
+                found[i] = self.index.get(buffer[starts[i]:starts[i] + lengths[i]], len(self.index))
+            frame[key] = found
+        return frame[key]
+
+    def compile(self) -> None:
+        words = [w for w in self.index if len(w) <= 16]
+        lengths = np.fromiter(map(len, words), np.int64, len(words))
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        first, second = _halves(b"".join(words) + b" " * 16, starts, lengths)
+        hashes = pd.Index(_hash(first, second, lengths))
+        if not hashes.is_unique:  # two of a few thousand words in 2**64 values: not expected, but then refuse
+            raise NotCompiled("two vocabulary words with the same hash")
+        hashes.get_indexer(hashes[:1])  # pandas builds its hash table now, not in concurrent calls
+        self.table = (hashes, np.append(first, 0), np.append(second, 0), np.append(lengths, -1),
+                      np.append(np.fromiter(map(self.index.__getitem__, words), np.intp, len(words)), 0))
+
+
+_LOW = np.array([(1 << 8 * k) - 1 for k in range(9)], np.uint64)  # the low k bytes of a number
+
+
+def _halves(buffer: bytes, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each token's first 8 and next 8 bytes as little-endian numbers, zero past its end (the buffer holds 16 bytes
+    after each token's start)."""
+    at = np.ndarray((len(buffer) - 7,), "<u8", buffer, 0, (1,))  # the 8 bytes from each position (unaligned)
+    return (at.take(starts) & _LOW[np.minimum(lengths, 8)], at.take(starts + 8) & _LOW[np.clip(lengths - 8, 0, 8)])
+
+
+def _hash(first: np.ndarray, second: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    return (first * np.uint64(0x9E3779B97F4A7C15)) ^ (second * np.uint64(0xC2B2AE3D27D4EB4F)) ^ lengths.astype(np.uint64)
 
 
 def _densify(found: _Sparse, n: int) -> np.ndarray:
@@ -756,7 +845,7 @@ def _transformer(step, cols, shared: dict) -> Callable[[dict], Any]:
     if kind == "KBinsDiscretizer":
         return _bins(step, names)
     if kind == "TfidfVectorizer" and isinstance(cols, str):
-        return _Tfidf(step, cols)
+        return _Tfidf(step, cols, shared)
     if kind == "SimpleImputer":
         impute = _imputer(step, names)
         return lambda frame: np.column_stack([_numbers(v) for v in impute(frame).values()])
@@ -770,7 +859,7 @@ def _transformer(step, cols, shared: dict) -> Callable[[dict], Any]:
             return _one_hot(inner[1], names, shared, impute=_imputer(inner[0], names))
         if kinds == ["FunctionTransformer", "TfidfVectorizer"] and len(names) == 1:
             _known_function(inner[0], "as_text")
-            return _Tfidf(inner[1], names[0], as_text=True)
+            return _Tfidf(inner[1], names[0], shared, as_text=True)
         if kinds == ["ColumnTransformer", "OutOfFold"]:
             return _stacked(_Columns(inner[0], shared), inner[1])
         raise NotCompiled(f"a Pipeline of {kinds}")

@@ -174,6 +174,39 @@ def test_titles_are_split_on_the_whitespace_pandas_splits_on():
     assert np.array_equal(fast_path._title_counts({}, titles[:128])[1], words[:128])  # all ASCII: the byte buffer
 
 
+def test_titles_too_long_for_the_packed_counts_are_counted_apart():
+    """An ASCII title's counts add up in 16-bit fields of one number: 65,535 of a kind fit, more are counted apart."""
+    titles = ["A" * 65_535, "A" * 65_536, "!" * 70_000 + "B", "x " * 70_000, "1" * 65_536, "Short 2BR title!"]
+    length, words, capitals, bangs, digits = fast_path._title_counts({}, titles)
+    assert np.array_equal(length, [len(s) for s in titles])
+    assert np.array_equal(words, [len(s.split()) for s in titles])
+    assert np.array_equal(capitals, [sum("A" <= c <= "Z" for c in s) for s in titles])
+    assert np.array_equal(bangs, [s.count("!") for s in titles])
+    assert np.array_equal(digits, [any(c.isdigit() for c in s) for s in titles])
+
+
+def test_tokens_are_found_by_their_bytes_as_a_dict_finds_them():
+    """Words of up to 16 bytes are found as two numbers through a hash table, longer ones through the dict: each
+    token gets the number the dict gives it, near misses none."""
+    vocabulary = ["a", "ab", "studio", "12345678", "123456789", "bedroom_apartment", "x" * 16, "y" * 17,
+                  "williamsburg", "lo\x00ft", "sunny_loft"]
+    words = fast_path._Words()
+    words.add(vocabulary)
+    words.add(["studio"])  # added twice: one number
+    words.compile()
+    near = [w[:-1] for w in vocabulary] + [w + "z" for w in vocabulary] + ["1234567", "12345679", "x" * 15,
+            "y" * 16, "loft", "williamsburh", "williamsburgs", "STUDIO", "LO\x00FT", "lo\x00fz", "b", "a b"]
+    rng = np.random.default_rng(0)
+    texts = [" ".join(rng.choice(vocabulary + near, int(rng.integers(0, 6)))) for _ in range(300)] + ["", "  "]
+    for some in (texts, texts[:9]):  # many tokens through the hash table, a few through the dict
+        found = words.numbers({}, some, fast_path._NON_SPACE)
+        expected = [words.index.get(t.encode(), len(words.index)) for text in some for t in text.lower().split()]
+        assert found.tolist() == expected and (len(found) > fast_path.FEW) == (some is texts)
+        if some is texts:
+            assert set(found.tolist()) >= set(range(len(vocabulary)))  # every word was found somewhere
+    assert len(words.index) == len(vocabulary)
+
+
 def listing_features(listings, reference_date):  # shipped under the same names, with other code
     return listings
 
