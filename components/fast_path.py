@@ -749,7 +749,7 @@ class _Words:
     def compile(self) -> None:
         words = [w for w in self.index if len(w) <= 16]
         lengths = np.fromiter(map(len, words), np.int64, len(words))
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        starts = np.cumsum(lengths) - lengths
         first, second = _halves(b"".join(words) + b" " * 16, starts, lengths)
         hashes = pd.Index(_hash(first, second, lengths))
         if not hashes.is_unique:  # two of a few thousand words in 2**64 values: not expected, but then refuse
@@ -770,7 +770,8 @@ def _halves(buffer: bytes, starts: np.ndarray, lengths: np.ndarray) -> tuple[np.
 
 
 def _hash(first: np.ndarray, second: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    return (first * np.uint64(0x9E3779B97F4A7C15)) ^ (second * np.uint64(0xC2B2AE3D27D4EB4F)) ^ lengths.astype(np.uint64)
+    mixed = (first * np.uint64(0x9E3779B97F4A7C15)) ^ (second * np.uint64(0xC2B2AE3D27D4EB4F))  # odd constants
+    return mixed ^ lengths.astype(np.uint64)
 
 
 def _densify(found: _Sparse, n: int) -> np.ndarray:
