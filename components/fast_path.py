@@ -161,8 +161,8 @@ def _compile(pipeline) -> FastModel:
     final = steps[-1]
     if getattr(final, "margin_", None) is None:
         raise NotCompiled("the price range is not calibrated")
-    shared: dict = {}  # encoders of one column with equal categories share one lookup (and its result per call);
-    # "words": the TF-IDFs' words
+    # Encoders of one column with equal categories share one lookup (and its result per call); TF-IDFs, one _Words.
+    shared: dict = {}
     if len(steps) == 2:
         frame, columns = _Frame(None), _Columns(steps[0], shared)
     elif len(steps) == 3:
@@ -659,11 +659,7 @@ class _Tfidf:
         else:
             is_ascii, token_rows = _tokens(frame, docs, self.table)[:2]
             if self.ids is None:
-                ids = np.full(len(self.words.index) + 1, -1, np.int64)
-                for k, v in self.vocabulary.items():
-                    if k.isascii():
-                        ids[self.words.index[k.encode()]] = v
-                self.ids = ids
+                self.ids = self.words.column((k, v) for k, v in self.vocabulary.items() if k.isascii())
             ids = self.ids[self.words.numbers(frame, docs, self.table)]
             keep = ids >= 0
             found = token_rows[keep], ids[keep]
@@ -702,15 +698,13 @@ class _Tfidf:
         for tag in tags:
             column = self.tagged.get(tag)
             if column is None:
-                column = np.full(len(self.words.index) + 1, -1, np.int32)
-                for key, index in self.vocabulary.items():
-                    if tag is not None and key.startswith(tag + "_") and key.isascii():
-                        column[self.words.index[key[len(tag) + 1:].encode()]] = index
+                column = self.words.column((key[len(tag) + 1:], index) for key, index in self.vocabulary.items()
+                                           if tag is not None and key.startswith(tag + "_") and key.isascii())
                 if len(self.tagged) > 100:  # tags come from the requests' room types: keep a few
                     self.tagged.clear()
                 self.tagged[tag] = column
             columns.append(column)
-        return np.column_stack(columns) if columns else np.full((len(self.words.index) + 1, 1), -1, np.int32)
+        return np.column_stack(columns) if columns else self.words.column(()).reshape(-1, 1)
 
 
 class _Words:
@@ -727,22 +721,30 @@ class _Words:
         for word in words:
             self.index.setdefault(word.encode(), len(self.index))
 
+    def column(self, found) -> np.ndarray:
+        """From (word, value) pairs: each word number's value, -1 for the other words and, at the end, for a token
+        of none (len(index))."""
+        column = np.full(len(self.index) + 1, -1, np.int64)
+        for word, value in found:
+            column[self.index[word.encode()]] = value
+        return column
+
     def numbers(self, frame: dict, texts: list[str], table: bytes) -> np.ndarray:
         """The number of each token _tokens finds (len(index) if none), kept in the call's frame."""
         key = ("words", id(texts), id(table))
         if key not in frame:
             buffer, starts, lengths = _tokens(frame, texts, table)[2:]
             if len(starts) <= FEW:  # a few tokens (a row or two): the dict, without the numpy calls' fixed cost
-                frame[key] = np.fromiter((self.index.get(buffer[s:s + n], len(self.index))
-                                          for s, n in zip(starts.tolist(), lengths.tolist())), np.intp, len(starts))
-                return frame[key]
-            hashes, first, second, known_lengths, numbers = self.table
-            a, b = _halves(buffer, starts, lengths)
-            at = hashes.get_indexer(_hash(a, b, lengths))  # -1 where none: the last entries, which match no token
-            found = np.where((first[at] == a) & (second[at] == b) & (known_lengths[at] == lengths), numbers[at],
-                             len(self.index))
-            for i in np.flatnonzero(lengths > 16):
-                found[i] = self.index.get(buffer[starts[i]:starts[i] + lengths[i]], len(self.index))
+                found = np.fromiter((self.index.get(buffer[s:s + n], len(self.index))
+                                     for s, n in zip(starts.tolist(), lengths.tolist())), np.intp, len(starts))
+            else:
+                hashes, first, second, known_lengths, numbers = self.table
+                a, b = _halves(buffer, starts, lengths)
+                at = hashes.get_indexer(_hash(a, b, lengths))  # -1 where none: the last entries match no token
+                found = np.where((first[at] == a) & (second[at] == b) & (known_lengths[at] == lengths), numbers[at],
+                                 len(self.index))
+                for i in np.flatnonzero(lengths > 16):
+                    found[i] = self.index.get(buffer[starts[i]:starts[i] + lengths[i]], len(self.index))
             frame[key] = found
         return frame[key]
 
