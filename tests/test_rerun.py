@@ -186,26 +186,23 @@ def test_mlflow_gone_mid_train_fails_fast_and_the_next_run_cleans_up_and_reuses(
     assert "reused from the cache" not in out and versions(model) == ["1"]
 
 
-def descendants(pid: int) -> list[int]:
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        found, todo = found + kids, todo + kids
-    return found
+def pipes(pid: int, fds: str = "*") -> set[str]:
+    found = set()
+    for fd in Path(f"/proc/{pid}/fd").glob(fds):
+        with contextlib.suppress(OSError):
+            found.add(os.readlink(fd))
+    return {link for link in found if link.startswith("pipe:")}
 
 
 def step_process(pid: int, step: str) -> int:
-    """The process of a kfp.local task of `step` under the pipeline process `pid` (pipelines/warm.py names it)."""
-    for child in set(descendants(pid)):
+    """The process of a kfp.local task of `step` of the pipeline process `pid`: named by its step, it writes its
+    output to a pipe that `pid` reads (pipelines/warm.py forks it from the step server, not from `pid`)."""
+    ours = pipes(pid)
+    for comm in Path("/proc").glob("[0-9]*/comm"):
         with contextlib.suppress(OSError):
-            if Path(f"/proc/{child}/comm").read_text().strip() == f"kfp:{step}":
-                return child
-    raise LookupError(f"no process of step {step} under {pid}")
+            if comm.read_text().strip() == f"kfp:{step}" and pipes(int(comm.parent.name), "1") & ours:
+                return int(comm.parent.name)
+    raise LookupError(f"no process of step {step} of {pid}")
 
 
 def test_a_train_step_killed_mid_fit_fails_the_run_and_the_next_run_reuses_only_finished_steps(mlflow_server, tmp_path,

@@ -1,9 +1,16 @@
-"""pipelines/warm.py: kfp.local's tasks run in forks of a process that has imported what steps use, each task in a
-process of its own, with kfp.local's own command, output and exit status."""
+"""pipelines/warm.py: kfp.local's tasks run in forks of a step server that has imported what steps use, each task in
+a process of its own, with kfp.local's own command, output and exit status; one server serves run after run until
+what it imported changes, and a task goes when its run does."""
 
 import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+from conftest import ROOT
 from kfp import dsl, local
 
 from pipelines import warm
@@ -17,6 +24,25 @@ def probe(word: str) -> str:
     print(f"probe says {word}")
     comm = open("/proc/self/comm").read().strip()
     return f"{word} {os.getpid()} {comm} {'sklearn' in sys.modules} {os.environ.get('WARM_PROBE', '')}"
+
+
+@dsl.component(base_image="python:3.11-slim", install_kfp_package=False)  # as components/steps.py
+def version() -> str:
+    import os
+
+    import warm_probe_module
+
+    return f"{warm_probe_module.VERSION} {os.getppid()}"
+
+
+@dsl.component(base_image="python:3.11-slim", install_kfp_package=False)  # as components/steps.py
+def sleeps(pid_file: str) -> str:
+    import os
+    import time
+
+    open(pid_file, "w").write(str(os.getpid()))
+    time.sleep(300)
+    return "woke"
 
 
 @dsl.component(base_image="python:3.11-slim", install_kfp_package=False)  # as components/steps.py
@@ -35,7 +61,7 @@ def test_each_task_is_a_fresh_named_fork_that_already_has_the_libraries(runner, 
     monkeypatch.setenv("WARM_PROBE", "seen")
     first, second = (probe(word=w).output.split() for w in ("a", "b"))
     assert first[0] == "a" and second[0] == "b"
-    assert first[1] != second[1] != str(os.getpid())  # a process per task, not this one
+    assert len({first[1], second[1], str(os.getpid())}) == 3  # a process per task, not this one
     assert first[2:] == second[2:] == ["kfp:probe", "True", "seen"]  # named by its step, warm, this environment
     assert "probe says a" in capsys.readouterr().out  # the task's output reaches kfp.local's log
 
@@ -59,6 +85,67 @@ def test_only_kfps_own_command_is_forked(monkeypatch):
     (["run", "--runner", "docker"], False), (["run", "--runner=docker"], False), (["compile"], False), ([], False)])
 def test_the_server_starts_early_only_for_a_local_subprocess_run(argv, warmed, monkeypatch):
     started = []
-    monkeypatch.setattr(warm.forkserver, "ensure_running", lambda: started.append(True))
+    monkeypatch.setattr(warm, "_connect", lambda: started.append(True) or socket.socket())
     warm.start_early(argv)
     assert bool(started) == warmed
+
+
+def test_one_server_serves_task_after_task_until_what_it_imported_changes(runner, monkeypatch, tmp_path):
+    module = tmp_path / "warm_probe_module.py"
+    module.write_text("VERSION = 'one'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(warm, "PRELOAD", [*warm.PRELOAD, "warm_probe_module"])  # a server of its own (its key)
+    first, second = (version().output.split() for _ in range(2))
+    assert first == second and first[0] == "one" and first[1] != str(os.getpid())  # the same server forked both
+    module.write_text("VERSION = 'two, edited'\n")
+    edited = version().output.split()
+    assert edited[:2] == ["two,", "edited"] and edited[2] != first[1]  # the edit is seen, by a new server
+
+
+def test_a_task_goes_when_its_run_does(tmp_path):
+    pid_file = tmp_path / "pid"
+    run = subprocess.Popen([sys.executable, "-c", f"""
+import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]
+from kfp import local
+from pipelines import warm
+from test_warm import sleeps
+warm.start()
+local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root={str(tmp_path)!r}, enable_caching=False)
+sleeps(pid_file={str(pid_file)!r})
+"""], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        assert run.poll() is None
+        time.sleep(0.2)
+    task = int(pid_file.read_text())
+    assert Path(f"/proc/{task}/comm").read_text().strip() == "kfp:sleeps"
+    run.kill()
+    run.wait()
+    while Path(f"/proc/{task}").exists() and time.monotonic() < deadline:  # killed by the server, then reaped
+        time.sleep(0.2)
+    assert not Path(f"/proc/{task}").exists()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="only root can ask as another user")
+def test_the_server_refuses_another_users_task():
+    with warm._connect():
+        name = warm.address()  # it runs
+    other = os.fork()
+    if other == 0:  # another user (root may become one), asking for a task
+        code = 1
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            reader, writer = os.pipe()
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+                server.connect(name)
+                request = __import__("pickle").dumps(("def f(): ...", ["--function_to_execute", "f"], {}, "/"))
+                socket.send_fds(server, [warm._HEADER.pack(len(request))], [writer])
+                try:
+                    server.sendall(request)
+                    code = 0 if warm._line(server) == "" else 3  # closed with no "started"
+                except ConnectionResetError:  # closed with the request unread
+                    code = 0
+        finally:
+            os._exit(code)
+    assert os.waitstatus_to_exitcode(os.waitpid(other, 0)[1]) == 0
