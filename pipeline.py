@@ -9,7 +9,9 @@ import sys
 if __name__ == "__main__":
     from pipelines import warm
 
-    warm.start_early(sys.argv[1:])  # a local run's step processes import while this one does
+    code = warm.run(sys.argv)  # a local run runs in a fork of the step server, which has imported what it needs
+    if code is not None:
+        sys.exit(code)
 
 from pipelines.cli import main  # noqa: E402
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import hashlib
 import importlib
 import json
@@ -49,24 +50,18 @@ PRELOAD = [EXECUTOR, "kfp.local", "mlflow", "mlflow.sklearn", "pandas", "sklearn
            "components.scoring", "components.monitoring"]
 IDLE_SECONDS = 600
 CHECK_SECONDS = 5  # how often an idle server looks for edits to what it imported
-# What a run sets for its steps, which each task gets anyway: not part of a server's key (every other variable is,
-# as an import might read it). The server imports with MLflow's telemetry off, whose threads a fork would cut.
+# The environment variables an import may read (the interpreter's; OpenMP's, the numeric libraries' and the
+# allocator's; locale, time zone and home; matplotlib's, scikit-learn's, joblib's, MLflow's and kfp's settings): a
+# server is kept per value of these, less the ones a run sets for its steps. Every other variable (a make variable,
+# the terminal's) reaches each task in its own environment. The server imports with MLflow's telemetry off, whose
+# threads a fork would cut.
+IMPORT_ENV = ("PYTHON", "OMP_", "GOMP_", "KMP_", "OPENBLAS_", "MKL_", "BLIS_", "NPY_", "NUMEXPR_", "ARROW_",
+              "MALLOC_", "LD_", "LC_", "LANG", "TZ", "HOME", "PATH", "TMPDIR", "XDG_", "MPL", "SKLEARN_", "JOBLIB_",
+              "LOKY_", "MLFLOW_", "KFP_")
 PER_RUN = {"MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID",
-           "MLFLOW_DISABLE_TELEMETRY", "KFP_RUN_ID", "PIPELINE_OWNER", "PWD", "OLDPWD", "SHLVL", "_"}
-PER_RUN_PREFIXES = ("PYTEST_", "MAKE", "MFLAGS", "COV_CORE_", "_MLFLOW_")  # the last: set by MLflow's import
+           "MLFLOW_DISABLE_TELEMETRY", "KFP_RUN_ID"}
 _HEADER = struct.Struct("!Q")
 _cold = None  # kfp.local's own run_local_subprocess
-
-
-def start_early(argv: list[str]) -> None:
-    """From the entry point, before its imports: start the server for `run` with the subprocess runner, so that
-    its imports and this process's own go on side by side."""
-    runner = next((a.split("=", 1)[1] for a in argv if a.startswith("--runner=")), None)
-    if "--runner" in argv[:-1]:
-        runner = argv[argv.index("--runner") + 1]
-    if argv[:1] == ["run"] and runner in (None, "subprocess"):
-        with contextlib.suppress(OSError):
-            _connect().close()
 
 
 def start() -> None:
@@ -92,36 +87,82 @@ def run_task(full_command: list[str], env_vars: dict[str, str] | None = None) ->
     """kfp.local's run_local_subprocess, in a fork of the step server: prints the task's output as it comes and
     returns its exit status (negative: the signal that ended it)."""
     found = task(full_command)
-    request = pickle.dumps((*found, {**os.environ, **(env_vars or {})}, os.getcwd())) if found else None
-    for _ in range(3 if found else 0):  # a server that just ended (stale or idle) is replaced
-        reader, writer = os.pipe()
-        server, started = None, False
+    if found is None:
+        return _cold(full_command, env_vars)
+    reader, writer = os.pipe()
+    asked = _ask("task", found, {**os.environ, **(env_vars or {})}, [writer])
+    os.close(writer)
+    if asked is None:
+        os.close(reader)
+        return _cold(full_command, env_vars)
+    with asked[0] as server, open(reader, encoding="utf-8", errors="replace") as output:
+        for line in output:
+            print(line, end="")
+        print("\n")  # as kfp.local does after a task's output
+        return _status(server)
+
+
+def run(argv: list[str]) -> int | None:
+    """`pipeline.py run` with the subprocess runner, in a fork of the server with this process's standard streams,
+    environment and directory: its exit status, or None (run it here) for another command or when no server takes
+    it. The signals a terminal sends reach the fork; if this process dies, the server kills the fork."""
+    if not local_run(argv[1:]):
+        return None
+    asked = _ask("run", argv, dict(os.environ), [0, 1, 2])
+    if asked is None:
+        return None
+    server, pid = asked
+
+    def forward(signum, _frame):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(signum, forward)
+    with server:
+        status = _status(server)
+    if status < 0:  # ended by a signal: end so too
+        signal.signal(-status, signal.SIG_DFL)
+        os.kill(os.getpid(), -status)
+    return status
+
+
+def local_run(argv: list[str]) -> bool:
+    """Whether the command is `run` with the subprocess runner (kfp.local's tasks as local processes)."""
+    runner = next((a.split("=", 1)[1] for a in argv if a.startswith("--runner=")), None)
+    if "--runner" in argv[:-1]:
+        runner = argv[argv.index("--runner") + 1]
+    return argv[:1] == ["run"] and runner in (None, "subprocess")
+
+
+def _ask(kind: str, payload, env: dict[str, str], fds: list[int]) -> tuple[socket.socket, int] | None:
+    """Have the server fork a process for a request: (the connection its exit status comes on, its pid), or None
+    when no server takes it."""
+    request = pickle.dumps((kind, payload, env, os.getcwd()))
+    for _ in range(3):  # a server that just ended (stale or idle) is replaced
+        server = None
         try:
             server = _connect()
-            socket.send_fds(server, [_HEADER.pack(len(request))], [writer])
+            socket.send_fds(server, [_HEADER.pack(len(request))], fds)
             server.sendall(request)
-            started = _line(server) == "started"
+            reply = _line(server).split()
+            if reply[:1] == ["started"]:
+                return server, int(reply[1])
         except OSError:
             pass
-        finally:
-            os.close(writer)
-        if not started:
-            os.close(reader)
-            if server:
-                server.close()
-            continue
-        with server, open(reader, encoding="utf-8", errors="replace") as output:
-            for line in output:
-                print(line, end="")
-            print("\n")  # as kfp.local does after a task's output
-            ended = _line(server)
-        return int(ended) if ended.lstrip("-").isdigit() else 1
-    return _cold(full_command, env_vars)
+        if server:
+            server.close()
+    return None
+
+
+def _status(server: socket.socket) -> int:
+    ended = _line(server)
+    return int(ended) if ended.lstrip("-").isdigit() else 1
 
 
 def address() -> bytes:
-    """The abstract socket of the server for this process's Python, import path, host and environment."""
-    env = sorted((k, v) for k, v in os.environ.items() if k not in PER_RUN and not k.startswith(PER_RUN_PREFIXES))
+    """The abstract socket of the server for this process's Python, import path, host and IMPORT_ENV."""
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith(IMPORT_ENV) and k not in PER_RUN)
     key = json.dumps([os.path.realpath(sys.executable), sys.path, socket.gethostname(), PRELOAD, env])
     return f"\0rental-price-steps-{os.getuid()}-{hashlib.sha256(key.encode()).hexdigest()[:16]}".encode()
 
@@ -220,16 +261,17 @@ def serve(fd: int, preload: list[str]) -> None:
 
 
 def _fork(run: socket.socket, held: list) -> tuple[int, int] | None:
-    """Read a task from `run` and fork its process (which closes what the server holds): (its pidfd, its pid), or
-    None for what was not a task of this user's."""
+    """Read a request from `run` and fork its process (which closes what the server holds): (its pidfd, its pid),
+    or None for what was not a request of this user's."""
+    fds = []
     try:
         run.settimeout(10)
-        header, fds, _, _ = socket.recv_fds(run, _HEADER.size, 1)
+        header, fds, _, _ = socket.recv_fds(run, _HEADER.size, 3)
         if not header and not fds:  # a run that only made sure the server was there
             return None
         _, uid, _ = struct.unpack("3i", run.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
-        if uid != os.getuid() or len(fds) != 1:
-            raise PermissionError(f"a task from uid {uid} with {len(fds)} descriptors")
+        if uid != os.getuid():
+            raise PermissionError(f"a request from uid {uid}")
         while len(header) < _HEADER.size:
             header += run.recv(_HEADER.size - len(header)) or b"\0" * _HEADER.size
         size, = _HEADER.unpack(header)
@@ -237,51 +279,73 @@ def _fork(run: socket.socket, held: list) -> tuple[int, int] | None:
         while len(data) < size:
             chunk = run.recv(min(size - len(data), 1 << 20))
             if not chunk:
-                raise EOFError("the run closed before its task was read")
+                raise EOFError("the run closed before its request was read")
             data += chunk
-        source, args, env, cwd = pickle.loads(data)
+        kind, payload, env, cwd = pickle.loads(data)
+        if (kind, len(fds)) not in (("task", 1), ("run", 3)):
+            raise ValueError(f"a request {kind!r} with {len(fds)} descriptors")
         run.settimeout(None)
     except (OSError, ValueError, EOFError, pickle.UnpicklingError) as exc:
         print(f"step server {os.getpid()}: refused a request: {exc}", file=sys.stderr, flush=True)
-        for fd in locals().get("fds") or []:
+        for fd in fds:
             os.close(fd)
         return None
     pid = os.fork()
     if pid == 0:
-        _task(fds[0], source, args, env, cwd, [*held, run])
-    os.close(fds[0])
-    run.sendall(b"started\n")
+        _child(kind, payload, env, cwd, fds, [*held, run])
+    for fd in fds:
+        os.close(fd)
+    run.sendall(f"started {pid}\n".encode())
     return os.pidfd_open(pid), pid
 
 
-def _task(out: int, source: str, args: list[str], env: dict[str, str], cwd: str, inherited: list) -> None:
-    """In the fork: what kfp's shell script does, with stdout and stderr on `out`, then exit as Python would. The
-    process is named by its step (`ps -o comm`: kfp:train), as its command line is the server's."""
+def _child(kind: str, payload, env: dict[str, str], cwd: str, fds: list[int], held: list) -> None:
+    """In the fork, then exit as Python would. A task does what kfp's shell script does, its stdout and stderr on
+    its one descriptor, and is named by its step (`ps -o comm`: kfp:train), as its command line is the server's; a
+    run is `pipeline.py` with the run's own standard streams."""
     code = 1
     try:
         os.setpgid(0, 0)  # its own group, which the server kills if the run goes away
-        for item in inherited:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: and which ends if the server does
+        for item in held:
             os.close(item) if isinstance(item, int) else item.close()
-        with contextlib.suppress(OSError, ValueError):
-            Path("/proc/self/comm").write_text(f"kfp:{args[args.index('--function_to_execute') + 1]}"[:15])
-        os.dup2(out, 1)
-        os.dup2(out, 2)
-        os.close(out)
-        sys.stdout.reconfigure(line_buffering=True)
+        if kind == "task":
+            source, args = payload
+            name, streams = f"kfp:{args[args.index('--function_to_execute') + 1]}", [None, fds[0], fds[0]]
+        else:
+            name, streams = "pipeline.py", fds
+        with contextlib.suppress(OSError):
+            Path("/proc/self/comm").write_text(name[:15])
+        for number, fd in enumerate(streams):
+            if fd is not None:
+                os.dup2(fd, number)
+        for fd in set(fds):
+            os.close(fd)
+        sys.stdout.reconfigure(line_buffering=kind == "task" or os.isatty(1))
         sys.stderr.reconfigure(line_buffering=True)
         os.chdir(cwd)
         os.environ.clear()
-        os.environ.update(env, _KFP_RUNTIME="true")
-        path = os.path.join(tempfile.mkdtemp(), "ephemeral_component.py")
-        with open(path, "w") as file:
-            file.write(source)
-        sys.argv = [EXECUTOR, "--component_module_path", path, *args]
-        runpy.run_module(EXECUTOR, run_name="__main__", alter_sys=True)
-        code = 0
+        os.environ.update(env)
+        if kind == "task":
+            os.environ["_KFP_RUNTIME"] = "true"
+            path = os.path.join(tempfile.mkdtemp(), "ephemeral_component.py")
+            with open(path, "w") as file:
+                file.write(source)
+            sys.argv = [EXECUTOR, "--component_module_path", path, *args]
+            runpy.run_module(EXECUTOR, run_name="__main__", alter_sys=True)
+            code = 0
+        else:
+            from pipelines.cli import main
+
+            sys.argv = payload
+            raise SystemExit(main())
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
         if not isinstance(exc.code, int | None):
             print(exc.code, file=sys.stderr)
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        code = -signal.SIGINT  # as Python ends on an uncaught Ctrl-C
     except BaseException:
         traceback.print_exc()
     finally:
@@ -290,4 +354,7 @@ def _task(out: int, source: str, args: list[str], env: dict[str, str], cwd: str,
             atexit._run_exitfuncs()
             sys.stdout.flush()
             sys.stderr.flush()
+        if code < 0:
+            signal.signal(-code, signal.SIG_DFL)
+            os.kill(os.getpid(), -code)
         os._exit(code)

@@ -195,13 +195,16 @@ def pipes(pid: int, fds: str = "*") -> set[str]:
 
 
 def step_process(pid: int, step: str) -> int:
-    """The process of a kfp.local task of `step` of the pipeline process `pid`: named by its step, it writes its
-    output to a pipe that `pid` reads (pipelines/warm.py forks it from the step server, not from `pid`)."""
-    ours = pipes(pid)
-    for comm in Path("/proc").glob("[0-9]*/comm"):
+    """The process of a kfp.local task of `step` of `pipeline.py run` process `pid`: named by its step, it writes its
+    output to a pipe that the run reads (pipelines/warm.py forks both the run and its tasks from the step server,
+    and the run has `pid`'s standard output)."""
+    processes = [int(comm.parent.name) for comm in Path("/proc").glob("[0-9]*/comm")]
+    runs = [other for other in processes if pipes(other, "1") & pipes(pid, "1")]
+    ours = set().union(*(pipes(run) for run in runs))
+    for other in processes:
         with contextlib.suppress(OSError):
-            if comm.read_text().strip() == f"kfp:{step}" and pipes(int(comm.parent.name), "1") & ours:
-                return int(comm.parent.name)
+            if Path(f"/proc/{other}/comm").read_text().strip() == f"kfp:{step}" and pipes(other, "1") & ours:
+                return other
     raise LookupError(f"no process of step {step} of {pid}")
 
 

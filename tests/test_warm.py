@@ -3,6 +3,7 @@ a process of its own, with kfp.local's own command, output and exit status; one 
 what it imported changes, and a task goes when its run does."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -83,11 +84,8 @@ def test_only_kfps_own_command_is_forked(monkeypatch):
 @pytest.mark.parametrize("argv, warmed", [
     (["run"], True), (["run", "--param", "a=1"], True), (["run", "--runner", "subprocess"], True),
     (["run", "--runner", "docker"], False), (["run", "--runner=docker"], False), (["compile"], False), ([], False)])
-def test_the_server_starts_early_only_for_a_local_subprocess_run(argv, warmed, monkeypatch):
-    started = []
-    monkeypatch.setattr(warm, "_connect", lambda: started.append(True) or socket.socket())
-    warm.start_early(argv)
-    assert bool(started) == warmed
+def test_only_a_local_subprocess_run_runs_in_the_server(argv, warmed):
+    assert warm.local_run(argv) == warmed
 
 
 def test_one_server_serves_task_after_task_until_what_it_imported_changes(runner, monkeypatch, tmp_path):
@@ -149,3 +147,41 @@ def test_the_server_refuses_another_users_task():
         finally:
             os._exit(code)
     assert os.waitstatus_to_exitcode(os.waitpid(other, 0)[1]) == 0
+
+
+@pytest.fixture
+def silent_mlflow():
+    """A tracking server that takes the connection and never answers: a run waits on it."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        yield listener
+
+
+def start_run(listener: socket.socket) -> tuple[subprocess.Popen, socket.socket]:
+    """`pipeline.py run` against `listener`, once its fork (not this child) is waiting on it."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{listener.getsockname()[1]}"}
+    client = subprocess.Popen([sys.executable, "pipeline.py", "run"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    listener.settimeout(120)
+    waiting, _ = listener.accept()
+    return client, waiting
+
+
+def test_a_run_is_a_fork_of_the_server_that_gets_its_terminals_signals(silent_mlflow):
+    client, waiting = start_run(silent_mlflow)
+    with waiting:
+        client.send_signal(signal.SIGINT)  # Ctrl-C
+        out, _ = client.communicate(timeout=60)
+    assert "KeyboardInterrupt" in out  # raised in the fork, which wrote to this process's output
+    assert client.returncode == -signal.SIGINT  # and this process ends as the fork did
+
+
+def test_a_run_goes_when_the_process_that_asked_for_it_does(silent_mlflow):
+    client, waiting = start_run(silent_mlflow)
+    with waiting:
+        client.kill()
+        client.wait()
+        waiting.settimeout(60)
+        while waiting.recv(4096):  # its request; then the end of the connection
+            pass
+    # Left alone, the fork would have said after 5 s that MLflow did not answer, on this output it shares.
+    assert "not reachable" not in client.stdout.read()
