@@ -211,6 +211,7 @@ def test_a_test_may_point_mlflow_at_a_server_of_its_own(tracking):
     assert mlflow.get_tracking_uri() == GONE
 
 
+@pytest.mark.server  # runs with the one before (make test-fast deselects that one, which needs a server)
 def test_the_next_test_finds_mlflow_where_the_session_left_it():
     from mlflow.tracking import fluent
 

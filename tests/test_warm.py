@@ -58,6 +58,7 @@ def runner(tmp_path):
                raise_on_error=True)
 
 
+@pytest.mark.server  # starts a step server
 def test_each_task_is_a_fresh_named_fork_that_already_has_the_libraries(runner, monkeypatch, capsys):
     monkeypatch.setenv("WARM_PROBE", "seen")
     first, second = (probe(word=w).output.split() for w in ("a", "b"))
@@ -67,6 +68,7 @@ def test_each_task_is_a_fresh_named_fork_that_already_has_the_libraries(runner, 
     assert "probe says a" in capsys.readouterr().out  # the task's output reaches kfp.local's log
 
 
+@pytest.mark.server  # starts a step server
 def test_a_failing_task_fails_with_its_own_error(runner, capsys):
     with pytest.raises(RuntimeError, match="fails"):
         fails(word="way")
@@ -88,6 +90,7 @@ def test_only_a_local_subprocess_run_runs_in_the_server(argv, warmed):
     assert warm.local_run(argv) == warmed
 
 
+@pytest.mark.server  # starts a step server
 def test_one_server_serves_task_after_task_until_what_it_imported_changes(runner, monkeypatch, tmp_path):
     module = tmp_path / "warm_probe_module.py"
     module.write_text("VERSION = 'one'\n")
@@ -100,6 +103,7 @@ def test_one_server_serves_task_after_task_until_what_it_imported_changes(runner
     assert edited[:2] == ["two,", "edited"] and edited[2] != first[1]  # the edit is seen, by a new server
 
 
+@pytest.mark.server  # starts a step server
 def test_a_task_goes_when_its_run_does(tmp_path):
     pid_file = tmp_path / "pid"
     run = subprocess.Popen([sys.executable, "-c", f"""
@@ -124,6 +128,7 @@ sleeps(pid_file={str(pid_file)!r})
     assert not Path(f"/proc/{task}").exists()
 
 
+@pytest.mark.server  # starts a step server
 @pytest.mark.skipif(os.getuid() != 0, reason="only root can ask as another user")
 def test_the_server_refuses_another_users_task():
     with warm._connect():
@@ -166,6 +171,7 @@ def start_run(listener: socket.socket) -> tuple[subprocess.Popen, socket.socket]
     return client, waiting
 
 
+@pytest.mark.server  # starts a step server
 def test_a_run_is_a_fork_of_the_server_that_gets_its_terminals_signals(silent_mlflow):
     client, waiting = start_run(silent_mlflow)
     with waiting:
@@ -175,6 +181,7 @@ def test_a_run_is_a_fork_of_the_server_that_gets_its_terminals_signals(silent_ml
     assert client.returncode == -signal.SIGINT  # and this process ends as the fork did
 
 
+@pytest.mark.server  # starts a step server
 def test_a_run_goes_when_the_process_that_asked_for_it_does(silent_mlflow):
     client, waiting = start_run(silent_mlflow)
     with waiting:
