@@ -1,23 +1,26 @@
-"""Warm step processes for kfp.local's SubprocessRunner: each task still runs in a process of its own, forked from a
-step server that has already imported what steps use (kfp's executor, MLflow, pandas, scikit-learn, skops, the
-components).
+"""Warm processes for local runs: `pipeline.py run` with the subprocess runner, and each of kfp.local's tasks, runs
+in a process of its own forked from a step server that has already imported what they use (kfp, MLflow, pandas,
+scikit-learn, skops, the components).
 
 A step started cold spends about 2 s importing before its work (MLflow alone about 1.5 s), eight or more times a
-run, and a server of its own per run still costs about 4.5 s of CPU. So one server is kept per machine and key (this
-Python, its import path, the host name and the environment, less the variables that a run sets for its steps), at
-an abstract Unix socket that only this user's processes may use, and it ends after IDLE_SECONDS without a task. It
-only imports: no step code, no connection, no thread, so nothing passes from one task to the next. Before each fork
-it checks that every file it imported is unchanged (size, mtime, inode); if one changed (an edited component, a
-reinstalled package) it forks nothing more, says so and ends, and the task starts a new server. A task's process is
-killed when the run that asked for it goes away.
+run, and a server per run still cost about 4.5 s of CPU, and the run's own process about 2. So one server is kept per
+key (this Python and its flags, its import path, the host name, and the environment variables imports read: see
+IMPORT_ENV), at an abstract Unix socket that only this user's processes may use; it ends after IDLE_SECONDS with
+nothing running. It only imports: no pipeline code, no connection, no thread, so nothing passes from one run or task
+to the next. Before each fork, and every CHECK_SECONDS when idle, it checks that every file it imported is unchanged
+(size, mtime, inode): once one changed (an edited component, a reinstalled package) it forks nothing more, and ends
+when what it runs has ended; the next request starts a new server.
 
-The task's command is kfp's own (kfp 2.17.0, pinned in pyproject.toml):
+A run's fork gets the caller's standard streams, environment, directory and arguments; the caller forwards it the
+signals a terminal sends and ends with its status. A task's fork gets the task's environment and writes to a pipe
+that kfp.local reads. The server kills a fork (its process group) whose caller goes away, and a fork dies with the
+server. The task's command is kfp's own (kfp 2.17.0, pinned in pyproject.toml):
     sh -ec 'program_path=$(mktemp -d); printf "%s" "$0" > "$program_path/ephemeral_component.py";
             _KFP_RUNTIME=true python3 -m kfp.dsl.executor_main --component_module_path ... "$@"' SOURCE ARGS...
-and the fork does what that script does. A command of another shape runs as kfp.local runs it, and so does every
-task when no server can be had.
+and the fork does what that script does. A command of another shape runs as kfp.local runs it; when no server can
+be had, the run and its tasks run as they would without one.
 
-This module imports nothing heavy at the top: `pipeline.py run` starts the server before its own imports.
+This module imports nothing heavy: `pipeline.py` imports it first.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ IMPORT_ENV = ("PYTHON", "OMP_", "GOMP_", "KMP_", "OPENBLAS_", "MKL_", "BLIS_", "
 PER_RUN = {"MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID",
            "MLFLOW_DISABLE_TELEMETRY", "KFP_RUN_ID"}
 _HEADER = struct.Struct("!Q")
+_FLAGS = subprocess._args_from_interpreter_flags()  # -W, -X, -O...: the server runs with the caller's
 _cold = None  # kfp.local's own run_local_subprocess
 
 
@@ -99,7 +103,8 @@ def run_task(full_command: list[str], env_vars: dict[str, str] | None = None) ->
         for line in output:
             print(line, end="")
         print("\n")  # as kfp.local does after a task's output
-        return _status(server)
+        status = _status(server)
+        return 1 if status is None else status
 
 
 def run(argv: list[str]) -> int | None:
@@ -121,6 +126,10 @@ def run(argv: list[str]) -> int | None:
         signal.signal(signum, forward)
     with server:
         status = _status(server)
+    if status is None:
+        print(f"pipeline.py run: the step server ended (killed?) while the run (pid {pid}) went on, which ended with "
+              "it; run it again", file=sys.stderr)
+        return 1
     if status < 0:  # ended by a signal: end so too
         signal.signal(-status, signal.SIG_DFL)
         os.kill(os.getpid(), -status)
@@ -155,15 +164,19 @@ def _ask(kind: str, payload, env: dict[str, str], fds: list[int]) -> tuple[socke
     return None
 
 
-def _status(server: socket.socket) -> int:
-    ended = _line(server)
-    return int(ended) if ended.lstrip("-").isdigit() else 1
+def _status(server: socket.socket) -> int | None:
+    """The exit status of what the server forked (negative: the signal that ended it), or None if the server went
+    away first."""
+    with contextlib.suppress(OSError):
+        ended = _line(server)
+        return int(ended) if ended.lstrip("-").isdigit() else None
+    return None
 
 
 def address() -> bytes:
     """The abstract socket of the server for this process's Python, import path, host and IMPORT_ENV."""
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith(IMPORT_ENV) and k not in PER_RUN)
-    key = json.dumps([os.path.realpath(sys.executable), sys.path, socket.gethostname(), PRELOAD, env])
+    key = json.dumps([os.path.realpath(sys.executable), _FLAGS, sys.path, socket.gethostname(), PRELOAD, env])
     return f"\0rental-price-steps-{os.getuid()}-{hashlib.sha256(key.encode()).hexdigest()[:16]}".encode()
 
 
@@ -185,7 +198,7 @@ def _connect() -> socket.socket:
             continue
         listener.listen(64)
         with listener, open(os.path.join(tempfile.gettempdir(), f"rental-price-steps-{os.getuid()}.log"), "a") as log:
-            subprocess.Popen([sys.executable, "-c", "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+            subprocess.Popen([sys.executable, *_FLAGS, "-c", "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
                               "from pipelines import warm; warm.serve(int(sys.argv[2]), json.loads(sys.argv[3]))",
                               json.dumps(sys.path), str(listener.fileno()), json.dumps(PRELOAD)],
                              pass_fds=[listener.fileno()], stdin=subprocess.DEVNULL, stdout=log, stderr=log,

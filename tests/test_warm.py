@@ -2,6 +2,7 @@
 a process of its own, with kfp.local's own command, output and exit status; one server serves run after run until
 what it imported changes, and a task goes when its run does."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -161,9 +162,9 @@ def silent_mlflow():
         yield listener
 
 
-def start_run(listener: socket.socket) -> tuple[subprocess.Popen, socket.socket]:
+def start_run(listener: socket.socket, **env: str) -> tuple[subprocess.Popen, socket.socket]:
     """`pipeline.py run` against `listener`, once its fork (not this child) is waiting on it."""
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{listener.getsockname()[1]}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{listener.getsockname()[1]}", **env}
     client = subprocess.Popen([sys.executable, "pipeline.py", "run"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     listener.settimeout(120)
@@ -192,3 +193,27 @@ def test_a_run_goes_when_the_process_that_asked_for_it_does(silent_mlflow):
             pass
     # Left alone, the fork would have said after 5 s that MLflow did not answer, on this output it shares.
     assert "not reachable" not in client.stdout.read()
+
+
+@pytest.mark.server  # starts a step server
+def test_a_run_ends_with_the_server_and_says_so(silent_mlflow):
+    # A server of its own (a variable imports might read is part of its key): the other tests' runs go on.
+    client, waiting = start_run(silent_mlflow, PYTHON_WARM_TEST=str(os.getpid()))
+    with waiting:
+        run = next(int(pid) for pid in os.listdir("/proc")
+                   if pid.isdigit() and int(pid) != client.pid and pid_holds(int(pid), client))
+        server = int(Path(f"/proc/{run}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        assert "warm.serve" in Path(f"/proc/{server}/cmdline").read_text()
+        os.kill(server, signal.SIGKILL)
+        out, _ = client.communicate(timeout=60)
+    assert client.returncode == 1
+    assert out.strip().splitlines()[-1] == (f"pipeline.py run: the step server ended (killed?) while the run (pid "
+                                            f"{run}) went on, which ended with it; run it again")
+    assert "not reachable" not in out  # the fork, which shares this output, ended with the server (or it would say)
+
+
+def pid_holds(pid: int, client: subprocess.Popen) -> bool:
+    """Whether process `pid` writes to the client's standard output (the run's fork does)."""
+    with contextlib.suppress(OSError):
+        return os.readlink(f"/proc/{pid}/fd/1") == os.readlink(f"/proc/{client.pid}/fd/1")
+    return False
