@@ -131,28 +131,32 @@ sleeps(pid_file={str(pid_file)!r})
 
 @pytest.mark.server  # starts a step server
 @pytest.mark.skipif(os.getuid() != 0, reason="only root can ask as another user")
-def test_the_server_refuses_another_users_task():
+def test_the_server_refuses_another_users_task(tmp_path):
+    ask = f"""
+import os, pickle, socket, sys
+sys.path[:0] = [{str(ROOT)!r}]
+from pipelines import warm
+if sys.argv[2:]:  # as another user (root may become one)
+    os.setgroups([])
+    os.setgid(int(sys.argv[2]))
+    os.setuid(int(sys.argv[2]))
+reader, writer = os.pipe()
+request = pickle.dumps(("task", ("print('ran')", ["--function_to_execute", "f"]), dict(os.environ), "/"))
+with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+    server.connect(bytes.fromhex(sys.argv[1]))
+    socket.send_fds(server, [warm._HEADER.pack(len(request))], [writer])
+    try:
+        server.sendall(request)
+        print(warm._line(server) or "closed")
+    except ConnectionResetError:  # closed with the request unread
+        print("closed")
+"""
     with warm._connect():
-        name = warm.address()  # it runs
-    other = os.fork()
-    if other == 0:  # another user (root may become one), asking for a task
-        code = 1
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            reader, writer = os.pipe()
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
-                server.connect(name)
-                request = __import__("pickle").dumps(("def f(): ...", ["--function_to_execute", "f"], {}, "/"))
-                socket.send_fds(server, [warm._HEADER.pack(len(request))], [writer])
-                try:
-                    server.sendall(request)
-                    code = 0 if warm._line(server) == "" else 3  # closed with no "started"
-                except ConnectionResetError:  # closed with the request unread
-                    code = 0
-        finally:
-            os._exit(code)
-    assert os.waitstatus_to_exitcode(os.waitpid(other, 0)[1]) == 0
+        name = warm.address().hex()  # it runs
+    mine = subprocess.run([sys.executable, "-c", ask, name], capture_output=True, text=True, cwd=tmp_path)
+    assert mine.stdout.split()[:1] == ["started"], mine.stderr  # the request is one the server takes
+    other = subprocess.run([sys.executable, "-c", ask, name, "65534"], capture_output=True, text=True, cwd="/")
+    assert other.stdout.strip() == "closed", other.stderr
 
 
 @pytest.fixture
