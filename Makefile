@@ -204,7 +204,7 @@ TEST_WORKERS ?= 2
 XDIST = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 TEST_ENV = $(if $(filter 1,$(TEST_WORKERS)),,OMP_WAIT_POLICY=PASSIVE)
 
-test: test-tools venv checkov  ## Every test but the container tier: unit, compile, manifests, servers, pipeline runs (about 11 min)
+test: test-tools venv checkov  ## Every test but the container tier: unit, compile, manifests, servers, pipeline runs (about 7 min)
 	$(TEST_ENV) $(PY) -m pytest $(XDIST)
 
 # The system tools the suite needs besides Python, each named with how to get it, before anything runs (one line).

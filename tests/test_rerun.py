@@ -186,24 +186,25 @@ def test_mlflow_gone_mid_train_fails_fast_and_the_next_run_cleans_up_and_reuses(
     assert "reused from the cache" not in out and versions(model) == ["1"]
 
 
-def pipes(pid: int, fds: str = "*") -> set[str]:
+def links(pid: int, fds: str = "*") -> set[str]:
+    """What the descriptors `fds` of process `pid` are open on (pipe:[inode], a path...)."""
     found = set()
     for fd in Path(f"/proc/{pid}/fd").glob(fds):
         with contextlib.suppress(OSError):
             found.add(os.readlink(fd))
-    return {link for link in found if link.startswith("pipe:")}
+    return found
 
 
 def step_process(pid: int, step: str) -> int:
     """The process of a kfp.local task of `step` of `pipeline.py run` process `pid`: named by its step, it writes its
     output to a pipe that the run reads (pipelines/warm.py forks both the run and its tasks from the step server,
-    and the run has `pid`'s standard output)."""
+    and the run writes where `pid` does)."""
     processes = [int(comm.parent.name) for comm in Path("/proc").glob("[0-9]*/comm")]
-    runs = [other for other in processes if pipes(other, "1") & pipes(pid, "1")]
-    ours = set().union(*(pipes(run) for run in runs))
+    runs = [other for other in processes if links(other, "1") & links(pid, "1")]
+    ours = {link for run in runs for link in links(run) if link.startswith("pipe:")}
     for other in processes:
         with contextlib.suppress(OSError):
-            if Path(f"/proc/{other}/comm").read_text().strip() == f"kfp:{step}" and pipes(other, "1") & ours:
+            if Path(f"/proc/{other}/comm").read_text().strip() == f"kfp:{step}" and links(other, "1") & ours:
                 return other
     raise LookupError(f"no process of step {step} of {pid}")
 
