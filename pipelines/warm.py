@@ -13,8 +13,9 @@ when what it runs has ended; the next request starts a new server.
 
 A run's fork gets the caller's standard streams, environment, directory and arguments; the caller forwards it the
 signals a terminal sends and ends with its status. A task's fork gets the task's environment and writes to a pipe
-that kfp.local reads. The server kills a fork (its process group) whose caller goes away, and a fork dies with the
-server. The task's command is kfp's own (kfp 2.17.0, pinned in pyproject.toml):
+that kfp.local reads. When a fork's caller goes away, the server interrupts the fork's process group (SIGINT, as
+Ctrl-C would), and kills it GRACE_SECONDS later; a fork dies with the server. A caller only talks to a server of its
+own user (the abstract name is anyone's to take). The task's command is kfp's own (kfp 2.17.0, pinned in pyproject.toml):
     sh -ec 'program_path=$(mktemp -d); printf "%s" "$0" > "$program_path/ephemeral_component.py";
             _KFP_RUNTIME=true python3 -m kfp.dsl.executor_main --component_module_path ... "$@"' SOURCE ARGS...
 and the fork does what that script does. A command of another shape runs as kfp.local runs it; when no server can
@@ -33,7 +34,6 @@ import importlib
 import json
 import os
 import pickle
-import runpy
 import select
 import signal
 import socket
@@ -53,6 +53,7 @@ PRELOAD = [EXECUTOR, "kfp.local", "mlflow", "mlflow.sklearn", "pandas", "sklearn
            "components.scoring", "components.monitoring"]
 IDLE_SECONDS = 600
 CHECK_SECONDS = 5  # how often an idle server looks for edits to what it imported
+GRACE_SECONDS = 10  # a fork whose caller went away gets SIGINT (as Ctrl-C), then SIGKILL after this
 # The environment variables an import may read (the interpreter's; OpenMP's, the numeric libraries' and the
 # allocator's; locale, time zone and home; matplotlib's, scikit-learn's, joblib's, MLflow's and kfp's settings): a
 # server is kept per value of these, less the ones a run sets for its steps. Every other variable (a make variable,
@@ -131,7 +132,8 @@ def run(argv: list[str]) -> int | None:
               "it; run it again", file=sys.stderr)
         return 1
     if status < 0:  # ended by a signal: end so too
-        signal.signal(-status, signal.SIG_DFL)
+        with contextlib.suppress(OSError, ValueError):  # SIGKILL's cannot be set, nor need be
+            signal.signal(-status, signal.SIG_DFL)
         os.kill(os.getpid(), -status)
     return status
 
@@ -187,9 +189,13 @@ def _connect() -> socket.socket:
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             server.connect(name)
-            return server
         except ConnectionRefusedError:
             server.close()
+        else:  # the name is anyone's to take: only a server of this user's gets a run's environment and streams
+            if _peer_uid(server) == os.getuid():
+                return server
+            server.close()
+            raise OSError(f"the step server's name {name!r} is held by another user")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(name)  # the name is the lock: of two that start one at once, the other connects again
@@ -207,14 +213,18 @@ def _connect() -> socket.socket:
 
 
 def _line(connection: socket.socket) -> str:
-    """One line the server sent ("" if it closed first)."""
+    """One line the server sent ("" if it closed first); a byte at a time, so as to leave the next line unread."""
     data = b""
     while not data.endswith(b"\n"):
-        chunk = connection.recv(64)
-        if not chunk:
+        byte = connection.recv(1)
+        if not byte:
             return ""
-        data += chunk
+        data += byte
     return data.decode().strip()
+
+
+def _peer_uid(connection: socket.socket) -> int:
+    return struct.unpack("3i", connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
 
 
 def _stat(paths) -> dict[str, tuple[int, int, int]]:
@@ -234,43 +244,53 @@ def serve(fd: int, preload: list[str]) -> None:
         with contextlib.suppress(Exception):  # a broken module fails in the task, with its own error
             importlib.import_module(name)
     imported = _stat({m.__file__ for m in list(sys.modules.values()) if getattr(m, "__file__", None)})
-    tasks: dict[int, list] = {}  # pidfd: [pid, its run's connection, whether the run is still there]
+    tasks: dict[int, list] = {}  # pidfd: [pid, its caller's connection, when to SIGKILL it (its caller gone)]
     last = time.monotonic()
     while listener or tasks:
-        runs = [run for _, run, there in tasks.values() if there]
-        ready, _, _ = select.select([*tasks, *runs, *([listener] if listener else [])], [], [], CHECK_SECONDS)
+        callers = [caller for _, caller, kill_at in tasks.values() if kill_at is None]
+        kill_at = min((entry[2] for entry in tasks.values() if entry[2] is not None), default=None)
+        wait = CHECK_SECONDS if kill_at is None else max(0.0, min(CHECK_SECONDS, kill_at - time.monotonic()))
+        ready, _, _ = select.select([*tasks, *callers, *([listener] if listener else [])], [], [], wait)
+        for pid, _, kill_at in tasks.values():
+            if kill_at is not None and time.monotonic() >= kill_at:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
         if listener and not ready and (time.monotonic() - last > IDLE_SECONDS and not tasks
                                        or _stat(imported) != imported):  # idle, or an edit: stop taking tasks
             listener.close()
             listener = None
         for item in ready:
             last = time.monotonic()
-            if item is listener:
-                run, _ = listener.accept()
-                if _stat(imported) != imported:  # the task would run code that is no longer on disk: a new server
-                    listener.close()
-                    listener = None
+            try:
+                if item is listener:
+                    caller, _ = listener.accept()
+                    if _stat(imported) != imported:  # it would run code no longer on disk: a new server will
+                        listener.close()
+                        listener = None
+                        with contextlib.suppress(OSError):
+                            caller.sendall(b"stale\n")
+                        caller.close()
+                        continue
+                    started = _fork(caller, [listener, *tasks, *(entry[1] for entry in tasks.values())])
+                    if started:
+                        tasks[started[0]] = [started[1], caller, None]
+                    else:
+                        caller.close()
+                elif isinstance(item, int):  # a fork ended: its status to its caller
+                    pid, caller, _ = tasks.pop(item)
+                    os.close(item)
+                    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
                     with contextlib.suppress(OSError):
-                        run.sendall(b"stale\n")
-                    run.close()
-                    continue
-                started = _fork(run, [listener, *tasks, *(entry[1] for entry in tasks.values())])
-                if started:
-                    tasks[started[0]] = [started[1], run, True]
-                else:
-                    run.close()
-            elif isinstance(item, int):  # a task ended: its status to its run
-                pid, run, _ = tasks.pop(item)
-                os.close(item)
-                status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-                with contextlib.suppress(OSError):
-                    run.sendall(f"{status}\n".encode())
-                run.close()
-            else:  # the run went away (it never writes after its request): its task goes too
-                entry = next(entry for entry in tasks.values() if entry[1] is item)
-                entry[2] = False
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(entry[0], signal.SIGKILL)
+                        caller.sendall(f"{status}\n".encode())
+                    caller.close()
+                else:  # its caller went away (it never writes after its request): as Ctrl-C, then SIGKILL
+                    entry = next((entry for entry in tasks.values() if entry[1] is item), None)
+                    if entry and entry[2] is None:
+                        entry[2] = time.monotonic() + GRACE_SECONDS
+                        with contextlib.suppress(ProcessLookupError):
+                            os.killpg(entry[0], signal.SIGINT)
+            except Exception:  # noqa: BLE001 - one bad request or caller must not end the others' runs
+                traceback.print_exc()
 
 
 def _fork(run: socket.socket, held: list) -> tuple[int, int] | None:
@@ -282,7 +302,7 @@ def _fork(run: socket.socket, held: list) -> tuple[int, int] | None:
         header, fds, _, _ = socket.recv_fds(run, _HEADER.size, 3)
         if not header and not fds:  # a run that only made sure the server was there
             return None
-        _, uid, _ = struct.unpack("3i", run.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        uid = _peer_uid(run)
         if uid != os.getuid():
             raise PermissionError(f"a request from uid {uid}")
         while len(header) < _HEADER.size:
@@ -298,28 +318,42 @@ def _fork(run: socket.socket, held: list) -> tuple[int, int] | None:
         if (kind, len(fds)) not in (("task", 1), ("run", 3)):
             raise ValueError(f"a request {kind!r} with {len(fds)} descriptors")
         run.settimeout(None)
-    except (OSError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever it was, it is refused
         print(f"step server {os.getpid()}: refused a request: {exc}", file=sys.stderr, flush=True)
         for fd in fds:
             os.close(fd)
         return None
+    server = os.getpid()
     pid = os.fork()
     if pid == 0:
-        _child(kind, payload, env, cwd, fds, [*held, run])
+        _child(server, kind, payload, env, cwd, fds, [*held, run])
     for fd in fds:
         os.close(fd)
-    run.sendall(f"started {pid}\n".encode())
-    return os.pidfd_open(pid), pid
+    with contextlib.suppress(OSError):
+        os.setpgid(pid, pid)  # as the child does: its own group, whichever of the two runs first
+    try:
+        pidfd = os.pidfd_open(pid)
+        run.sendall(f"started {pid}\n".encode())
+    except OSError:  # the caller went away, or no pidfd: not started
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        with contextlib.suppress(NameError):
+            os.close(pidfd)
+        return None
+    return pidfd, pid
 
 
-def _child(kind: str, payload, env: dict[str, str], cwd: str, fds: list[int], held: list) -> None:
+def _child(server: int, kind: str, payload, env: dict[str, str], cwd: str, fds: list[int], held: list) -> None:
     """In the fork, then exit as Python would. A task does what kfp's shell script does, its stdout and stderr on
     its one descriptor, and is named by its step (`ps -o comm`: kfp:train), as its command line is the server's; a
     run is `pipeline.py` with the run's own standard streams."""
-    code = 1
+    code, signum = 1, 0
     try:
-        os.setpgid(0, 0)  # its own group, which the server kills if the run goes away
+        os.setpgid(0, 0)  # its own group, which the server interrupts, then kills, if its caller goes away
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: and which ends if the server does
+        if os.getppid() != server:  # it already has
+            os._exit(1)
         for item in held:
             os.close(item) if isinstance(item, int) else item.close()
         if kind == "task":
@@ -345,7 +379,7 @@ def _child(kind: str, payload, env: dict[str, str], cwd: str, fds: list[int], he
             with open(path, "w") as file:
                 file.write(source)
             sys.argv = [EXECUTOR, "--component_module_path", path, *args]
-            runpy.run_module(EXECUTOR, run_name="__main__", alter_sys=True)
+            importlib.import_module(EXECUTOR).executor_main()  # what `python -m` runs of it
             code = 0
         else:
             from pipelines.cli import main
@@ -358,7 +392,7 @@ def _child(kind: str, payload, env: dict[str, str], cwd: str, fds: list[int], he
             print(exc.code, file=sys.stderr)
     except KeyboardInterrupt:
         traceback.print_exc()
-        code = -signal.SIGINT  # as Python ends on an uncaught Ctrl-C
+        signum = signal.SIGINT  # as Python ends on an uncaught Ctrl-C
     except BaseException:
         traceback.print_exc()
     finally:
@@ -367,7 +401,7 @@ def _child(kind: str, payload, env: dict[str, str], cwd: str, fds: list[int], he
             atexit._run_exitfuncs()
             sys.stdout.flush()
             sys.stderr.flush()
-        if code < 0:
-            signal.signal(-code, signal.SIG_DFL)
-            os.kill(os.getpid(), -code)
-        os._exit(code)
+        if signum:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        os._exit(code & 0xFF)  # as the C library's exit: sys.exit(-1) is 255

@@ -40,10 +40,14 @@ def version() -> str:
 @dsl.component(base_image="python:3.11-slim", install_kfp_package=False)  # as components/steps.py
 def sleeps(pid_file: str) -> str:
     import os
+    import signal
     import time
 
+    # Ctrl-C is noted and ignored: only SIGKILL ends it.
+    signal.signal(signal.SIGINT, lambda *_: open(pid_file, "a").write(" SIGINT"))
     open(pid_file, "w").write(str(os.getpid()))
-    time.sleep(300)
+    for _ in range(300):
+        time.sleep(1)
     return "woke"
 
 
@@ -127,36 +131,75 @@ sleeps(pid_file={str(pid_file)!r})
     while Path(f"/proc/{task}").exists() and time.monotonic() < deadline:  # killed by the server, then reaped
         time.sleep(0.2)
     assert not Path(f"/proc/{task}").exists()
+    assert pid_file.read_text() == f"{task} SIGINT"  # interrupted first, as Ctrl-C would (GRACE_SECONDS), then killed
+
+
+ASK = f"""
+import os, pickle, socket, sys
+sys.path[:0] = [{str(ROOT)!r}]
+from pipelines import warm
+name, uid, source = bytes.fromhex(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+if uid != os.getuid():  # as another user (root may become one)
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+reader, writer = os.pipe()
+task = ("task", (source, ["--function_to_execute", "f"]), dict(os.environ), "/")
+request = pickle.dumps(task if source else 42)
+with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+    server.connect(name)
+    socket.send_fds(server, [warm._HEADER.pack(len(request))], [writer])
+    os.close(writer)
+    try:
+        server.sendall(request)
+        print(warm._line(server) or "closed", warm._line(server))
+    except ConnectionResetError:  # closed with the request unread
+        print("closed")
+"""
+
+
+def ask(name: bytes, uid: int, source: str) -> str:
+    """What the server at `name` answers a task request of `source` (empty: not a task) from user `uid`."""
+    return subprocess.run([sys.executable, "-c", ASK, name.hex(), str(uid), source], capture_output=True, text=True,
+                          cwd="/", check=True).stdout.strip()
 
 
 @pytest.mark.server  # starts a step server
 @pytest.mark.skipif(os.getuid() != 0, reason="only root can ask as another user")
-def test_the_server_refuses_another_users_task(tmp_path):
-    ask = f"""
-import os, pickle, socket, sys
-sys.path[:0] = [{str(ROOT)!r}]
-from pipelines import warm
-if sys.argv[2:]:  # as another user (root may become one)
-    os.setgroups([])
-    os.setgid(int(sys.argv[2]))
-    os.setuid(int(sys.argv[2]))
-reader, writer = os.pipe()
-request = pickle.dumps(("task", ("print('ran')", ["--function_to_execute", "f"]), dict(os.environ), "/"))
-with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
-    server.connect(bytes.fromhex(sys.argv[1]))
-    socket.send_fds(server, [warm._HEADER.pack(len(request))], [writer])
-    try:
-        server.sendall(request)
-        print(warm._line(server) or "closed")
-    except ConnectionResetError:  # closed with the request unread
-        print("closed")
-"""
+def test_the_server_forks_for_this_user_only_and_outlives_what_it_refuses():
     with warm._connect():
-        name = warm.address().hex()  # it runs
-    mine = subprocess.run([sys.executable, "-c", ask, name], capture_output=True, text=True, cwd=tmp_path)
-    assert mine.stdout.split()[:1] == ["started"], mine.stderr  # the request is one the server takes
-    other = subprocess.run([sys.executable, "-c", ask, name, "65534"], capture_output=True, text=True, cwd="/")
-    assert other.stdout.strip() == "closed", other.stderr
+        name = warm.address()  # it runs
+    assert ask(name, 65534, "print('ran')") == "closed"  # another user
+    assert ask(name, os.getuid(), "") == "closed"  # not a task
+    # The same request from this user: the task runs (and exits as Python would: sys.exit(-1) is 255).
+    assert ask(name, os.getuid(), "import sys; sys.exit(-1)").split()[::2] == ["started", "255"]
+
+
+@pytest.mark.server  # starts a step server
+@pytest.mark.skipif(os.getuid() != 0, reason="only root can be another user")
+def test_a_run_gives_nothing_to_a_name_another_user_holds(monkeypatch):
+    monkeypatch.setenv("PYTHON_WARM_TEST", str(os.getpid()))  # a name of its own
+    squat = subprocess.Popen([sys.executable, "-c", f"""
+import os, socket, sys
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+    listener.bind({warm.address()!r})
+    listener.listen()
+    print("ready", flush=True)
+    while True:
+        caller, _ = listener.accept()
+        caller.settimeout(60)
+        print("got", caller.recv(4096), flush=True)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert squat.stdout.readline() == "ready\n"
+        with pytest.raises(OSError, match="held by another user"):
+            warm._connect()
+        assert warm.run(["pipeline.py", "run"]) is None  # so the run runs here, cold
+    finally:
+        squat.kill()
+    got = squat.communicate(timeout=60)[0].splitlines()
+    assert len(got) >= 2 and set(got) == {"got b''"}  # asked, and sent nothing
 
 
 @pytest.fixture
