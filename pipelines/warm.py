@@ -111,7 +111,7 @@ def run_task(full_command: list[str], env_vars: dict[str, str] | None = None) ->
 def run(argv: list[str]) -> int | None:
     """`pipeline.py run` with the subprocess runner, in a fork of the server with this process's standard streams,
     environment and directory: its exit status, or None (run it here) for another command or when no server takes
-    it. The signals a terminal sends reach the fork; if this process dies, the server kills the fork."""
+    it. The signals a terminal sends reach the fork; if this process dies, the server interrupts, then kills it."""
     if not local_run(argv[1:]):
         return None
     asked = _ask("run", argv, dict(os.environ), [0, 1, 2])
