@@ -179,26 +179,35 @@ def test_the_server_forks_for_this_user_only_and_outlives_what_it_refuses():
 @pytest.mark.skipif(os.getuid() != 0, reason="only root can be another user")
 def test_a_run_gives_nothing_to_a_name_another_user_holds(monkeypatch):
     monkeypatch.setenv("PYTHON_WARM_TEST", str(os.getpid()))  # a name of its own
+    # Another user holds the name and says what each caller sent it; once its input ends, it takes what is left
+    # in its queue and ends.
     squat = subprocess.Popen([sys.executable, "-c", f"""
-import os, socket, sys
+import os, select, socket, sys
 os.setgroups([]); os.setgid(65534); os.setuid(65534)
 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
     listener.bind({warm.address()!r})
     listener.listen()
     print("ready", flush=True)
-    while True:
+    while listener in select.select([listener, sys.stdin], [], [])[0] or sys.stdin.read():
         caller, _ = listener.accept()
-        caller.settimeout(60)
         print("got", caller.recv(4096), flush=True)
-"""], stdout=subprocess.PIPE, text=True)
+    listener.setblocking(False)
+    while True:
+        try:
+            caller, _ = listener.accept()
+        except BlockingIOError:
+            break
+        caller.setblocking(True)
+        print("got", caller.recv(4096), flush=True)
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert squat.stdout.readline() == "ready\n"
         with pytest.raises(OSError, match="held by another user"):
             warm._connect()
         assert warm.run(["pipeline.py", "run"]) is None  # so the run runs here, cold
+        got = squat.communicate(timeout=60)[0].splitlines()
     finally:
         squat.kill()
-    got = squat.communicate(timeout=60)[0].splitlines()
     assert len(got) >= 2 and set(got) == {"got b''"}  # asked, and sent nothing
 
 
