@@ -251,10 +251,11 @@ def serve(fd: int, preload: list[str]) -> None:
         kill_at = min((entry[2] for entry in tasks.values() if entry[2] is not None), default=None)
         wait = CHECK_SECONDS if kill_at is None else max(0.0, min(CHECK_SECONDS, kill_at - time.monotonic()))
         ready, _, _ = select.select([*tasks, *callers, *([listener] if listener else [])], [], [], wait)
-        for pid, _, kill_at in tasks.values():
-            if kill_at is not None and time.monotonic() >= kill_at:
+        for entry in tasks.values():
+            if entry[2] is not None and time.monotonic() >= entry[2]:
+                entry[2] = float("inf")  # once: its pidfd says when it is gone
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
+                    os.killpg(entry[0], signal.SIGKILL)
         if listener and not ready and (time.monotonic() - last > IDLE_SECONDS and not tasks
                                        or _stat(imported) != imported):  # idle, or an edit: stop taking tasks
             listener.close()
