@@ -306,16 +306,8 @@ def _fork(run: socket.socket, held: list) -> tuple[int, int] | None:
         uid = _peer_uid(run)
         if uid != os.getuid():
             raise PermissionError(f"a request from uid {uid}")
-        while len(header) < _HEADER.size:
-            header += run.recv(_HEADER.size - len(header)) or b"\0" * _HEADER.size
-        size, = _HEADER.unpack(header)
-        data = bytearray()
-        while len(data) < size:
-            chunk = run.recv(min(size - len(data), 1 << 20))
-            if not chunk:
-                raise EOFError("the run closed before its request was read")
-            data += chunk
-        kind, payload, env, cwd = pickle.loads(data)
+        header += _read(run, _HEADER.size - len(header))
+        kind, payload, env, cwd = pickle.loads(_read(run, _HEADER.unpack(header)[0]))
         if (kind, len(fds)) not in (("task", 1), ("run", 3)):
             raise ValueError(f"a request {kind!r} with {len(fds)} descriptors")
         run.settimeout(None)
@@ -332,17 +324,29 @@ def _fork(run: socket.socket, held: list) -> tuple[int, int] | None:
         os.close(fd)
     with contextlib.suppress(OSError):
         os.setpgid(pid, pid)  # as the child does: its own group, whichever of the two runs first
+    pidfd = None
     try:
         pidfd = os.pidfd_open(pid)
         run.sendall(f"started {pid}\n".encode())
-    except OSError:  # the caller went away, or no pidfd: not started
+        return pidfd, pid
+    except OSError:  # no pidfd, or the caller went away: not started
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        with contextlib.suppress(NameError):
+        if pidfd is not None:
             os.close(pidfd)
         return None
-    return pidfd, pid
+
+
+def _read(connection: socket.socket, size: int) -> bytes:
+    """Exactly `size` bytes of a request (EOFError if the caller closed first)."""
+    data = bytearray()
+    while len(data) < size:
+        chunk = connection.recv(min(size - len(data), 1 << 20))
+        if not chunk:
+            raise EOFError("the caller closed before its request was read")
+        data += chunk
+    return bytes(data)
 
 
 def _child(server: int, kind: str, payload, env: dict[str, str], cwd: str, fds: list[int], held: list) -> None:
